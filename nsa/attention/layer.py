@@ -1,0 +1,206 @@
+"""Attention modules: `NSAttention` (Native Sparse Attention) and `CausalSelfAttention` (dense baseline).
+
+NSA (arXiv 2502.11089): o_t = g_cmp * Attn(q_t, K_cmp, V_cmp) + g_slc * Attn(q_t, K_slc, V_slc)
+                            + g_win * Attn(q_t, K_win, V_win)
+* queries are shared; each branch has its own key/value projection (one fused Linear);
+* gates: an MLP (Linear -> SiLU -> Linear) + sigmoid on the layer input, one gate per head per branch;
+* GQA: G key/value heads, each shared by H / G query heads; selection is shared per group (Eq. 10).
+
+Where RoPE goes (the paper does not say; this follows common practice and keeps scores relative):
+* q, and the selection and window keys, are rotated at their token positions;
+* compressed keys: phi sees *unrotated* raw keys (it has its own intra-block position encoding),
+  and its output is rotated at the block's last position i*d + l - 1, the latest token it
+  summarises. A query at t therefore scores a block by the relative offset t - (i*d + l - 1) >= 0.
+* values are never rotated.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nsa.attention import ops
+from nsa.attention.blocks import num_cmp_blocks
+from nsa.attention.rope import RotaryEmbedding
+from nsa.config import ModelConfig
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+class BlockCompressor(nn.Module):
+    """phi: maps each block of l raw keys (or values) [l, Dh] to one compressed token [Dh].
+
+    "mlp": add a learnable intra-block position embedding, flatten the block, 2-layer MLP (GELU).
+    "mean": mean pooling (no parameters), the cheaper option."""
+
+    def __init__(self, kind: str, block: int, head_dim: int, hidden: int):
+        super().__init__()
+        self.kind, self.block = kind, block
+        if kind == "mlp":
+            self.pos = nn.Parameter(torch.zeros(block, head_dim))
+            self.fc1 = nn.Linear(block * head_dim, hidden)
+            self.fc2 = nn.Linear(hidden, head_dim)
+
+    def forward(self, x: torch.Tensor, stride: int) -> torch.Tensor:
+        """x [B, G, S, Dh] -> [B, G, n_cmp, Dh] over blocks [i*d, i*d + l)."""
+        B, G, S, D = x.shape
+        n_cmp = num_cmp_blocks(S, self.block, stride)
+        if n_cmp == 0:
+            return x.new_zeros(B, G, 0, D)
+        blocks = x.unfold(2, self.block, stride).transpose(-1, -2)  # [B, G, n_cmp, l, Dh]
+        if self.kind == "mean":
+            return blocks.mean(dim=-2)
+        h = (blocks + self.pos).flatten(-2)
+        return self.fc2(F.gelu(self.fc1(h)))
+
+
+class NSAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        nsa = cfg.nsa
+        self.cfg, self.nsa = cfg, nsa
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        inner, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, inner, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 6 * kv, bias=False)  # (k, v) for cmp, slc, win
+        self.wo = nn.Linear(inner, cfg.dim, bias=False)
+        gate_hidden = nsa.gate_hidden or max(cfg.dim // 4, 8)
+        self.gate = nn.Sequential(
+            nn.Linear(cfg.dim, gate_hidden), nn.SiLU(), nn.Linear(gate_hidden, 3 * cfg.n_heads)
+        )
+        hidden = nsa.compress_hidden or 2 * cfg.head_dim
+        self.compress_k = BlockCompressor(nsa.compress, nsa.cmp_block, cfg.head_dim, hidden)
+        self.compress_v = BlockCompressor(nsa.compress, nsa.cmp_block, cfg.head_dim, hidden)
+        self.enabled = tuple(b in nsa.branches.split(",") for b in BRANCHES)  # ablations
+        self.last_gate_mean: torch.Tensor | None = None  # [3], detached, for logging
+
+    # chunk sizes: bound the per-chunk working set (gathered blocks dominate) to ~16M elements
+    def _chunks(self, batch: int) -> tuple[int, int]:
+        if self.nsa.query_chunk:
+            return self.nsa.query_chunk, self.nsa.query_chunk
+        per_query = batch * self.n_kv * self.nsa.n_selected * self.nsa.slc_block * self.head_dim
+        slc_chunk = max(16, min(1024, (1 << 24) // max(per_query, 1)))
+        return 512, slc_chunk
+
+    def project(self, x: torch.Tensor, rope: RotaryEmbedding, start: int = 0):
+        """Queries and the three branches' raw keys/values for tokens at start .. start + S - 1."""
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        kv = self.wkv(x).view(B, S, 6, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
+        k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = kv.unbind(0)
+        pos = torch.arange(start, start + S, device=x.device)
+        bound = start + S
+        q, k_slc, k_win = rope(q, pos, bound), rope(k_slc, pos, bound), rope(k_win, pos, bound)
+        return q, (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win)
+
+    def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, rope: RotaryEmbedding, first_block: int = 0):
+        """Compressed keys/values of the raw cmp-branch tokens; keys rotated at their block's end.
+        `first_block` is the index of the first block (non-zero when compressing in decode)."""
+        l, d = self.nsa.cmp_block, self.nsa.cmp_stride
+        k_c, v_c = self.compress_k(k_raw, d), self.compress_v(v_raw, d)
+        n = k_c.shape[2]
+        ends = (torch.arange(first_block, first_block + n, device=k_raw.device)) * d + l - 1
+        return rope(k_c, ends, (first_block + n) * d + l), v_c
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, 3] gate values in (0, 1) for (cmp, slc, win)."""
+        B, S, _ = x.shape
+        logits = self.gate(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        g = torch.sigmoid(logits).view(B, S, self.n_heads, 3).transpose(1, 2)
+        self.last_gate_mean = g.detach().mean(dim=(0, 1, 2))
+        return g
+
+    def branches(self, q, cmp_kv, slc_kv, win_kv, q_start: int = 0, win_start: int = 0):
+        """The three branch outputs [B, H, Sq, Dh] for queries at q_start.. against keys from 0
+        (cmp, slc) and from win_start (window)."""
+        nsa = self.nsa
+        chunk, slc_chunk = self._chunks(q.shape[0])
+        use_cmp, use_slc, use_win = self.enabled
+        o_cmp = o_slc = o_win = idx = None
+        if use_cmp:
+            o_cmp = ops.compressed_attention(q, *cmp_kv, nsa.cmp_block, nsa.cmp_stride, q_start, chunk)
+        if use_slc:
+            idx = ops.select_blocks(
+                q, cmp_kv[0], nsa.cmp_block, nsa.cmp_stride, nsa.slc_block, nsa.n_selected, q_start, chunk
+            )
+            o_slc = ops.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start, slc_chunk)
+        if use_win:
+            o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
+        return (o_cmp, o_slc, o_win), idx
+
+    def combine(self, x, outs) -> torch.Tensor:
+        B, S, _ = x.shape
+        dtype = next(o for o in outs if o is not None).dtype
+        g = self.gates(x).to(dtype)
+        o = sum(g[..., i : i + 1] * out for i, out in enumerate(outs) if out is not None)
+        return self.wo(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache=None) -> torch.Tensor:
+        q, (k_cr, v_cr), slc_kv, win_kv = self.project(x, rope)
+        cmp_kv = self.compress(k_cr, v_cr, rope)
+        if q.dtype != cmp_kv[0].dtype:  # autocast: phi's Linear ran in another dtype
+            cmp_kv = tuple(t.to(q.dtype) for t in cmp_kv)
+        outs, _ = self.branches(q, cmp_kv, slc_kv, win_kv)
+        if cache is not None:
+            cache.fill(k_cr, v_cr, cmp_kv, slc_kv, win_kv)
+        return self.combine(x, outs)
+
+    @torch.no_grad()
+    def decode_step(self, x: torch.Tensor, rope: RotaryEmbedding, cache) -> torch.Tensor:
+        """One new token per sequence: x [B, 1, dim] at position cache.length -> [B, 1, dim]."""
+        t = cache.length
+        q, (k_cr, v_cr), slc_kv, win_kv = self.project(x, rope, start=t)
+        cache.append(k_cr, v_cr, slc_kv, win_kv, self, rope)
+        outs, idx = self.branches(
+            q, cache.cmp_kv(), cache.slc_kv(), cache.win_kv(), q_start=t, win_start=cache.win_start
+        )
+        cache.count_reads(idx, self.nsa)
+        return self.combine(x, outs)
+
+
+class CausalSelfAttention(nn.Module):
+    """Dense causal attention (SDPA), the baseline every NSA claim is measured against."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        inner, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, inner, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * kv, bias=False)
+        self.wo = nn.Linear(inner, cfg.dim, bias=False)
+
+    def project(self, x, rope, start: int = 0):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(x).view(B, S, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        pos = torch.arange(start, start + S, device=x.device)
+        return rope(q, pos, start + S), rope(k, pos, start + S), v
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache=None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            cache.fill(k, v)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+    @torch.no_grad()
+    def decode_step(self, x: torch.Tensor, rope: RotaryEmbedding, cache) -> torch.Tensor:
+        B = x.shape[0]
+        q, k, v = self.project(x, rope, start=cache.length)
+        cache.append(k, v)
+        k_all, v_all = cache.kv()
+        o = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_kv != self.n_heads)
+        cache.tokens_read = k_all.shape[2]
+        return self.wo(o.transpose(1, 2).reshape(B, 1, -1))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return NSAttention(cfg) if cfg.attention == "nsa" else CausalSelfAttention(cfg)
+
+
+__all__ = ["NSAttention", "CausalSelfAttention", "BlockCompressor", "build_attention", "BRANCHES"]

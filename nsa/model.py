@@ -1,0 +1,169 @@
+"""M7C: a LLaMA-style decoder-only LM whose attention is NSA (or dense causal SDPA as the baseline).
+
+    tokens -> embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> head
+
+The head shares the embedding matrix (tied). The vocabulary is padded to a multiple of 64 for
+matmul efficiency; logits are returned for the real vocabulary only.
+
+Parameter count at M7C dims (dim 768, 12 layers, 12 heads, head dim 64, 2 KV heads, SwiGLU 2048,
+GPT-2 vocabulary padded to 50304): NSA 125.5M (38.6M of them the tied embedding), the
+`attention: full` baseline 111.9M (NSA adds two more K/V projections, phi and the gates).
+Why 2 KV heads (GQA groups of 6 query heads): selection is shared per group (Eq. 10), so the
+selected-attention kernel loads each chosen K/V block once for all heads of the group; 6 heads pad
+to a 16-row tensor-core tile. One group (MQA) would fill the tile better (12/16) but leave a
+single block choice per layer; two groups keep two independent choices, matching the paper's use
+of several groups, at 6/16 tile use. Change `model.n_kv_heads` to trade these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nsa.attention.cache import KVCache, NSACache
+from nsa.attention.layer import NSAttention, build_attention
+from nsa.attention.rope import RotaryEmbedding
+from nsa.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode_step(self, x, rope, cache):
+        x = x + self.attn.decode_step(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class M7C(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.activation_checkpointing = cfg.activation_checkpointing
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the residual-writing projections by depth
+        for name, p in self.named_parameters():
+            if name.endswith("attn.wo.weight") or name.endswith("mlp.w_down.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, vocab_size]."""
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.rope, use_reentrant=False)
+            else:
+                x = block(x, self.rope)
+        return self.head(self.norm(x))[..., : self.cfg.vocab_size]
+
+    # ---- inference -------------------------------------------------------------------------
+    def new_caches(self) -> list:
+        nsa = self.cfg.nsa
+        if self.cfg.attention == "nsa":
+            return [NSACache(nsa.window, nsa.cmp_block, nsa.cmp_stride, nsa.slc_block) for _ in self.blocks]
+        return [KVCache() for _ in self.blocks]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor):
+        """Full forward over a prompt that also fills per-layer caches -> (logits [B,S,V], caches)."""
+        caches = self.new_caches()
+        x = self.embed(input_ids)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, self.rope, cache)
+        return self.head(self.norm(x))[..., : self.cfg.vocab_size], caches
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, caches: list) -> torch.Tensor:
+        """Next-token logits [B, V] for token_ids [B] appended at position caches[0].length."""
+        x = self.embed(token_ids[:, None])
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode_step(x, self.rope, cache)
+        return self.head(self.norm(x))[:, 0, : self.cfg.vocab_size]
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = bool(enabled)
+
+    def gate_stats(self) -> dict[str, float]:
+        """Mean gate value per NSA branch over all layers, from the last forward ({} if dense)."""
+        means = [b.attn.last_gate_mean for b in self.blocks if isinstance(b.attn, NSAttention)]
+        means = [m for m in means if m is not None]
+        if not means:
+            return {}
+        avg = torch.stack(means).mean(0).tolist()
+        return {f"gate/{name}": v for name, v in zip(("cmp", "slc", "win"), avg)}
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the score and value matmuls, averaged over positions, as
+        computed (NSA: visible compressed tokens + selected block tokens + window tokens)."""
+        cfg, S = self.cfg, seq_len
+        if cfg.attention == "full":
+            keys = (S + 1) / 2  # causal average
+        else:
+            n = cfg.nsa
+            n_cmp = max(0, (S - n.cmp_block) // n.cmp_stride + 1)
+            keys = n_cmp / 2 + min(n.n_selected * n.slc_block, (S + 1) / 2) + min(n.window, (S + 1) / 2)
+        return 2 * 2 * cfg.n_heads * cfg.head_dim * keys * cfg.n_layers
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters (non-embedding, plus the head) + 3 x attention."""
+        n_matmul = self.num_params(exclude_embeddings=True) + self.head.weight.numel()
+        return 6 * n_matmul + 3 * self.attention_flops_per_token(seq_len)
+
+
+def build_model(model_cfg) -> M7C:
+    """Public API: the `model:` config section (dict as parsed from YAML, or ModelConfig) -> M7C."""
+    return M7C(ModelConfig.from_dict(model_cfg))

@@ -1,0 +1,124 @@
+"""M7C model: public API, parameter count, dense baseline, checkpointing, incremental decode."""
+
+import pytest
+import torch
+
+from nsa.config import ModelConfig
+from nsa.errors import UserError
+from nsa.model import M7C, build_model
+
+TINY = dict(vocab_size=100, dim=32, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8, ffn_hidden=64,
+            nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, n_selected=3, window=12))
+
+
+def test_build_model_from_dict_and_typed_config():
+    for cfg in (TINY, ModelConfig.from_dict(TINY)):
+        model = build_model(cfg)
+        assert isinstance(model, torch.nn.Module)
+        logits = model(torch.randint(0, 100, (2, 21)))
+        assert logits.shape == (2, 21, 100)
+    assert model.embed.weight.shape[0] == 128  # vocab padded to a multiple of 64
+    assert model.head.weight is model.embed.weight  # tied
+
+
+def test_m7c_parameter_count_documented():
+    with torch.device("meta"):
+        nsa, full = build_model({}), build_model({"attention": "full"})
+    # documented in nsa/model.py's docstring and README
+    assert round(nsa.num_params() / 1e6, 1) == 124.9
+    assert round(full.num_params() / 1e6, 1) == 111.8
+    assert nsa.cfg.padded_vocab_size == 50304
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"dimm": 3}, "model.dimm"),
+    ({"n_heads": 12, "n_kv_heads": 5}, "n_kv_heads"),
+    ({"attention": "sparse"}, "model.attention"),
+    ({"nsa": {"cmp_stride": 64}}, "cmp_stride"),
+    ({"nsa": {"n_selected": "16"}}, "model.nsa.n_selected"),
+])
+def test_bad_model_config_names_the_key(bad, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        build_model(bad)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_model_is_causal(attention):
+    torch.manual_seed(0)
+    model = build_model({**TINY, "attention": attention}).double()
+    x = torch.randint(0, 100, (1, 40))
+    x2 = x.clone()
+    x2[:, 25:] = torch.randint(0, 100, (1, 15))
+    a, b = model(x), model(x2)
+    assert torch.allclose(a[:, :25], b[:, :25], atol=1e-12, rtol=0)
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = build_model(TINY).double()
+    x = torch.randint(0, 100, (2, 30))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_activation_checkpointing(ckpt)
+        model(x).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_incremental_decode_matches_full_forward(attention):
+    torch.manual_seed(1)
+    model = build_model({**TINY, "attention": attention}).eval()
+    seq = torch.randint(0, 100, (2, 70))
+    full = model(seq)
+    prompt = 13  # not a block multiple: the compressed stream must catch up during decode
+    logits, caches = model.prefill(seq[:, :prompt])
+    assert (logits - full[:, :prompt]).abs().max() <= 1e-4
+    for t in range(prompt, seq.shape[1]):
+        step = model.decode_step(seq[:, t], caches)
+        assert (step - full[:, t]).abs().max() <= 1e-4, t
+    assert caches[0].length == 70
+
+
+def test_decode_tokens_read_per_step():
+    """Per step, NSA reads the compressed tokens so far + n selected blocks of l' + the window.
+    For S tokens (incl. the new one) that is (floor((S - l)/d) + 1) + n*l' + w: the paper's
+    floor((S - l)/d) + n*l' + w counts one compressed token fewer (block 0)."""
+    torch.manual_seed(2)
+    model = build_model(TINY).eval()
+    nsa = model.cfg.nsa
+    seq = torch.randint(0, 100, (1, 80))
+    _, caches = model.prefill(seq[:, :40])
+    for t in range(40, 80):
+        model.decode_step(seq[:, t], caches)
+        S = t + 1
+        exact = (S - nsa.cmp_block) // nsa.cmp_stride + 1 + nsa.n_selected * nsa.slc_block + nsa.window
+        assert caches[0].tokens_read["total"] == exact
+        assert exact - ((S - nsa.cmp_block) // nsa.cmp_stride + nsa.n_selected * nsa.slc_block + nsa.window) == 1
+    # the dense baseline reads everything
+    dense = build_model({**TINY, "attention": "full"}).eval()
+    _, dc = dense.prefill(seq[:, :40])
+    dense.decode_step(seq[:, 40], dc)
+    assert dc[0].tokens_read == 41
+
+
+def test_flops_per_token_counts_sparse_attention():
+    with torch.device("meta"):  # M7C dims, paper NSA defaults
+        nsa, full = build_model({}), build_model({"attention": "full"})
+    # from 4k to 64k NSA's per-token attention grows ~2x (only the compressed part grows),
+    # dense attention 16x
+    assert nsa.attention_flops_per_token(1 << 16) < nsa.attention_flops_per_token(1 << 12) * 2.5
+    assert full.attention_flops_per_token(1 << 16) > full.attention_flops_per_token(1 << 12) * 15
+    assert nsa.flops_per_token(64) > 6 * nsa.num_params(exclude_embeddings=True)
+
+
+def test_gate_stats_reported_for_nsa_only():
+    nsa, full = build_model(TINY), build_model({**TINY, "attention": "full"})
+    x = torch.randint(0, 100, (1, 20))
+    nsa(x), full(x)
+    stats = nsa.gate_stats()
+    assert set(stats) == {"gate/cmp", "gate/slc", "gate/win"} and all(0 < v < 1 for v in stats.values())
+    assert full.gate_stats() == {}
+    assert isinstance(nsa, M7C)
