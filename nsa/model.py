@@ -2,12 +2,12 @@
 
     tokens -> embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> head
 
-The head shares the embedding matrix (tied). The vocabulary is padded to a multiple of 64 for
-matmul efficiency; logits are returned for the real vocabulary only.
+The head shares the embedding matrix (tied). The embedding table is padded to a multiple of 64
+rows; logits are computed for the real vocabulary rows only (no padded logits to slice and copy).
 
 Parameter count at M7C dims (dim 768, 12 layers, 12 heads, head dim 64, 2 KV heads, SwiGLU 2048,
-GPT-2 vocabulary padded to 50304): NSA 125.5M (38.6M of them the tied embedding), the
-`attention: full` baseline 111.9M (NSA adds two more K/V projections, phi and the gates).
+GPT-2 vocabulary padded to 50304): NSA 124.9M (38.6M of them the tied embedding), the
+`attention: full` baseline 111.8M (NSA adds two more K/V projections, phi and the gates).
 Why 2 KV heads (GQA groups of 6 query heads): selection is shared per group (Eq. 10), so the
 selected-attention kernel loads each chosen K/V block once for all heads of the group; 6 heads pad
 to a 16-row tensor-core tile. One group (MQA) would fill the tile better (12/16) but leave a
@@ -103,7 +103,12 @@ class M7C(nn.Module):
                 x = checkpoint(block, x, self.rope, use_reentrant=False)
             else:
                 x = block(x, self.rope)
-        return self.head(self.norm(x))[..., : self.cfg.vocab_size]
+        return self.logits(self.norm(x))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Project onto the real vocabulary rows only: a contiguous [.., vocab_size] output with no
+        slice-copy of the (large) padded logits; the padding rows are never used."""
+        return F.linear(h, self.head.weight[: self.cfg.vocab_size])
 
     # ---- inference -------------------------------------------------------------------------
     def new_caches(self) -> list:
@@ -119,7 +124,7 @@ class M7C(nn.Module):
         x = self.embed(input_ids)
         for block, cache in zip(self.blocks, caches):
             x = block(x, self.rope, cache)
-        return self.head(self.norm(x))[..., : self.cfg.vocab_size], caches
+        return self.logits(self.norm(x)), caches
 
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor, caches: list) -> torch.Tensor:
@@ -127,7 +132,7 @@ class M7C(nn.Module):
         x = self.embed(token_ids[:, None])
         for block, cache in zip(self.blocks, caches):
             x = block.decode_step(x, self.rope, cache)
-        return self.head(self.norm(x))[:, 0, : self.cfg.vocab_size]
+        return self.logits(self.norm(x))[:, 0]
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -35,11 +35,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
         """Rotate `x` [..., P, head_dim] at integer `positions` [P], all < `bound` (a Python int,
         so no device sync is needed to size the tables)."""
-        cos, sin = self.tables(bound, x.device, x.dtype)
+        # rotate in >= fp32: bf16 angles at position ~1e4 would be off by whole radians
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = self.tables(bound, x.device, work)
         cos, sin = cos[positions], sin[positions]
+        xw = x.to(work)
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        rotated = torch.cat([-xw[..., half:], xw[..., :half]], dim=-1)
+        return (xw * cos + rotated * sin).to(x.dtype)
 
     def _apply(self, fn, recurse=True):  # drop cached tables when moved between devices / dtypes
         self._cache = {}
