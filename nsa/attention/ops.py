@@ -146,49 +146,37 @@ def select_blocks(
     return result
 
 
-def _gather_blocks(x_blocks, flat_index, shape):
-    """x_blocks [B*G*nb, l'*D] rows gathered at flat_index [B,G,C,n] -> [B,G,C,n*l',D]."""
-    B, G, C, n, block, D = shape
-    return x_blocks.index_select(0, flat_index.reshape(-1)).view(B, G, C, n * block, D)
-
-
 class _SelectedAttention(torch.autograd.Function):
     """Attention of each query over the raw tokens of its selected blocks, causally clipped at t.
 
     Forward and backward both loop over query chunks; backward recomputes the probabilities, so
-    the only saved tensors are q, k, v and the block indices (memory linear in S)."""
+    the only saved tensors are q, k, v and the block indices (memory linear in S). Keys are
+    gathered per token with advanced indexing, which reads k/v in place whatever their strides
+    (a decode cache is a slice of a larger buffer: no O(N) copy per step)."""
 
     @staticmethod
-    def _chunk_setup(ctx_like, idx_c, c0, c1):
-        B, G, H, D, block, q_start, nb = ctx_like
-        n = idx_c.shape[-1]
-        device = idx_c.device
-        base = (torch.arange(B * G, device=device) * nb).view(B, G, 1, 1)
-        flat = base + idx_c.clamp_min(0)
-        tok = idx_c[..., None] * block + torch.arange(block, device=device)  # [B,G,C,n,l']
-        t = torch.arange(q_start + c0, q_start + c1, device=device).view(1, 1, -1, 1, 1)
-        valid = (idx_c[..., None] >= 0) & (tok <= t)
-        return flat, valid.view(B, G, 1, c1 - c0, n * block)
+    def _chunk_setup(idx_c, c0, c1, q_start, block, n_keys):
+        """Token indices [B,G,C,n*l'] (clamped in range) and validity [B,G,1,C,n*l'] of a chunk."""
+        B, G, C, n = idx_c.shape
+        tok = idx_c[..., None] * block + torch.arange(block, device=idx_c.device)  # [B,G,C,n,l']
+        t = torch.arange(q_start + c0, q_start + c1, device=idx_c.device).view(1, 1, -1, 1, 1)
+        valid = (idx_c[..., None] >= 0) & (tok <= t) & (tok < n_keys)
+        tok = tok.clamp(0, n_keys - 1).view(B, G, C, n * block)
+        return tok, valid.view(B, G, 1, C, n * block)
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block: int, q_start: int, chunk: int):
         B, H, Sq, D = q.shape
         G, N = k.shape[1], k.shape[2]
-        r = H // G
-        nb = num_slc_blocks(N, block)
-        pad = nb * block - N
-        kb = F.pad(k, (0, 0, 0, pad)).reshape(B * G * nb, block * D)
-        vb = F.pad(v, (0, 0, 0, pad)).reshape(B * G * nb, block * D)
-        qg = q.view(B, G, r, Sq, D)
-        meta = (B, G, H, D, block, q_start, nb)
+        qg = q.view(B, G, H // G, Sq, D)
+        bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+        gi = torch.arange(G, device=q.device).view(1, G, 1, 1)
         scale = 1.0 / math.sqrt(D)
         out = torch.empty_like(qg)
         for c0 in range(0, Sq, chunk):
             c1 = min(Sq, c0 + chunk)
-            idx_c = idx[:, :, c0:c1]
-            flat, valid = _SelectedAttention._chunk_setup(meta, idx_c, c0, c1)
-            shape = (B, G, c1 - c0, idx.shape[-1], block, D)
-            kg, vg = _gather_blocks(kb, flat, shape), _gather_blocks(vb, flat, shape)
+            tok, valid = _SelectedAttention._chunk_setup(idx[:, :, c0:c1], c0, c1, q_start, block, N)
+            kg, vg = k[bi, gi, tok], v[bi, gi, tok]  # [B,G,C,n*l',D]
             s = _upcast(torch.einsum("bgrcd,bgckd->bgrck", qg[:, :, :, c0:c1], kg)) * scale
             p = _masked_softmax(s, valid)
             out[:, :, :, c0:c1] = torch.einsum("bgrck,bgckd->bgrcd", p.to(v.dtype), vg)
@@ -202,26 +190,20 @@ class _SelectedAttention(torch.autograd.Function):
         block, q_start, chunk = ctx.block, ctx.q_start, ctx.chunk
         B, H, Sq, D = q.shape
         G, N = k.shape[1], k.shape[2]
-        r = H // G
-        nb = num_slc_blocks(N, block)
-        pad = nb * block - N
-        kb = F.pad(k, (0, 0, 0, pad)).reshape(B * G * nb, block * D)
-        vb = F.pad(v, (0, 0, 0, pad)).reshape(B * G * nb, block * D)
+        qg = q.view(B, G, H // G, Sq, D)
+        dog = grad_out.reshape(B, G, H // G, Sq, D)
+        bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+        gi = torch.arange(G, device=q.device).view(1, G, 1, 1)
+        row0 = (torch.arange(B * G, device=q.device) * N).view(B, G, 1, 1)  # first row of (b, g)
         acc = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
-        dkb = torch.zeros(B * G * nb, block * D, dtype=acc, device=k.device)
-        dvb = torch.zeros_like(dkb)
-        qg = q.view(B, G, r, Sq, D)
-        dog = grad_out.reshape(B, G, r, Sq, D)
+        dk = torch.zeros(B * G * N, D, dtype=acc, device=k.device)
+        dv = torch.zeros_like(dk)
         dq = torch.empty_like(qg)
-        meta = (B, G, H, D, block, q_start, nb)
         scale = 1.0 / math.sqrt(D)
         for c0 in range(0, Sq, chunk):
             c1 = min(Sq, c0 + chunk)
-            idx_c = idx[:, :, c0:c1]
-            n = idx.shape[-1]
-            flat, valid = _SelectedAttention._chunk_setup(meta, idx_c, c0, c1)
-            shape = (B, G, c1 - c0, n, block, D)
-            kg, vg = _gather_blocks(kb, flat, shape), _gather_blocks(vb, flat, shape)
+            tok, valid = _SelectedAttention._chunk_setup(idx[:, :, c0:c1], c0, c1, q_start, block, N)
+            kg, vg = k[bi, gi, tok], v[bi, gi, tok]
             qc, doc = qg[:, :, :, c0:c1], dog[:, :, :, c0:c1]
             s = _upcast(torch.einsum("bgrcd,bgckd->bgrck", qc, kg)) * scale
             p = _masked_softmax(s, valid)
@@ -230,11 +212,11 @@ class _SelectedAttention(torch.autograd.Function):
             ds = (p * (dp - (p * dp).sum(dim=-1, keepdim=True)) * scale).to(q.dtype)
             dq[:, :, :, c0:c1] = torch.einsum("bgrck,bgckd->bgrcd", ds, kg)
             dkg = torch.einsum("bgrck,bgrcd->bgckd", ds, qc)
-            rows = flat.reshape(-1)
-            dkb.index_add_(0, rows, dkg.reshape(-1, block * D).to(acc))
-            dvb.index_add_(0, rows, dvg.reshape(-1, block * D).to(acc))
-        dk = dkb.view(B, G, nb * block, D)[:, :, :N].to(k.dtype)
-        dv = dvb.view(B, G, nb * block, D)[:, :, :N].to(v.dtype)
+            rows = (row0 + tok).reshape(-1)  # masked slots carry zero gradient
+            dk.index_add_(0, rows, dkg.reshape(-1, D).to(acc))
+            dv.index_add_(0, rows, dvg.reshape(-1, D).to(acc))
+        dk = dk.view(B, G, N, D).to(k.dtype)
+        dv = dv.view(B, G, N, D).to(v.dtype)
         return dq.view(B, H, Sq, D), dk, dv, None, None, None, None
 
 

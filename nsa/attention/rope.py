@@ -24,7 +24,7 @@ class RotaryEmbedding(nn.Module):
         key = (device, dtype)
         cached = self._cache.get(key)
         if cached is None or cached[0].shape[0] < n:
-            length = max(n, self._max_seq_len)
+            length = max(self._max_seq_len, 1 << (n - 1).bit_length())  # grow geometrically
             pos = torch.arange(length, dtype=torch.float64, device=device)
             freqs = torch.outer(pos, self.inv_freq.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)

@@ -1,0 +1,105 @@
+"""Per-step decode latency and tokens read: one attention layer at M7C dims, NSA vs full attention
+with a KV cache, at several context lengths.
+
+    python bench/bench_decode.py                          # CPU: 8k,16k,32k,64k
+    python bench/bench_decode.py --contexts 65536 --json-only
+
+The caches are filled with random keys/values of the right shapes (decode cost depends only on
+cache sizes, so no 64k prefill is needed). One JSON line per measurement: impl, context,
+ms_per_step (median), tokens_read (NSA: compressed + selected blocks * l' + window; full: all),
+paper_tokens (floor((S - l)/d) + n*l' + w), device. Then a table with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from nsa.attention.blocks import num_cmp_blocks  # noqa: E402
+from nsa.attention.cache import KVCache, NSACache  # noqa: E402
+from nsa.attention.layer import build_attention  # noqa: E402
+from nsa.attention.rope import RotaryEmbedding  # noqa: E402
+from nsa.config import ModelConfig  # noqa: E402
+
+
+def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype):
+    """A cache holding `context` tokens of random keys/values (batch 1)."""
+    G, D, n = cfg.n_kv_heads, cfg.head_dim, cfg.nsa
+
+    def rnd(length):
+        return torch.randn(1, G, length, D, device=device, dtype=dtype)
+
+    if impl == "full":
+        cache = KVCache()
+        cache.fill(rnd(context), rnd(context))
+        return cache
+    cache = NSACache(n.window, n.cmp_block, n.cmp_stride, n.slc_block)
+    n_cmp = num_cmp_blocks(context, n.cmp_block, n.cmp_stride)
+    raw = rnd(context)
+    cache.fill(raw, raw, (rnd(n_cmp), rnd(n_cmp)), (rnd(context), rnd(context)), (rnd(context), rnd(context)))
+    return cache
+
+
+def measure(impl: str, context: int, device: str, dtype, steps: int) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({"attention": impl})
+    layer = build_attention(cfg).to(device=device, dtype=dtype).eval()
+    rope = RotaryEmbedding(cfg.head_dim)
+    cache = filled_cache(impl, cfg, context, device, dtype)
+    x = torch.randn(1, 1, cfg.dim, device=device, dtype=dtype)
+    times = []
+    for i in range(steps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        layer.decode_step(x, rope, cache)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # first step is warm-up
+            times.append((time.perf_counter() - t0) * 1e3)
+    n = cfg.nsa
+    S = cache.length
+    reads = cache.tokens_read["total"] if impl == "nsa" else cache.tokens_read
+    return {
+        "impl": impl, "context": context, "ms_per_step": round(statistics.median(times), 3),
+        "tokens_read": reads,
+        "paper_tokens": (S - n.cmp_block) // n.cmp_stride + n.n_selected * n.slc_block + n.window,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--contexts", default="8192,16384,32768,65536")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json-only", action="store_true")
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    rows = []
+    for context in (int(c) for c in args.contexts.split(",")):
+        for impl in ("nsa", "full"):
+            row = measure(impl, context, args.device, dtype, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if not args.json_only:
+        by = {(r["impl"], r["context"]): r for r in rows}
+        print(f"\n{'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} {'nsa reads':>10} {'paper':>8} {'full reads':>11} {'read ratio':>11}")
+        for (impl, ctx), r in by.items():
+            if impl == "nsa":
+                f = by[("full", ctx)]
+                print(f"{ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} {f['ms_per_step'] / r['ms_per_step']:>9.2f} "
+                      f"{r['tokens_read']:>10} {r['paper_tokens']:>8} {f['tokens_read']:>11} {f['tokens_read'] / r['tokens_read']:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared helpers for the NSA Triton kernels.
+
+Conventions used by every kernel in this package:
+* softmax statistics, accumulators and LSE are float32 whatever the input dtype;
+* fp32 inputs use `tl.dot(..., input_precision="ieee")` (no TF32) so fp32 results match the
+  PyTorch path to ~1e-6; bf16/fp16 inputs use the native tensor-core dot with fp32 accumulation;
+* all integer divisions are done on non-negative operands (Triton's `//` truncates toward zero on
+  the GPU while the interpreter floors; for x >= 0 both agree);
+* under TRITON_INTERPRET=1, bf16 dot operands are upcast to fp32 (DOT_T) after being rounded to
+  bf16 (IN_T): the interpreter (triton 3.7.1) stores bf16 as uint16 and its `tl.dot` multiplies
+  the raw integers. On the GPU DOT_T == IN_T and the casts are no-ops. (A nested @triton.jit
+  helper for this costs ~35% of interpreter time, so the casts are written inline.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def f32dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
+def pad_pow2(x: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(max(int(x), 1)))
+
+
+def check_inputs(name: str, *tensors: torch.Tensor) -> None:
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"nsa triton {name}: dtype {dtype} unsupported (float32/bfloat16/float16); "
+                        "use the PyTorch path (nsa.attention.ops)")
+    for t in tensors:
+        if t.dtype != dtype or t.device != device:
+            raise TypeError(f"nsa triton {name}: all inputs must share dtype and device")
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"nsa triton {name}: tensors on {device} need CUDA or TRITON_INTERPRET=1")
+
+
+def dot_config(dtype: torch.dtype) -> dict:
+    """Constexpr kernel arguments for the dots: IN_T (input element type, used to round
+    probabilities / dS like the GPU does), DOT_T (type the dot operands are cast to; equals IN_T
+    except for the interpreter-bf16 workaround) and PREC (tl.dot input_precision)."""
+    in_t = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    f32 = f32dot(dtype)
+    return dict(IN_T=in_t, DOT_T=tl.float32 if f32 else in_t, PREC="ieee" if f32 else "tf32")

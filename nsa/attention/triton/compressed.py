@@ -1,0 +1,264 @@
+"""Compressed-branch attention (NSA) in Triton, forward and backward, returning the LSE.
+
+Query t (absolute position) attends to the compressed tokens i < visible(t), where
+visible(t) = min(n_cmp, max(0, (t - l + 1) // d + 1)) (block i = tokens [i*d, i*d + l) is complete
+by t). Queries with no visible block get a zero output, LSE = -inf and zero gradients.
+
+Kernels (flash-attention style, fp32 softmax statistics):
+* forward: one program per (query tile of BM queries, batch x query head); loops over compressed
+  key tiles of BN up to the tile's last visible block; writes O and LSE [B,H,Sq] fp32 (natural log
+  of the scaled scores, what selection needs for p_cmp = exp(s - LSE));
+* backward dQ: same grid, recomputes p from LSE; delta = rowsum(dO * O);
+* backward dK/dV: one program per (compressed key tile, batch x KV group), looping over the r query
+  heads of the group and the query tiles that can see the tile; no atomics (deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.attention.triton._common import check_inputs, dot_config, pad_pow2
+
+BM_MAX, BN = 64, 32
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    Q, K, V, O, LSE,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_ob, s_oh, s_ot, s_od,
+    H, Sq, NCMP, q_start, scale, CB, CS,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    g = h // R
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = offs_m < Sq
+    dmask = offs_d < D
+    vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)  # [BM]
+    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
+    n_hi = tl.minimum(tl.maximum(t_last - CB + 1 + CS, 0) // CS, NCMP)
+
+    md_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=md_mask, other=0.0).to(DOT_T)
+    k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D_PAD], tl.float32)
+    for n0 in range(0, n_hi, BN):
+        nd_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where((n0 + offs_n)[None, :] < vis[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=md_mask)
+    tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_db, s_dh, s_dt, s_dd,
+    H, Sq, NCMP, q_start, scale, CB, CS,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    g = h // R
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = offs_m < Sq
+    dmask = offs_d < D
+    vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)
+    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
+    n_hi = tl.minimum(tl.maximum(t_last - CB + 1 + CS, 0) // CS, NCMP)
+
+    md_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=md_mask, other=0.0).to(DOT_T)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :] * s_dd,
+                 mask=md_mask, other=0.0).to(DOT_T)
+    row = (b * H + h) * Sq + offs_m
+    lse = tl.load(LSE + row, mask=mmask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+    k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+
+    dq = tl.zeros([BM, D_PAD], tl.float32)
+    for n0 in range(0, n_hi, BN):
+        nd_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        valid = ((n0 + offs_n)[None, :] < vis[:, None]) & mmask[:, None]
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+        dq += tl.dot(ds, k, input_precision=PREC)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_db, s_dh, s_dt, s_dd,
+    G, Sq, NCMP, q_start, scale, CB, CS,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = (pid_bg % G).to(tl.int64)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_m0 = tl.arange(0, BM)
+    offs_d = tl.arange(0, D_PAD)
+    nmask = offs_n < NCMP
+    dmask = offs_d < D
+    nd_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                mask=nd_mask, other=0.0).to(DOT_T)
+    v = tl.load(V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=nd_mask, other=0.0).to(DOT_T)
+    # first query (index into Sq) that sees compressed block n0: t >= n0*d + l - 1
+    m_first = tl.maximum(n0 * CS + CB - 1 - q_start, 0)
+    m_lo = (m_first // BM) * BM
+
+    dk = tl.zeros([BN, D_PAD], tl.float32)
+    dv = tl.zeros([BN, D_PAD], tl.float32)
+    H = G * R
+    for hh in range(0, R):
+        h = g * R + hh
+        q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
+        do_base = DO + b * s_db + h * s_dh + offs_d[None, :] * s_dd
+        for m0 in range(m_lo, Sq, BM):
+            offs_m = m0 + offs_m0
+            mmask = offs_m < Sq
+            md_mask = mmask[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
+            do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
+            row = (b * H + h) * Sq + offs_m
+            lse = tl.load(LSE + row, mask=mmask, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+            vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)
+            valid = (offs_n[None, :] < vis[:, None]) & mmask[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
+            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    out_rows = (b * G + g) * NCMP + offs_n  # DK/DV: contiguous [B, G, NCMP, D]
+    tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+def _meta(q, k_cmp):
+    B, H, Sq, D = q.shape
+    G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+    if H % G:
+        raise ValueError(f"nsa triton compressed_attention: {H} query heads not a multiple of {G} KV groups")
+    return dict(B=B, H=H, Sq=Sq, D=D, G=G, NCMP=n_cmp, R=H // G, D_PAD=pad_pow2(D),
+                BM=min(BM_MAX, pad_pow2(Sq)), BN=BN)
+
+
+def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 0):
+    """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32)."""
+    m = _meta(q, k_cmp)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
+    if m["NCMP"] == 0 or m["Sq"] == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    grid = (triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
+    _cmp_fwd_kernel[grid](
+        q, k_cmp, v_cmp, out, lse,
+        *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(),
+        m["H"], m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride),
+        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype), num_warps=4,
+    )
+    return out, lse
+
+
+def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int = 0):
+    m = _meta(q, k_cmp)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
+    dv = torch.zeros(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
+    if m["NCMP"] == 0 or m["Sq"] == 0:
+        return dq, dk, dv
+    do = grad_out
+    delta = (do.float() * out.float()).sum(-1).contiguous()
+    common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
+    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype), num_warps=4)
+    strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
+    _cmp_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
+        q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
+    _cmp_bwd_dkdv_kernel[(triton.cdiv(m["NCMP"], m["BN"]), m["B"] * m["G"])](
+        q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, **consts)
+    return dq, dk, dv
+
+
+class CompressedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block: int, stride: int, q_start: int):
+        out, lse = compressed_forward(q, k_cmp, v_cmp, block, stride, q_start)
+        ctx.save_for_backward(q, k_cmp, v_cmp, out, lse)
+        ctx.geom = (block, stride, q_start)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None
+        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
+        return dq, dk, dv, None, None, None
+
+
+def compressed_attention(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 0, chunk: int | None = None):
+    """Like nsa.attention.ops.compressed_attention (`chunk` accepted and ignored) but returns
+    (out [B,H,Sq,D], lse [B,H,Sq] fp32, -inf where a query sees no compressed block).
+    The LSE is not differentiable (selection uses it under no_grad)."""
+    check_inputs("compressed_attention", q, k_cmp, v_cmp)
+    return CompressedAttention.apply(q, k_cmp, v_cmp, int(block), int(stride), int(q_start))

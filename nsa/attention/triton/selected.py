@@ -1,0 +1,236 @@
+"""Selected-block attention (NSA selection branch) in Triton, forward and backward.
+
+Group-centric, as in the paper's kernel (arXiv 2502.11089, Sec. 3.4): one program per
+(query position, batch x KV group). It loads the r query heads of the group as one [R_PAD, D_PAD]
+tile (R_PAD = next power of two >= max(r, 16); padding rows are masked), then walks the query's n
+selected blocks idx[b, g, t, :] (-1 = unused slot). Every K/V block [l', D] is loaded once for all
+r heads; tokens are causally clipped at t (tok <= t) and at the key length N.
+
+Forward: online softmax in fp32, writes O [B,H,Sq,D] (input dtype) and LSE [B,H,Sq] (fp32,
+natural log of the scaled scores, -inf for a query with no valid key -> zero output).
+
+Backward (flash-attention style recompute): delta = rowsum(dO * O) in fp32; per program
+p = exp(s - lse), dp = dO V^T, ds = p (dp - delta); dQ is owned by the program and written once;
+dK and dV are accumulated with `tl.atomic_add` into fp32 buffers [B,G,N,D] (several queries select
+the same block), then cast to the input dtype. Atomics make dK/dV summation order (and so the last
+bits of fp32 results) non-deterministic across runs; it is the simplest correct choice. A
+block-centric dK/dV pass (invert idx into per-block query lists) is the deterministic alternative.
+
+Block sizes: slc_block may be any size (the token tile is padded to a power of two >= 16 and
+masked); head dim any size (padded likewise); r any positive integer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.attention.triton._common import check_inputs, dot_config, pad_pow2
+
+
+@triton.jit
+def _slc_fwd_kernel(
+    Q, K, V, IDX, O, LSE,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_ib, s_ig, s_it, s_is,
+    s_ob, s_oh, s_ot, s_od,
+    G, N, NSEL, q_start, scale,
+    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLK: tl.constexpr, BLK_PAD: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    n_q = tl.num_programs(0)
+    b = (pid_bg // G).to(tl.int64)
+    g = (pid_bg % G).to(tl.int64)
+    tq = pid_t.to(tl.int64)
+    lim = tl.minimum(q_start + tq + 1, N)  # keys tok < lim: causal (tok <= t) and in range
+
+    offs_r = tl.arange(0, R_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLK_PAD)
+    rmask = offs_r < R
+    dmask = offs_d < D
+    nvalid = offs_n < BLK
+    heads = g * R + offs_r
+
+    q_ptrs = Q + b * s_qb + heads[:, None] * s_qh + tq * s_qt + offs_d[None, :] * s_qd
+    q = tl.load(q_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+
+    m_i = tl.full([R_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([R_PAD], tl.float32)
+    acc = tl.zeros([R_PAD, D_PAD], tl.float32)
+
+    idx_row = IDX + b * s_ib + g * s_ig + tq * s_it
+    k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+    for slot in range(0, NSEL):
+        blk = tl.load(idx_row + slot * s_is).to(tl.int64)
+        start = tl.where(blk >= 0, blk * BLK, N)  # unused slot (-1): start past the end, all masked
+        cmask = nvalid & (start + offs_n < lim)
+        kv_mask = cmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + start * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + start * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [R_PAD, BLK_PAD] fp32
+        s = tl.where(cmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b * s_ob + heads[:, None] * s_oh + tq * s_ot + offs_d[None, :] * s_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSE + (b * G * R + heads) * n_q + tq, lse, mask=rmask)  # LSE: contiguous [B, H, Sq]
+
+
+@triton.jit
+def _slc_bwd_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_ib, s_ig, s_it, s_is,
+    s_db, s_dh, s_dt, s_dd,
+    G, N, NSEL, q_start, scale,
+    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLK: tl.constexpr, BLK_PAD: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    n_q = tl.num_programs(0)
+    b = (pid_bg // G).to(tl.int64)
+    g = (pid_bg % G).to(tl.int64)
+    tq = pid_t.to(tl.int64)
+    lim = tl.minimum(q_start + tq + 1, N)
+
+    offs_r = tl.arange(0, R_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLK_PAD)
+    rmask = offs_r < R
+    dmask = offs_d < D
+    nvalid = offs_n < BLK
+    rd_mask = rmask[:, None] & dmask[None, :]
+    heads = g * R + offs_r
+
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + tq * s_qt + offs_d[None, :] * s_qd,
+                mask=rd_mask, other=0.0).to(DOT_T)
+    do = tl.load(DO + b * s_db + heads[:, None] * s_dh + tq * s_dt + offs_d[None, :] * s_dd,
+                 mask=rd_mask, other=0.0).to(DOT_T)
+    row = (b * G * R + heads) * n_q + tq  # rows of the contiguous LSE / DELTA [B,H,Sq] and DQ [B,H,Sq,D]
+    lse = tl.load(LSE + row, mask=rmask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # empty query: every column is masked anyway
+    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+
+    dq = tl.zeros([R_PAD, D_PAD], tl.float32)
+    idx_row = IDX + b * s_ib + g * s_ig + tq * s_it
+    k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+    dkv_ptrs = (b * G + g) * N * D + offs_n[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
+    for slot in range(0, NSEL):
+        blk = tl.load(idx_row + slot * s_is).to(tl.int64)
+        start = tl.where(blk >= 0, blk * BLK, N)
+        cmask = nvalid & (start + offs_n < lim)
+        kv_mask = cmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + start * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + start * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        p = tl.where(cmask[None, :] & rmask[:, None], tl.exp(s - lse[:, None]), 0.0)  # [R_PAD, BLK_PAD]
+        dv_blk = tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)  # [BLK_PAD, D_PAD]
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+        dq += tl.dot(ds, k, input_precision=PREC)
+        dk_blk = tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
+        tl.atomic_add(DK + dkv_ptrs + start * D, dk_blk, mask=kv_mask)
+        tl.atomic_add(DV + dkv_ptrs + start * D, dv_blk, mask=kv_mask)
+
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rd_mask)
+
+
+def _meta(q, k, slc_block):
+    B, H, Sq, D = q.shape
+    G, N = k.shape[1], k.shape[2]
+    if H % G:
+        raise ValueError(f"nsa triton selected_attention: {H} query heads not a multiple of {G} KV groups")
+    r = H // G
+    return dict(B=B, H=H, Sq=Sq, D=D, G=G, N=N, r=r, R_PAD=pad_pow2(r), D_PAD=pad_pow2(D),
+                BLK_PAD=pad_pow2(slc_block))
+
+
+def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0):
+    """Triton forward: (out [B,H,Sq,D] in q.dtype, lse [B,H,Sq] fp32)."""
+    m = _meta(q, k, slc_block)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
+    if m["Sq"] == 0:
+        return out, lse
+    grid = (m["Sq"], m["B"] * m["G"])
+    _slc_fwd_kernel[grid](
+        q, k, v, idx, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *out.stride(),
+        m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
+        R=m["r"], R_PAD=m["R_PAD"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
+        **dot_config(q.dtype), num_warps=4,
+    )
+    return out, lse
+
+
+def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0):
+    m = _meta(q, k, slc_block)
+    do = grad_out
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B,H,Sq] fp32
+    dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
+    dk = torch.zeros(m["B"], m["G"], m["N"], m["D"], dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    if m["Sq"] > 0:
+        grid = (m["Sq"], m["B"] * m["G"])
+        _slc_bwd_kernel[grid](
+            q, k, v, idx, do, lse, delta, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *do.stride(),
+            m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
+            R=m["r"], R_PAD=m["R_PAD"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
+            **dot_config(q.dtype), num_warps=4,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SelectedAttention(torch.autograd.Function):
+    """Triton selected attention; saves q, k, v, idx, out and the fp32 LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, slc_block: int, q_start: int):
+        out, lse = selected_forward(q, k, v, idx, slc_block, q_start)
+        ctx.save_for_backward(q, k, v, idx, out, lse)
+        ctx.slc_block, ctx.q_start = slc_block, q_start
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, idx, out, lse = ctx.saved_tensors
+        dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start)
+        return dq, dk, dv, None, None, None
+
+
+def selected_attention(q, k, v, idx, slc_block: int, q_start: int = 0, chunk: int | None = None):
+    """Same contract as nsa.attention.ops.selected_attention (`chunk` is accepted and ignored).
+
+    q [B,H,Sq,D], k/v [B,G,N,D] (positions 0..N-1), idx [B,G,Sq,n] int (-1 = unused slot)."""
+    check_inputs("selected_attention", q, k, v)
+    if idx.shape[:3] != (q.shape[0], k.shape[1], q.shape[2]):
+        raise ValueError(f"nsa triton selected_attention: idx shape {tuple(idx.shape)} does not match "
+                         f"[B, G, Sq, n] = {(q.shape[0], k.shape[1], q.shape[2])}")
+    if slc_block < 1:
+        raise ValueError(f"nsa triton selected_attention: slc_block must be >= 1, got {slc_block}")
+    return SelectedAttention.apply(q, k, v, idx, int(slc_block), int(q_start))
