@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import PeakMemory, device_name, run_isolated, sync
 
 import torch  # noqa: E402
 
 from nsa.attention.layer import build_attention  # noqa: E402
 from nsa.attention.rope import RotaryEmbedding  # noqa: E402
 from nsa.config import ModelConfig  # noqa: E402
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure(impl: str, seq_len: int, pass_: str, device: str, dtype: str, batch: int, repeats: int) -> dict:
@@ -56,32 +46,18 @@ def measure(impl: str, seq_len: int, pass_: str, device: str, dtype: str, batch:
             x.grad = None
             layer.zero_grad(set_to_none=True)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    run()  # warm-up (also builds RoPE tables and autotunes kernels)
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mib()
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        name = torch.cuda.get_device_name()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-        name = f"cpu ({torch.get_num_threads()} threads)"
+    with PeakMemory(device) as mem:  # the warm-up counts too: on CPU, RSS after it is not a clean base
+        run()  # warm-up (also builds RoPE tables and autotunes kernels)
+        sync(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
     return {
         "impl": impl, "seq_len": seq_len, "pass": pass_, "ms": round(statistics.median(times), 3),
-        "peak_mem_mb": round(max(peak, 0.0), 1), "device": name, "dtype": dtype, "batch": batch,
+        "peak_mem_mb": round(mem.mib, 1), "device": device_name(device), "dtype": dtype, "batch": batch,
         "dim": cfg.dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "nsa": {k: getattr(cfg.nsa, k) for k in ("cmp_block", "cmp_stride", "slc_block", "n_selected", "window")},
         "torch": torch.__version__,
@@ -117,13 +93,11 @@ def main() -> None:
                         row = measure(impl, seq, pass_, args.device, dtype, args.batch, repeats)
                     except torch.OutOfMemoryError:
                         row = {"impl": impl, "seq_len": seq, "pass": pass_, "ms": None, "peak_mem_mb": None,
-                               "device": torch.cuda.get_device_name(), "error": "out of memory"}
+                               "device": device_name("cuda"), "error": "out of memory"}
                     torch.cuda.empty_cache()
                 else:  # fresh process per measurement so ru_maxrss is this measurement's peak
-                    cmd = [sys.executable, __file__, "--device", "cpu", "--dtype", dtype, "--batch",
-                           str(args.batch), "--repeats", str(repeats), "--_one", f"{impl}:{seq}:{pass_}"]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                    row = json.loads(out.strip().splitlines()[-1])
+                    row = run_isolated(__file__, ["--device", "cpu", "--dtype", dtype, "--batch", str(args.batch),
+                                                  "--repeats", str(repeats), "--_one", f"{impl}:{seq}:{pass_}"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if not args.json_only:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import device_name, sync
 
 import torch  # noqa: E402
 
@@ -57,12 +55,10 @@ def measure(impl: str, context: int, device: str, dtype, steps: int) -> dict:
     x = torch.randn(1, 1, cfg.dim, device=device, dtype=dtype)
     times = []
     for i in range(steps + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         layer.decode_step(x, rope, cache)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         if i:  # first step is warm-up
             times.append((time.perf_counter() - t0) * 1e3)
     n = cfg.nsa
@@ -72,7 +68,7 @@ def measure(impl: str, context: int, device: str, dtype, steps: int) -> dict:
         "impl": impl, "context": context, "ms_per_step": round(statistics.median(times), 3),
         "tokens_read": reads,
         "paper_tokens": (S - n.cmp_block) // n.cmp_stride + n.n_selected * n.slc_block + n.window,
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
     }
 

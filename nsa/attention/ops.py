@@ -156,7 +156,10 @@ class _SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def _chunk_setup(idx_c, c0, c1, q_start, block, n_keys):
-        """Token indices [B,G,C,n*l'] (clamped in range) and validity [B,G,1,C,n*l'] of a chunk."""
+        """Token indices [B,G,C,n*l'] (clamped in range) and validity [B,G,1,C,n*l'] of a chunk.
+        Slots beyond the number of blocks that exist by the chunk's last query are always empty
+        (select_blocks fills slots in order), so they are dropped before gathering."""
+        idx_c = idx_c[..., : min(idx_c.shape[-1], num_slc_blocks(q_start + c1, block))]
         B, G, C, n = idx_c.shape
         tok = idx_c[..., None] * block + torch.arange(block, device=idx_c.device)  # [B,G,C,n,l']
         t = torch.arange(q_start + c0, q_start + c1, device=idx_c.device).view(1, 1, -1, 1, 1)

@@ -1,0 +1,114 @@
+"""M7C training throughput on one device: NSA vs the same model with `attention: full`.
+
+    python bench/bench_train.py                              # CUDA: seq 4096,16384; compile off,on
+    python bench/bench_train.py --seq-lens 512 --compile 0   # CPU smoke of the benchmark itself
+
+Each measurement: a few warm-up optimizer steps, then timed steps of AdamW (fused on CUDA) with
+bf16 autocast on CUDA (fp32 on CPU), micro-batch `--batch`. One JSON line per measurement with
+attention, seq_len, compile, tokens_per_s, mfu (model FLOPs per token x tokens/s / bf16 peak;
+null where the peak is unknown, e.g. CPU), peak_mem_gb, device; then a table with NSA/full ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import PeakMemory, device_name, run_isolated, sync
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from nsa.hardware import peak_tflops  # noqa: E402
+from nsa.model import build_model  # noqa: E402
+
+
+def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: int, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model({"attention": attention, "max_seq_len": seq_len}).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    step_model = torch.compile(model) if compile_ else model
+    vocab = model.cfg.vocab_size
+    x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = step_model(inputs)
+        loss = F.cross_entropy(logits.float().view(-1, vocab), targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with PeakMemory(device) as mem:
+        for _ in range(warmup):
+            step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    tokens_per_s = batch * seq_len * steps / elapsed
+    peak = peak_tflops(torch.device(device))
+    mfu = model.flops_per_token(seq_len) * tokens_per_s / (peak * 1e12) if peak else None
+    return {
+        "attention": attention, "seq_len": seq_len, "compile": compile_, "batch": batch,
+        "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4) if mfu is not None else None,
+        "peak_mem_gb": round(mem.mib / 1024, 3), "step_ms": round(elapsed / steps * 1e3, 1),
+        "num_params": model.num_params(), "device": device_name(device),
+        "dtype": "bf16" if device == "cuda" else "fp32", "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seq-lens", default=None)
+    ap.add_argument("--attention", default="nsa,full")
+    ap.add_argument("--compile", default=None, help="comma list of 0/1 (default: 0,1 on CUDA, 0 on CPU)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--json-only", action="store_true")
+    ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    steps = args.steps or (20 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    if args._one:
+        attention, seq, comp = args._one.split(":")
+        print(json.dumps(measure(attention, int(seq), comp == "1", args.device, args.batch, steps, warmup)))
+        return
+    rows = []
+    for seq in (int(s) for s in (args.seq_lens or ("4096,16384" if cuda else "512")).split(",")):
+        for comp in (args.compile or ("0,1" if cuda else "0")).split(","):
+            for attention in args.attention.split(","):
+                if cuda:
+                    try:
+                        row = measure(attention, seq, comp == "1", "cuda", args.batch, steps, warmup)
+                    except torch.OutOfMemoryError:
+                        row = {"attention": attention, "seq_len": seq, "compile": comp == "1", "error": "out of memory",
+                               "device": device_name("cuda")}
+                    torch.cuda.empty_cache()
+                else:
+                    row = run_isolated(__file__, ["--device", "cpu", "--batch", str(args.batch), "--steps", str(steps),
+                                                  "--warmup", str(warmup), "--_one", f"{attention}:{seq}:{comp}"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if not args.json_only:
+        by = {(r["attention"], r["seq_len"], r["compile"]): r for r in rows}
+        print(f"\n{'seq_len':>8} {'compile':>8} {'nsa tok/s':>10} {'full tok/s':>11} {'nsa/full':>9} {'nsa MFU':>8} {'full MFU':>9} {'nsa GB':>7} {'full GB':>8}")
+        for (att, seq, comp), r in by.items():
+            f = by.get(("full", seq, comp))
+            if att != "nsa" or not f or "error" in r or "error" in f:
+                continue
+            fmt = lambda m: f"{m:.1%}" if m is not None else "n/a"  # noqa: E731
+            print(f"{seq:>8} {str(comp):>8} {r['tokens_per_s']:>10.0f} {f['tokens_per_s']:>11.0f} "
+                  f"{r['tokens_per_s'] / f['tokens_per_s']:>9.2f} {fmt(r['mfu']):>8} {fmt(f['mfu']):>9} "
+                  f"{r['peak_mem_gb']:>7.2f} {f['peak_mem_gb']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

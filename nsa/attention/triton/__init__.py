@@ -1,0 +1,54 @@
+"""Triton kernels for Native Sparse Attention (arXiv 2502.11089), with the PyTorch functions in
+nsa.attention.ops as the reference and CPU fallback.
+
+Public functions (same layouts as ops: q [B,H,Sq,D], k/v [B,G,N,D], H = G*r, query head h in
+KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
+
+* selected_attention(q, k, v, idx, slc_block, q_start=0, chunk=None) -> [B,H,Sq,D]
+  group-centric selected-block attention, Triton forward + backward (autograd.Function);
+* compressed_attention(q, k_cmp, v_cmp, block, stride, q_start=0, chunk=None) -> (out, lse)
+  compressed-branch attention, Triton forward + backward; lse [B,H,Sq] fp32 (-inf = no block);
+* select_blocks(q, k_cmp, cmp_block, cmp_stride, slc_block, n_selected, q_start=0, chunk=None,
+  *, lse=None) -> int64 [B,G,Sq,n], identical to ops.select_blocks;
+* available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
+
+`chunk` is accepted for signature compatibility with ops (ignored by the attention kernels).
+Inputs: float32, bfloat16 or float16 (fp32 accumulation); anything else raises TypeError and the
+caller should use ops. Set TRITON_INTERPRET=1 *before* triton is first imported to run on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["available", "selected_attention", "compressed_attention", "select_blocks"]
+
+
+def available() -> bool:
+    """True when the kernels can run here: triton importable and CUDA present or the interpreter on."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def __getattr__(name):  # lazy: importing this package never requires triton
+    if name == "selected_attention":
+        from nsa.attention.triton.selected import selected_attention
+        return selected_attention
+    if name == "compressed_attention":
+        from nsa.attention.triton.compressed import compressed_attention
+        return compressed_attention
+    if name == "select_blocks":
+        from nsa.attention.triton.select import select_blocks
+        return select_blocks
+    raise AttributeError(f"module 'nsa.attention.triton' has no attribute {name!r}")
