@@ -67,13 +67,14 @@ def test_activation_checkpointing_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("attention", ["nsa", "full"])
-def test_incremental_decode_matches_full_forward(attention):
+@pytest.mark.parametrize("attention, prompt", [("nsa", 13), ("nsa", 5), ("full", 13)])
+def test_incremental_decode_matches_full_forward(attention, prompt):
+    """prompt 13 is not a block multiple; prompt 5 is shorter than a compressed block (l = 8), so
+    the compressed stream starts during decode."""
     torch.manual_seed(1)
     model = build_model({**TINY, "attention": attention}).eval()
     seq = torch.randint(0, 100, (2, 70))
     full = model(seq)
-    prompt = 13  # not a block multiple: the compressed stream must catch up during decode
     logits, caches = model.prefill(seq[:, :prompt])
     assert (logits - full[:, :prompt]).abs().max() <= 1e-4
     for t in range(prompt, seq.shape[1]):

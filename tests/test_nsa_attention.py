@@ -295,3 +295,13 @@ def test_gradcheck_layer():
     x = torch.randn(1, 14, 8, dtype=torch.float64, requires_grad=True)
     rope = RotaryEmbedding(4)
     assert torch.autograd.gradcheck(lambda x: layer(x, rope), (x,))
+
+
+def test_forcing_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    from nsa.errors import UserError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = make_layer(tiny_cfg(impl="triton"), torch.float64)  # fp64 on CPU: never Triton
+    with pytest.raises(UserError, match="model.nsa.impl=auto"):
+        layer(torch.randn(1, 20, 16, dtype=torch.float64), RotaryEmbedding(8))
+    assert make_layer(tiny_cfg(impl="auto"), torch.float32).kernels(torch.zeros(1)) is None  # CPU -> ops

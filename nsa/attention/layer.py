@@ -25,6 +25,7 @@ from nsa.attention import ops
 from nsa.attention.blocks import num_cmp_blocks
 from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
+from nsa.errors import UserError
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -114,6 +115,26 @@ class NSAttention(nn.Module):
         self.last_gate_mean = g.detach().mean(dim=(0, 1, 2))
         return g
 
+    def kernels(self, q: torch.Tensor):
+        """The Triton kernel module for these inputs, or None for the PyTorch path (`ops`).
+
+        auto: Triton on CUDA when importable (fp16/bf16/fp32); torch: always ops; triton: the
+        kernels or a clear error (on CPU they need TRITON_INTERPRET=1, for tests only)."""
+        impl = self.nsa.impl
+        if impl == "torch" or (impl == "auto" and not q.is_cuda):
+            return None
+        from nsa.attention import triton as triton_kernels
+
+        if triton_kernels.available() and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return triton_kernels
+        if impl == "triton":
+            raise UserError(
+                f"model.nsa.impl=triton, but the Triton NSA kernels cannot run here (device {q.device.type}, "
+                f"dtype {q.dtype}; they need the triton package and a CUDA GPU, fp32/bf16/fp16). "
+                "Set model.nsa.impl=auto (or torch) to use the PyTorch path."
+            )
+        return None
+
     def branches(self, q, cmp_kv, slc_kv, win_kv, q_start: int = 0, win_start: int = 0):
         """The three branch outputs [B, H, Sq, Dh] for queries at q_start.. against keys from 0
         (cmp, slc) and from win_start (window)."""
@@ -121,13 +142,23 @@ class NSAttention(nn.Module):
         chunk, slc_chunk = self._chunks(q.shape[0])
         use_cmp, use_slc, use_win = self.enabled
         o_cmp = o_slc = o_win = idx = None
-        if use_cmp:
-            o_cmp = ops.compressed_attention(q, *cmp_kv, nsa.cmp_block, nsa.cmp_stride, q_start, chunk)
-        if use_slc:
-            idx = ops.select_blocks(
-                q, cmp_kv[0], nsa.cmp_block, nsa.cmp_stride, nsa.slc_block, nsa.n_selected, q_start, chunk
-            )
-            o_slc = ops.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start, slc_chunk)
+        tk = self.kernels(q)
+        if tk is not None:  # Triton: the compressed pass hands its log-sum-exp to selection
+            lse = None
+            if use_cmp:
+                o_cmp, lse = tk.compressed_attention(q, *cmp_kv, nsa.cmp_block, nsa.cmp_stride, q_start)
+            if use_slc:
+                idx = tk.select_blocks(q, cmp_kv[0], nsa.cmp_block, nsa.cmp_stride, nsa.slc_block,
+                                       nsa.n_selected, q_start, lse=lse)
+                o_slc = tk.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start)
+        else:
+            if use_cmp:
+                o_cmp = ops.compressed_attention(q, *cmp_kv, nsa.cmp_block, nsa.cmp_stride, q_start, chunk)
+            if use_slc:
+                idx = ops.select_blocks(
+                    q, cmp_kv[0], nsa.cmp_block, nsa.cmp_stride, nsa.slc_block, nsa.n_selected, q_start, chunk
+                )
+                o_slc = ops.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start, slc_chunk)
         if use_win:
             o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
         return (o_cmp, o_slc, o_win), idx

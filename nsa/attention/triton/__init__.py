@@ -13,6 +13,9 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
 * available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
 
 `chunk` is accepted for signature compatibility with ops (ignored by the attention kernels).
+`python -m nsa.attention.triton.aot_check` compiles every kernel for sm80/sm90 without a GPU.
+Run the kernels on CUDA tensors in production; the interpreter is for tiny CPU parity tests only
+(dispatch on `q.is_cuda and available()`, not on available() alone).
 Inputs: float32, bfloat16 or float16 (fp32 accumulation); anything else raises TypeError and the
 caller should use ops. Set TRITON_INTERPRET=1 *before* triton is first imported to run on CPU.
 """

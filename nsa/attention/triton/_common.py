@@ -35,6 +35,11 @@ def pad_pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(x), 1)))
 
 
+def num_warps(head_dim: int) -> int:
+    """4 warps up to head dim 64, 8 above (not tuned on a GPU yet)."""
+    return 4 if head_dim <= 64 else 8
+
+
 def check_inputs(name: str, *tensors: torch.Tensor) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
     if dtype not in SUPPORTED_DTYPES:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
 
 BM_MAX, BN = 64, 32
 
@@ -214,7 +214,8 @@ def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 
         q, k_cmp, v_cmp, out, lse,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(),
         m["H"], m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride),
-        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype), num_warps=4,
+        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype),
+        num_warps=num_warps(m["D"]),
     )
     return out, lse
 
@@ -229,7 +230,8 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     do = grad_out
     delta = (do.float() * out.float()).sum(-1).contiguous()
     common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
-    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype), num_warps=4)
+    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype),
+                  num_warps=num_warps(m["D"]))
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
     _cmp_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)

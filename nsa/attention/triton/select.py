@@ -15,8 +15,10 @@ in registers from the geometry) and writes the NJ group scores. Only the [B, G, 
 group block scores of a chunk of C queries reach HBM (r * l'/d times smaller than the per-head
 score tensor), and the chunk is bounded.
 
-Top-n (first version): torch.sort(stable=True, descending=True) on those block scores, exactly
-as ops.select_blocks, which gives identical tie-breaking. A fused in-kernel top-n is future work.
+Top-n (first version, outside the kernel): torch.topk on unique int64 keys built from the block
+scores and the block index (see top_n), which reproduces ops.select_blocks' stable descending sort
+exactly (ties to the lower index) without sorting all n_slc blocks. A fused in-kernel top-n is
+future work.
 
 The LSE may be passed in (from compressed_attention, `lse=`); otherwise the kernel computes it in
 a first pass over the visible compressed blocks (online max / sum, COMPUTE_LSE).
@@ -31,7 +33,7 @@ import triton
 import triton.language as tl
 
 from nsa.attention.blocks import num_slc_blocks
-from nsa.attention.triton._common import check_inputs, dot_config, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
 
 BN = 32  # compressed blocks per tile
 MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] fp32 score buffer per chunk
@@ -124,7 +126,7 @@ def block_scores(q, k_cmp, cmp_block, cmp_stride, slc_block, c0, c1, q_start=0, 
     kc = k_cmp if n_cmp > 0 else k_cmp.new_zeros(B, G, 1, D)
     # NJ selection blocks per tile: the compressed blocks overlapping a tile fit one BN tile when possible
     nj = max(1, (BN - -(-cmp_block // cmp_stride)) * cmp_stride // slc_block)
-    NJ = min(64, 1 << (nj.bit_length() - 1))  # largest power of two <= nj
+    NJ = max(2, min(64, 1 << (nj.bit_length() - 1)))  # a power of two <= nj (>= 2: no size-1 tiles)
     if lse is None:
         lse_t, lse_strides, compute = q, (0, 0, 0), True
     else:
@@ -134,7 +136,7 @@ def block_scores(q, k_cmp, cmp_block, cmp_stride, slc_block, c0, c1, q_start=0, 
         *q.stride(), *kc.stride(), *lse_strides,
         G, n_cmp, ns, C, c0, int(q_start), 1.0 / math.sqrt(D), int(cmp_block), int(cmp_stride), int(slc_block),
         R=r, R_PAD=pad_pow2(r), D=D, D_PAD=pad_pow2(D), BN=BN, NJ=NJ, COMPUTE_LSE=compute,
-        **dot_config(q.dtype), num_warps=4,
+        **dot_config(q.dtype), num_warps=num_warps(D),
     )
     return out
 
@@ -161,9 +163,24 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
     for c0 in range(0, Sq, chunk):
         c1 = min(Sq, c0 + chunk)
         scores = block_scores(q, k_cmp, cmp_block, cmp_stride, slc_block, c0, c1, q_start, lse)
-        ns = scores.shape[-1]
-        # stable descending sort = ties to the lower block index (as ops.select_blocks)
-        vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        keep = min(n_selected, ns)
-        result[:, :, c0:c1, :keep] = torch.where(vals[..., :keep] > float("-inf"), order[..., :keep], -1)
+        keep = min(n_selected, scores.shape[-1])
+        result[:, :, c0:c1, :keep] = top_n(scores, keep)
     return result
+
+
+def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n largest scores along the last dim, in descending order, ties to the lower
+    index, -1 where the score is -inf: exactly the first n of a stable descending sort (what
+    ops.select_blocks does), but with torch.topk on unique int64 keys instead of a full sort.
+
+    key = (order-preserving int32 image of the fp32 score) * 2^32 + (n_slc - 1 - j): keys are
+    distinct, larger score first and, for equal scores, the lower index j first. (-0.0 would sort
+    below +0.0; scores are sums of non-negative terms, so it does not occur. No NaN expected.)"""
+    ns = scores.shape[-1]
+    bits = scores.contiguous().view(torch.int32)
+    key32 = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as signed ints
+    j = torch.arange(ns, device=scores.device, dtype=torch.int64)
+    keys = key32 * (1 << 32) + (ns - 1 - j)
+    _, order = torch.topk(keys, n, dim=-1, largest=True, sorted=True)
+    vals = torch.gather(scores, -1, order)
+    return torch.where(vals > float("-inf"), order, torch.full_like(order, -1))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
 
 
 @triton.jit
@@ -182,7 +182,7 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0):
         *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *out.stride(),
         m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
         R=m["r"], R_PAD=m["R_PAD"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
-        **dot_config(q.dtype), num_warps=4,
+        **dot_config(q.dtype), num_warps=num_warps(m["D"]),
     )
     return out, lse
 
@@ -201,7 +201,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *do.stride(),
             m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
             R=m["r"], R_PAD=m["R_PAD"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
-            **dot_config(q.dtype), num_warps=4,
+            **dot_config(q.dtype), num_warps=num_warps(m["D"]),
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -231,6 +231,8 @@ def selected_attention(q, k, v, idx, slc_block: int, q_start: int = 0, chunk: in
     if idx.shape[:3] != (q.shape[0], k.shape[1], q.shape[2]):
         raise ValueError(f"nsa triton selected_attention: idx shape {tuple(idx.shape)} does not match "
                          f"[B, G, Sq, n] = {(q.shape[0], k.shape[1], q.shape[2])}")
+    if idx.device != q.device or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError("nsa triton selected_attention: idx must be int64/int32 on the same device as q")
     if slc_block < 1:
         raise ValueError(f"nsa triton selected_attention: slc_block must be >= 1, got {slc_block}")
     return SelectedAttention.apply(q, k, v, idx, int(slc_block), int(q_start))

@@ -1,0 +1,84 @@
+"""Compile every NSA Triton kernel for a CUDA architecture without a GPU.
+
+    python -m nsa.attention.triton.aot_check [--arch 80 90] [--dtype bf16 fp32 fp16] [--head-dim 64 128]
+
+Uses triton's own compiler and the ptxas shipped in the triton wheel, so it catches code that the
+interpreter (TRITON_INTERPRET=1) accepts but the GPU backend rejects. It must run in a process
+where TRITON_INTERPRET is unset (triton's standard library is decorated differently under the
+interpreter). Prints one line per kernel and exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True) -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("aot_check: unset TRITON_INTERPRET (the compiler cannot run in interpreter mode)")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nsa.attention.triton import compressed, select, selected
+    from nsa.attention.triton._common import num_warps, pad_pow2
+    from nsa.attention.triton.compressed import BM_MAX, BN as CMP_BN
+    from nsa.attention.triton.select import BN as SEL_BN
+
+    tl_types = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    ok = True
+    for arch in archs:
+        for dtn in dtypes:
+            dt = tl_types[dtn]
+            dots = dict(IN_T=dt, DOT_T=dt, PREC="ieee" if dtn == "fp32" else "tf32")
+            for D in head_dims:
+                t, f = f"*{dtn}", "*fp32"
+                qkv = dict(Q=t, K=t, V=t)
+                rd = dict(R=group, D=D, D_PAD=pad_pow2(D))
+                slc = dict(rd, R_PAD=pad_pow2(group), BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
+                cmp_ = dict(rd, BM=BM_MAX, BN=CMP_BN, **dots)
+                jobs = [
+                    (selected._slc_fwd_kernel, dict(qkv, IDX="*i64", O=t, LSE=f), slc),
+                    (selected._slc_bwd_kernel, dict(qkv, IDX="*i64", DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f), slc),
+                    (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
+                    (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
+                    (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), cmp_),
+                ]
+                for compute_lse in (False, True):
+                    jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f if not compute_lse else t, OUT=f),
+                                 dict(rd, R_PAD=pad_pow2(group), BN=SEL_BN, NJ=4, COMPUTE_LSE=compute_lse, **dots)))
+                for kernel, ptrs, consts in jobs:
+                    sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
+                           for name in kernel.arg_names}
+                    t0 = time.time()
+                    try:
+                        out = triton.compile(ASTSource(kernel, sig, constexprs=consts),
+                                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps(D)))
+                        good = bool(out.asm.get("cubin"))
+                        msg = f"shared={out.metadata.shared}B"
+                    except Exception as exc:  # report every failure, then fail
+                        good, msg = False, f"{type(exc).__name__}: {exc}"
+                    ok &= good
+                    if verbose or not good:
+                        print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__} {msg} "
+                              f"({time.time() - t0:.1f}s)", flush=True)
+    return ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
+    ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    args = ap.parse_args(argv)
+    ok = compile_all(args.arch, args.dtype, args.head_dim)
+    print("aot_check: all kernels compiled" if ok else "aot_check: FAILURES")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
