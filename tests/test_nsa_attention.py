@@ -305,3 +305,18 @@ def test_forcing_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
     with pytest.raises(UserError, match="model.nsa.impl=auto"):
         layer(torch.randn(1, 20, 16, dtype=torch.float64), RotaryEmbedding(8))
     assert make_layer(tiny_cfg(impl="auto"), torch.float32).kernels(torch.zeros(1)) is None  # CPU -> ops
+
+
+def test_triton_self_check_failure_means_pytorch_fallback(monkeypatch, capsys):
+    """A kernel that fails (miscompile, launch error) on a new device must not be used by `auto`."""
+    from nsa.attention import triton as tk
+    from nsa.attention.triton import selfcheck
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated miscompile")
+
+    monkeypatch.setattr(tk, "compressed_attention", broken, raising=False)
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    assert selfcheck.kernels_ok(torch.device("cpu"), torch.float32) is False
+    assert "simulated miscompile" in capsys.readouterr().err
+    assert selfcheck.kernels_ok(torch.device("cpu"), torch.float32) is False  # remembered, not re-run

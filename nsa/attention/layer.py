@@ -118,7 +118,8 @@ class NSAttention(nn.Module):
     def kernels(self, q: torch.Tensor):
         """The Triton kernel module for these inputs, or None for the PyTorch path (`ops`).
 
-        auto: Triton on CUDA when importable (fp16/bf16/fp32); torch: always ops; triton: the
+        auto: Triton on CUDA when importable (fp16/bf16/fp32) and it passes a one-time parity
+        self-check on this device (else PyTorch, with a warning); torch: always ops; triton: the
         kernels or a clear error (on CPU they need TRITON_INTERPRET=1, for tests only)."""
         impl = self.nsa.impl
         if impl == "torch" or (impl == "auto" and not q.is_cuda):
@@ -126,7 +127,11 @@ class NSAttention(nn.Module):
         from nsa.attention import triton as triton_kernels
 
         if triton_kernels.available() and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return triton_kernels
+            if impl == "triton":
+                return triton_kernels
+            from nsa.attention.triton.selfcheck import kernels_ok
+
+            return triton_kernels if kernels_ok(q.device, q.dtype) else None
         if impl == "triton":
             raise UserError(
                 f"model.nsa.impl=triton, but the Triton NSA kernels cannot run here (device {q.device.type}, "
