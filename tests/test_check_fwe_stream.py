@@ -165,7 +165,8 @@ def test_secrets_scan_module():
     spec.loader.exec_module(ss)
     env = ss.env_secret_values({"MY_API_TOKEN": "plantedvalue99", "PATH": "/usr/bin", "SHORT_KEY": "1"})
     assert env == [b"plantedvalue99"]
-    bad = [b"HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyzABCDEFGH", b"https://hooks.slack.com/services/T0/B0/xyz",
+    # fake secrets, split so no token-shaped literal is committed
+    bad = [b"HF_TOKEN=hf_" + b"abcdefghijklmnopqrstuvwxyzABCDEFGH", b"https://hooks.slack" + b".com/services/T0/B0/xyz",
            b"wandb login 0123456789abcdef0123456789abcdef01234567", b'"api_key": "sk-12345678abc"',
            b"x plantedvalue99 y", b"https://discord.com/api/webhooks/1/abc"]
     good = [b'"tokens_seen": 123456789,', b"commit: 0123456789abcdef0123456789abcdef01234567",

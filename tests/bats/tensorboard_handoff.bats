@@ -61,7 +61,8 @@ make_run() {  # a complete run through the runner with the fake trainer
 }
 
 @test "handoff refuses a file holding a secret, and never bundles an environment secret" {
-    export WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567 HF_TOKEN=hf_ZyXwVuTsRqPoNmLkJiHgFeDcBa9876543210
+    # fake secrets, assembled at run time so no token-shaped literal is committed
+    export WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567 HF_TOKEN="hf_ZyXwVuTsRqPoNm""LkJiHgFeDcBa9876543210"
     make_run
     # nothing planted: the bundle is built and holds neither value
     run bash "$REPO/scripts/handoff.sh" --out "$T/ok.tar.gz"
