@@ -55,21 +55,22 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks (flags: any rank saw a signal / a NaN)."""
+def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
     if not dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (flags: any rank saw a signal / a NaN)."""
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    """Element-wise sum over ranks (token counts, losses)."""
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
 
 
 def gather_objects(obj, info: DistInfo) -> list:

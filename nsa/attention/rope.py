@@ -16,7 +16,6 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._len = 0
         self._max_seq_len = max_seq_len
 
     def tables(self, n: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
