@@ -185,6 +185,7 @@ class DataConfig:
     max_retries: int = 5  # transient stream errors retried this many times (exponential backoff) ...
     retry_backoff_s: float = 2.0  # ... starting at this delay, doubling each time
     hub_timeout_s: float = 10.0  # give up on the HF hub after this long and use offline files
+    hf_token_required: bool = False  # gated/private hub dataset: pre-flight fails unless a Hugging Face token is set
     synthetic_vocab: int = 512  # synthetic tokens are drawn from [0, synthetic_vocab) so loss can fall
     embedded_max_docs: int = 20000  # cap on stdlib-docstring documents in the embedded corpus
 
@@ -234,7 +235,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # evals without relative improvement before stopping; 0 disables
     early_stop_min_evals: int = 3  # never early-stop before this many evaluations
     early_stop_min_delta: float = 0.001  # relative val-loss improvement that counts as progress
-    fault_inject: str = ""  # testing only: "nan@5,oom@3,crash@7,stall@9" (stall: wait for a signal at that step)
+    fault_inject: str = ""  # testing only: "nan@5,oom@3,crash@7,stall@9,hang@9" (see parse_faults)
 
     def validate(self, prefix: str = "train") -> None:
         for key in ("steps", "seq_len", "batch_size", "accumulate_grad_batches", "log_every", "eval_batches",
@@ -278,7 +279,7 @@ class RuntimeConfig:
     dist_timeout_s: int = 900  # collective timeout, so a hang becomes an error
     threads: int = 0  # torch intra-op CPU threads; 0 keeps torch's default
     peak_tflops: float = 0.0  # bf16 peak per device for MFU; 0 -> table by GPU name (env NSA_PEAK_TFLOPS wins)
-    usd_per_gpu_hour: float = 0.0  # your price; > 0 adds projected cost to metrics.json (never hard-coded)
+    usd_per_gpu_hour: float = 0.0  # your price per GPU-hour (env GPU_HOURLY_USD wins); > 0 adds cost to metrics.json
     oom_fallback: bool = True  # on CUDA OOM: halve micro-batch (same tokens), then activation checkpointing
 
     def validate(self, prefix: str = "runtime") -> None:
@@ -291,18 +292,20 @@ class RuntimeConfig:
             raise UserError(f"'{prefix}.threads', 'peak_tflops', 'usd_per_gpu_hour' must be >= 0, dist_timeout_s >= 1.")
 
 
-FAULT_KINDS = ("nan", "oom", "crash", "stall")
+FAULT_KINDS = ("nan", "oom", "crash", "stall", "hang")
 
 
 def parse_faults(spec: str) -> dict[int, list[str]]:
     """"nan@5,oom@3" -> {5: ["nan"], 3: ["oom"]}. Fault injection exists so tests can prove recovery paths:
     nan = the step's loss becomes NaN, oom = the step raises a CUDA-style OOM once, crash = an exception,
-    stall = the step waits (up to 10 min) until a signal arrives, standing in for a long step that gets preempted/killed."""
+    stall = the step waits (up to 10 min) until a signal arrives, standing in for a long step that gets preempted/killed,
+    hang = the step blocks for good, deaf to SIGTERM (a stuck collective or read: only SIGKILL ends it).
+    Each fault fires once per out_dir (recorded in out_dir/.fault_inject_fired), so a resumed run gets past it."""
     out: dict[int, list[str]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, step = item.partition("@")
         if kind not in FAULT_KINDS or not step.isdigit():
-            raise UserError(f"'train.fault_inject' item {item!r} must look like nan@5, oom@3, crash@7 or stall@9.")
+            raise UserError(f"'train.fault_inject' item {item!r} must look like nan@5, oom@3, crash@7, stall@9 or hang@9.")
         out.setdefault(int(step), []).append(kind)
     return out
 

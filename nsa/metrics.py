@@ -104,7 +104,10 @@ class TensorBoard:
 
 
 class Throughput:
-    """Tokens/s over the last log interval (global tokens), MFU against the devices' bf16 peak, ETA."""
+    """Tokens/s over the last log interval (global tokens), MFU against the devices' bf16 peak, ETA.
+
+    Throughput excludes eval/checkpoint pauses; the ETA adds them back, amortised per step over this launch,
+    so it predicts wall time to the last step rather than pure compute time."""
 
     def __init__(self, flops_per_token: float, peak_tflops: float | None, n_devices: int):
         self.flops_per_token = flops_per_token
@@ -113,23 +116,56 @@ class Throughput:
         self.paused = 0.0
         self.tokens = 0
         self.steps = 0
+        self.total_paused = 0.0  # over this launch, for the ETA's overhead per step
+        self.total_steps = 0
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
         self.steps += 1
+        self.total_steps += 1
 
     def pause(self, seconds: float) -> None:
         """Exclude eval/checkpoint time from training throughput."""
         self.paused += seconds
+        self.total_paused += seconds
 
     def read(self, steps_left: int) -> dict:
         dt = max(time.perf_counter() - self.t0 - self.paused, 1e-9)
         tps = self.tokens / dt
         step_s = dt / max(self.steps, 1)
-        out = {"toks_per_s": tps, "step_ms": step_s * 1e3, "eta_s": steps_left * step_s,
+        overhead_s = self.total_paused / max(self.total_steps, 1)
+        out = {"toks_per_s": tps, "step_ms": step_s * 1e3, "eta_s": steps_left * (step_s + overhead_s),
                "mfu": (self.flops_per_token * tps / self.peak) if self.peak else None}
         self.t0, self.paused, self.tokens, self.steps = time.perf_counter(), 0.0, 0, 0
         return out
+
+
+def resolve_price(config_usd_per_gpu_hour: float) -> float | None:
+    """USD per GPU-hour: env GPU_HOURLY_USD wins over runtime.usd_per_gpu_hour; None when neither is set."""
+    from nsa.errors import UserError
+
+    raw = os.environ.get("GPU_HOURLY_USD", "").strip()
+    if raw:
+        try:
+            price = float(raw)
+        except ValueError:
+            price = -1.0
+        if not math.isfinite(price) or price < 0:
+            raise UserError(f"GPU_HOURLY_USD={raw!r} is not a price. Set it to your USD per GPU-hour, e.g. "
+                            f"GPU_HOURLY_USD=2.49, or unset it.")
+        return price or None
+    return config_usd_per_gpu_hour or None
+
+
+def cost_fields(elapsed_s: float, eta_s: float | None, usd_per_gpu_hour: float | None, billed_gpus: int) -> dict:
+    """The time-and-money block of metrics.json: cost = elapsed hours x GPUs x price; projected adds the ETA."""
+    rate = usd_per_gpu_hour * billed_gpus / 3600 if usd_per_gpu_hour else None  # USD per second
+    eta_utc = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + eta_s))
+               if eta_s is not None else None)
+    return {"elapsed_s": round(elapsed_s, 1), "eta_s": None if eta_s is None else round(eta_s, 1), "eta_utc": eta_utc,
+            "usd_per_gpu_hour": usd_per_gpu_hour, "billed_gpus": billed_gpus,
+            "cost_usd": round(elapsed_s * rate, 4) if rate else None,
+            "projected_cost_usd": round((elapsed_s + eta_s) * rate, 4) if rate and eta_s is not None else None}
 
 
 def fmt_duration(seconds: float) -> str:

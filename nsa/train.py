@@ -21,7 +21,13 @@ Exit codes:
        with --resume auto
 
 Outputs (rank 0, in train.out_dir): training.csv, val.csv, metrics.json, tb/, config.yaml (resolved),
-checkpoint_step{N}.pt (last train.keep_last_k kept), best-model.safetensors/.json, final-model.safetensors/.json.
+checkpoint_step{N}.pt (last train.keep_last_k kept), best-model.safetensors/.json, final-model.safetensors/.json,
+heartbeat.json (see nsa/watchdog.py; in $NSA_WATCH_DIR instead when the runner sets it).
+
+Time and money: metrics.json, the progress line and TensorBoard (run/*) report elapsed time (summed over
+resumes), the ETA to train.steps from the measured step time (eval/checkpoint overhead included) and,
+given a price (env GPU_HOURLY_USD per GPU-hour, else runtime.usd_per_gpu_hour), dollars spent and the
+projected total. Stacks: SIGUSR2 dumps every thread's Python stack (to stderr, or $NSA_WATCH_DIR).
 
 Robustness: one trainer per out_dir (flock on out_dir/.trainer.lock). CUDA OOM halves the micro-batch
 (each micro-batch is split, so tokens per step and data order are unchanged), then turns on activation
@@ -35,28 +41,35 @@ advances), so a run's length never depends on how many steps were skipped.
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import random
-import signal
-import sys
 import time
-import traceback
-from contextlib import nullcontext
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+_PROCESS_T0 = time.time()  # before the heavy imports: the run's elapsed time (and cost) starts here
 
-from nsa import checkpoint as ckpt
-from nsa import distributed as dist_utils
-from nsa import hardware
-from nsa.config import Config, load_config, parse_faults, save_config
-from nsa.errors import UserError
-from nsa.metrics import TRAIN_COLUMNS, VAL_COLUMNS, CSVLog, MetricsJSON, TensorBoard, Throughput, fmt_duration
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from nsa import checkpoint as ckpt  # noqa: E402
+from nsa import distributed as dist_utils  # noqa: E402
+from nsa import hardware  # noqa: E402
+from nsa.config import Config, load_config, parse_faults, save_config  # noqa: E402
+from nsa.errors import UserError  # noqa: E402
+from nsa.metrics import (TRAIN_COLUMNS, VAL_COLUMNS, CSVLog, MetricsJSON, TensorBoard, Throughput,  # noqa: E402
+                         cost_fields, fmt_duration, resolve_price)
+from nsa.watchdog import Heartbeat, heartbeat_path, install_stack_dumper  # noqa: E402
 
 EXIT_OK, EXIT_CRASH, EXIT_USER, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 143
+MAX_INCIDENTS = 500  # metrics.json keeps the first incident and the latest ones
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -177,6 +190,8 @@ class RunState:
         self.plateau_ref: float | None = None
         self.plateau_count = 0
         self.last_val: dict | None = None
+        self.elapsed_s = 0.0  # trainer wall time spent on this run up to the checkpoint, over all attempts
+        self.starts = 0  # trainer launches on this run (1 = never resumed)
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -217,6 +232,14 @@ class Trainer:
         self.metrics: MetricsJSON | None = None
         self.state = RunState()
         self.preempt = Preemption()
+        self.price = resolve_price(cfg.runtime.usd_per_gpu_hour)
+        self.billed_gpus = info.world_size if device.type == "cuda" else 1  # on CPU: the one machine
+        self.elapsed_base = 0.0  # elapsed_s carried over from earlier attempts (set on resume)
+        self.incidents: list[dict] = []
+        watch_dir = os.environ.get("NSA_WATCH_DIR") or None
+        self.heartbeat = Heartbeat(heartbeat_path(watch_dir, self.out_dir, info.rank, info.local_rank), info.rank)
+        self.faults_fired_path = os.path.join(self.out_dir, ".fault_inject_fired")
+        self.faults_fired: set[str] = set()
 
     # ---- setup ----------------------------------------------------------------------------------
     def _pick_checkpoint(self) -> tuple[str | None, dict | None]:
@@ -266,6 +289,10 @@ class Trainer:
             self._lock_out_dir()
             ckpt.clean_temp_files(self.out_dir)
         dist_utils.barrier()
+        self.heartbeat.beat("startup", 0)
+        if self.faults and os.path.exists(self.faults_fired_path):
+            with open(self.faults_fired_path) as f:
+                self.faults_fired = set(f.read().split())
         path, loaded = self._pick_checkpoint()
         if loaded is not None:
             ckpt.check_compatible(loaded["config"], cfg.to_dict()["model"], info.world_size, loaded["world_size"])
@@ -324,9 +351,15 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.peak = hardware.peak_tflops(self.device, cfg.runtime.peak_tflops)
         self.meter = Throughput(self.flops_per_token, self.peak, info.world_size)
+        s = self.state
+        prev = self._previous_metrics() if self.resume_path else {}
+        # Time after the checkpoint that a killed attempt spent was still paid for: keep the larger figure.
+        self.elapsed_base = max(s.elapsed_s, float(prev.get("elapsed_s") or 0.0))
+        s.starts = max(s.starts, int(prev.get("attempts") or 0)) + 1
         if not info.is_main:
             return
-        resume_step = self.state.step if self.resume_path else None
+        self.incidents = list(prev.get("incidents") or [])
+        resume_step = s.step if self.resume_path else None
         save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
         self.train_csv = CSVLog(os.path.join(self.out_dir, "training.csv"), TRAIN_COLUMNS, resume_step)
         self.val_csv = CSVLog(os.path.join(self.out_dir, "val.csv"), VAL_COLUMNS, resume_step)
@@ -343,8 +376,17 @@ class Trainer:
             "data": self.data.describe(), "resumed_from": self.resume_path,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "last_val": self.state.last_val, "best_val": self._best_val_dict(), "skipped_steps": self.state.skipped_steps,
-            "throughput": None, "eta_s": None, "projected_cost_usd": None,
+            "throughput": None, "attempts": s.starts, "incidents": self.incidents,
+            "oom_fallback": ({"micro_batch": t.batch_size // self.split,
+                              "activation_checkpointing": self.raw_model.activation_checkpointing}
+                             if self.split > 1 or self.raw_model.activation_checkpointing != cfg.model.activation_checkpointing
+                             else None),
+            **cost_fields(self.elapsed(), None, self.price, self.billed_gpus),
         })
+        if self.resume_path:
+            lost = float(prev.get("elapsed_s") or 0.0) - s.elapsed_s
+            self.incident("resumed", f"from {os.path.basename(self.resume_path)} at step {s.step} (launch {s.starts})"
+                          + (f"; {fmt_duration(lost)} of work after that checkpoint is redone" if lost > 1 else ""))
         m, t = cfg.model, cfg.train
         print(
             f"[nsa.train] config {self.args.config} | model M7C attention={m.attention} dim={m.dim} layers={m.n_layers} "
@@ -354,6 +396,29 @@ class Trainer:
             f"device {self.device} precision {self.metrics.data['precision']} | out_dir {self.out_dir} | "
             + (f"resumed from {self.resume_path} at step {self.state.step}" if self.resume_path else "fresh start"),
             flush=True)
+
+    def _previous_metrics(self) -> dict:
+        """The metrics.json a previous attempt left (its elapsed time and incidents outlive the checkpoint)."""
+        try:
+            with open(os.path.join(self.out_dir, "metrics.json")) as f:
+                d = json.load(f)
+            return d if isinstance(d, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def elapsed(self) -> float:
+        return self.elapsed_base + (time.time() - _PROCESS_T0)
+
+    def incident(self, kind: str, detail: str, step: int | None = None) -> None:
+        """Something an operator should see in the run report (rank 0; kept across resumes via metrics.json).
+        `step`: the step it happened at (default: the last completed step)."""
+        if not self.info.is_main or self.metrics is None:
+            return
+        self.incidents.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "step": self.state.step if step is None else step, "kind": kind, "detail": detail})
+        if len(self.incidents) > MAX_INCIDENTS:  # sporadic NaNs over a long run must not bloat metrics.json
+            self.incidents = self.incidents[:1] + self.incidents[-(MAX_INCIDENTS - 1):]
+        self.metrics.update(incidents=self.incidents)
 
     def _best_val_dict(self):
         s = self.state
@@ -410,6 +475,9 @@ class Trainer:
                 if self.metrics:
                     self.metrics.update(oom_fallback={"micro_batch": t.batch_size // self.split,
                                                       "activation_checkpointing": self.raw_model.activation_checkpointing})
+                self.incident("oom_fallback", f"out of memory at step {self.state.step + 1}: micro-batch "
+                              f"{t.batch_size // self.split}, activation checkpointing "
+                              f"{'on' if self.raw_model.activation_checkpointing else 'off'}", step=self.state.step + 1)
 
     def _oom_message(self, why: str) -> str:
         t = self.cfg.train
@@ -417,12 +485,25 @@ class Trainer:
                 f"train.seq_len or train.batch_size, or set model.activation_checkpointing=true. Checkpoints already "
                 f"saved in {self.out_dir} are intact.")
 
+    def _fire_faults(self, step: int) -> list[str]:
+        """Injected faults due at `step`, each at most once per out_dir (so a restarted run gets past it)."""
+        due = [k for k in self.faults.get(step, []) if f"{k}@{step}" not in self.faults_fired]
+        if due and self.info.is_main:
+            with open(self.faults_fired_path, "a") as f:
+                f.write("".join(f"{k}@{step}\n" for k in due))
+        self.faults_fired.update(f"{k}@{step}" for k in due)
+        return due
+
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step. Returns (loss, pre-clip grad norm, applied)."""
         t, step = self.cfg.train, self.state.step + 1
-        faults = self.faults.get(step, [])
+        faults = self._fire_faults(step)
         if "crash" in faults:
             raise RuntimeError(f"injected crash at step {step} (train.fault_inject)")
+        if "hang" in faults:
+            rank0_print(self.info, f"[nsa.train] hanging at step {step} for good (train.fault_inject)")
+            while True:  # like a stuck collective: SIGTERM only sets the flag, which nothing here reads
+                time.sleep(1.0)
         if "stall" in faults:
             rank0_print(self.info, f"[nsa.train] stalling at step {step} until a signal arrives (train.fault_inject)")
             # one collective per poll keeps the ranks in lockstep, so a signal to any rank releases all
@@ -468,6 +549,7 @@ class Trainer:
         for i, b in enumerate(self.val):
             if i % self.info.world_size != self.info.rank:
                 continue
+            self.heartbeat.beat("eval", self.state.step)
             b = b.to(self.device)
             with autocast:
                 logits = model(b[:, :-1])
@@ -480,6 +562,7 @@ class Trainer:
 
     def build_state(self) -> dict:
         """The full checkpoint (see nsa/checkpoint.py); collective: every rank must call it."""
+        self.state.elapsed_s = self.elapsed()
         rngs = dist_utils.gather_objects(rng_state(self.device), self.info)
         datas = dist_utils.gather_objects(self.train_stream.state_dict(), self.info)
         return {
@@ -493,6 +576,7 @@ class Trainer:
 
     def save(self) -> None:
         t0 = time.perf_counter()
+        self.heartbeat.beat("save", self.state.step)
         state = self.build_state()
         if self.info.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.state.step, state, self.cfg.train.keep_last_k)
@@ -557,26 +641,34 @@ class Trainer:
               "perf/step_ms": th["step_ms"], "perf/mfu": th["mfu"], "train/tokens_seen": s.tokens_seen,
               "train/skipped_steps": s.skipped_steps, "mem/max_allocated_GiB": mem}
         tb.update(self.raw_model.gate_stats())
+        money = cost_fields(self.elapsed(), th["eta_s"], self.price, self.billed_gpus)
+        tb.update({"run/elapsed_h": money["elapsed_s"] / 3600, "run/eta_h": money["eta_s"] / 3600,
+                   "run/cost_usd": money["cost_usd"], "run/projected_cost_usd": money["projected_cost_usd"]})
         self.tb.scalars(s.step, tb)
-        cost = None
-        if self.cfg.runtime.usd_per_gpu_hour > 0:
-            cost = round(th["eta_s"] / 3600 * self.info.world_size * self.cfg.runtime.usd_per_gpu_hour, 2)
         self.metrics.update(step=s.step, tokens_seen=s.tokens_seen, skipped_steps=s.skipped_steps,
                             throughput={"toks_per_s": th["toks_per_s"], "step_ms": th["step_ms"], "mfu": th["mfu"],
-                                        **hardware.memory_stats_GiB(self.device)},
-                            eta_s=th["eta_s"], projected_cost_usd=cost)
+                                        **hardware.memory_stats_GiB(self.device)}, **money)
         mfu = f"{th['mfu'] * 100:.1f}%" if th["mfu"] is not None else "n/a"
+        cost = (f" | ${money['cost_usd']:.2f} spent, ~${money['projected_cost_usd']:.2f} total"
+                if money["cost_usd"] is not None else "")
         print(f"step {s.step}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
-              f"{th['toks_per_s']:,.0f} tok/s | MFU {mfu} | {th['step_ms']:.0f} ms/step | ETA {fmt_duration(th['eta_s'])}"
-              + (f" | ${cost:.2f} to go" if cost is not None else "")
+              f"{th['toks_per_s']:,.0f} tok/s | MFU {mfu} | {th['step_ms']:.0f} ms/step | "
+              f"elapsed {fmt_duration(money['elapsed_s'])} | ETA {fmt_duration(th['eta_s'])}{cost}"
               + (f" | mem {mem:.2f} GiB" if mem is not None else ""), flush=True)
 
     # ---- the loop ------------------------------------------------------------------------------
     def finish(self, status: str, reason: str | None, code: int) -> int:
+        self.heartbeat.beat("exiting", self.state.step)
+        if status in ("preempted", "diverged", "early_stopped", "failed"):
+            crashed = code == EXIT_CRASH  # mid-step: the step that raised is the one after the last completed
+            self.incident("crashed" if crashed else status, reason or "",
+                          step=self.state.step + 1 if crashed else None)
         if self.metrics:
+            eta = 0.0 if status in ("completed", "early_stopped") else self.metrics.data.get("eta_s")
             self.metrics.update(status=status, stop_reason=reason, step=self.state.step,
                                 tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps,
-                                finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), exit_code=code)
+                                finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), exit_code=code,
+                                **cost_fields(self.elapsed(), eta, self.price, self.billed_gpus))
         rank0_print(self.info, f"[nsa.train] {status}: {reason} (exit {code})")
         return code
 
@@ -597,6 +689,7 @@ class Trainer:
             s.step += 1
             s.tokens_seen += self.tokens_per_step
             self.meter.add(self.tokens_per_step)
+            self.heartbeat.beat("train", s.step)
             if applied:
                 s.bad_streak = 0
                 s.interval_loss_sum += loss
@@ -606,6 +699,7 @@ class Trainer:
                 s.skipped_steps += 1
                 rank0_print(self.info, f"[nsa.train] WARNING step {s.step}: non-finite loss {loss} or grad norm {gnorm}; "
                             f"update NOT applied ({s.bad_streak}/{t.max_bad_steps} in a row)")
+                self.incident("skipped_step", f"non-finite loss {loss} or grad norm {gnorm}; update not applied")
                 if s.bad_streak >= t.max_bad_steps:
                     return self.finish("diverged", f"{s.bad_streak} consecutive non-finite steps ending at step {s.step}; "
                                        f"no update was applied, last good checkpoint kept (lower train.lr or check data)",
@@ -658,6 +752,8 @@ def _ppl(loss: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
+    # first thing: a hang anywhere later (even in process-group init) can be diagnosed with SIGUSR2
+    stacks_file = install_stack_dumper(os.environ.get("NSA_WATCH_DIR") or None, int(os.environ.get("RANK", 0)))  # noqa: F841
     trainer = None
     try:
         args, overrides = parse_args(argv)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bundle a run for whoever takes over: one .tar.gz with run.info, smoke.log, train.log, runner.log,
-# training.csv, val.csv, metrics.json, the resolved config, a loss-curve PNG, the latest checkpoint,
+# training.csv, val.csv, metrics.json, the resolved config, the run report (report/: report.md and
+# loss/validation/throughput PNGs, scripts/report.py), stall stack dumps (stalls/), the latest checkpoint,
 # git/environment info and SHA256SUMS. Refuses (exit 6, no bundle) when any file looks like it holds
 # a token or secret (scripts/secrets_scan.py).
 #
@@ -53,7 +54,11 @@ missing=()
 take() {  # take SRC [DEST_NAME]: copy into the bundle or record it as missing
     if [[ -f $1 ]]; then cp -p "$1" "$stage/${2:-$(basename "$1")}"; else missing+=("$(relpath "$1")"); fi
 }
-for f in run.info smoke.log train.log runner.log; do take "$run_dir/$f"; done
+for f in run.info preflight.log smoke.log train.log runner.log; do take "$run_dir/$f"; done
+if [[ -d $run_dir/stalls ]]; then  # the watchdog's stack dumps, when a stall was detected
+    mkdir -p "$stage/stalls"
+    find "$run_dir/stalls" -maxdepth 1 -type f -name 'stall_*' -exec cp -p {} "$stage/stalls/" \;
+fi
 for f in training.csv val.csv metrics.json config.yaml best-model.json final-model.json; do take "$out_dir/$f"; done
 if (( with_models )); then for f in best-model.safetensors final-model.safetensors; do take "$out_dir/$f"; done; fi
 if (( with_ckpt )); then
@@ -64,11 +69,16 @@ else
     log "checkpoint left out (--no-checkpoint)"
 fi
 
-if [[ -f $out_dir/training.csv ]]; then
-    "$py" "$NSA_REPO_ROOT/scripts/plot_loss.py" "$out_dir" "$stage/loss_curve.png" >/dev/null \
-        || die "could not render the loss curve from $(relpath "$out_dir")/training.csv (see above). Fix: bash scripts/prime_bootstrap.sh (matplotlib), or check the CSV."
+# the run report (scripts/report.py) -> report/; of the run folder when it has run.info (restarts, stalls,
+# node time), else of the trainer's out_dir alone
+if [[ ! -f $out_dir/training.csv ]]; then
+    missing+=("report/ (report.md and PNGs: no training.csv)")
+elif [[ -z $(sed -n '2{/[^[:space:]]/p;}' "$out_dir/training.csv") ]]; then
+    missing+=("report/ (report.md and PNGs: training.csv has no rows yet)")
 else
-    missing+=("loss_curve.png (no training.csv)")
+    report_src=$out_dir; [[ -f $run_dir/run.info ]] && report_src=$run_dir
+    OUT_DIR=$out_dir "$py" "$NSA_REPO_ROOT/scripts/report.py" "$report_src" --out "$stage/report" >/dev/null \
+        || die "could not render the run report from $(relpath "$out_dir") (see the line above). Fix: bash scripts/prime_bootstrap.sh (matplotlib), or check training.csv/val.csv/metrics.json; python scripts/report.py $(relpath "$report_src") shows the same error."
 fi
 
 {

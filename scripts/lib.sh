@@ -361,6 +361,10 @@ install_signal_forwarding() {
     trap '_forward_stop HUP' HUP
 }
 
+# NSA_WATCHDOG_ARGS: when non-empty, run_logged starts `python -m nsa.watchdog --pid <child> ARGS...`
+# next to the child (see prepare_watchdog) and stops it when the child exits.
+NSA_WATCHDOG_ARGS=()
+
 # run_logged LOGFILE CMD...: run CMD with stdout+stderr shown on the terminal and appended to LOGFILE
 # through scripts/secrets_scan.py's redacting tee; returns CMD's own exit code. This is the tee
 # pipeline `CMD 2>&1 | tee -a LOG; rc=${PIPESTATUS[0]}` rearranged so that (a) the trainer is this
@@ -378,6 +382,11 @@ run_logged() {
         "$@" >&"$tee_fd" 2>&1 </dev/null &
     fi
     NSA_CHILD_PID=$!
+    local watchdog_pid=""
+    if (( ${#NSA_WATCHDOG_ARGS[@]} )); then
+        (cd "$NSA_REPO_ROOT" && exec "$NSA_TEE_PYTHON" -m nsa.watchdog --pid "$NSA_CHILD_PID" "${NSA_WATCHDOG_ARGS[@]}" </dev/null 9>&-) &
+        watchdog_pid=$!
+    fi
     # a stop requested before the child existed still reaches it
     if (( NSA_STOP_REQUESTED )); then kill -TERM "$NSA_CHILD_PID" 2>/dev/null || true; fi
     while true; do
@@ -385,13 +394,96 @@ run_logged() {
         kill -0 "$NSA_CHILD_PID" 2>/dev/null || break   # still alive: wait was interrupted by a trap
     done
     NSA_CHILD_PID=""
+    if [[ -n $watchdog_pid ]]; then
+        kill -TERM "$watchdog_pid" 2>/dev/null || true
+        wait "$watchdog_pid" 2>/dev/null || true
+    fi
     exec {tee_fd}>&-
     wait "$tee_pid" 2>/dev/null || true
     return "$rc"
 }
 
-# NSA_TEE_PYTHON: any Python 3 (stdlib only) for the redacting tee; the venv's once it exists.
+# NSA_TEE_PYTHON: any Python 3 (stdlib only) for the redacting tee, the watchdog and alerts; the venv's once it exists.
 NSA_TEE_PYTHON="${NSA_TEE_PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+
+# ---------------------------------------------------------------------------------------------
+# Stall watchdog (nsa/watchdog.py)
+# ---------------------------------------------------------------------------------------------
+
+# prepare_watchdog WATCH_DIR STALL_DIR CSV: a clean watch dir for the next launch; the trainer finds it
+# through NSA_WATCH_DIR (heartbeat, pid files, stack dumps). STALL_TIMEOUT_S=0 turns the watchdog off.
+prepare_watchdog() {
+    local watch=$1 stalls=$2 csv=$3
+    rm -rf "$watch"; mkdir -p "$watch"
+    export NSA_WATCH_DIR=$watch
+    NSA_WATCHDOG_ARGS=()
+    (( ${STALL_TIMEOUT_S:-1200} > 0 )) || return 0
+    NSA_WATCHDOG_ARGS=(--watch-dir "$watch" --stall-dir "$stalls" --csv "$csv" --timeout "${STALL_TIMEOUT_S:-1200}"
+                       --startup-timeout "${STALL_STARTUP_S:-1800}" --grace "${STALL_KILL_GRACE_S:-60}"
+                       --poll "${STALL_POLL_S:-2}")
+    [[ -n $NSA_LOG_FILE ]] && NSA_WATCHDOG_ARGS+=(--log "$NSA_LOG_FILE")
+    return 0
+}
+
+# stall_summary -> one line about the stall the watchdog recorded for the last launch (fails if none)
+stall_summary() {
+    local f="${NSA_WATCH_DIR:-/nonexistent}/stalled.json"
+    [[ -f $f ]] || return 1
+    "$NSA_TEE_PYTHON" - "$f" <<'EOF'
+import json, os, sys
+d = json.load(open(sys.argv[1]))
+print(f"no progress for {d.get('quiet_s')}s (limit {d.get('limit_s')}s) in phase {d.get('phase')} at step "
+      f"{d.get('step')}; stacks of {d.get('ranks_dumped')} rank(s) in {os.path.relpath(d.get('stack_file', '?'), os.environ.get('NSA_REPO_ROOT', '.'))}")
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# Alerts (nsa/alerts.py): fire-and-forget, so a slow or dead webhook never delays the run
+# ---------------------------------------------------------------------------------------------
+
+NSA_ALERT_PIDS=()
+# alert EVENT MESSAGE: POST to $ALERT_WEBHOOK_URL in a detached process (no-op when unset). The URL
+# stays in the environment: it is never on a command line, in run.info or in a log.
+alert() {
+    [[ -n ${ALERT_WEBHOOK_URL:-} ]] || return 0
+    local cmd=("$NSA_TEE_PYTHON" -m nsa.alerts "$1" "$2" --run "${NSA_RUN_ID:-}")
+    [[ -n $NSA_LOG_FILE ]] && cmd+=(--log "$NSA_LOG_FILE")
+    if command -v setsid >/dev/null 2>&1; then cmd=(setsid "${cmd[@]}"); fi
+    # fd 9 is the runner lock: a detached sender must not keep holding it after the runner exits
+    (cd "$NSA_REPO_ROOT" && exec "${cmd[@]}" </dev/null >/dev/null 2>&1 9>&-) &   # failures go to --log
+    NSA_ALERT_PIDS+=("$!")
+    log "alert: $1"
+}
+
+# wait_alerts SECONDS: give alerts still in flight at most SECONDS to be delivered (before exiting)
+wait_alerts() {
+    local deadline=$((SECONDS + $1)) p
+    for p in "${NSA_ALERT_PIDS[@]}"; do
+        while kill -0 "$p" 2>/dev/null && (( SECONDS < deadline )); do sleep 0.2; done
+    done
+    return 0
+}
+
+# run_summary OUT_DIR -> "step 500/500, best val 3.2100 (step 450), 262M tokens, 1h02m, $12.34" from metrics.json
+run_summary() {
+    "$NSA_TEE_PYTHON" - "$1/metrics.json" <<'EOF' 2>/dev/null || echo "no metrics.json"
+import json, sys
+m = json.load(open(sys.argv[1]))
+parts = [f"step {m.get('step')}" + (f"/{m['total_steps']}" if m.get("total_steps") else "")]
+b = m.get("best_val") or {}
+if b.get("loss") is not None:
+    parts.append(f"best val {b['loss']:.4f} (step {b.get('step')})")
+if m.get("tokens_seen"):
+    t = m["tokens_seen"]
+    parts.append(f"{t / 1e9:.2f}B tokens" if t >= 1e9 else f"{t / 1e6:.1f}M tokens" if t >= 1e5 else f"{t:,} tokens")
+if m.get("elapsed_s") is not None:
+    h, r = divmod(int(m["elapsed_s"]), 3600)
+    parts.append(f"{h}h{r // 60:02d}m")
+if m.get("cost_usd") is not None:
+    parts.append(f"${m['cost_usd']:.2f}")
+print(", ".join(parts))
+EOF
+}
 
 # ---------------------------------------------------------------------------------------------
 # Exit codes (documented in RUNBOOK.md "Exit codes")
@@ -403,6 +495,8 @@ NSA_EXIT_DIVERGED=3
 NSA_EXIT_SMOKE=4
 NSA_EXIT_LOCKED=5
 NSA_EXIT_SECRET=6
+NSA_EXIT_PREFLIGHT=7
+NSA_EXIT_STALLED=8
 NSA_EXIT_PREEMPTED=143
 
 describe_exit() {
@@ -413,6 +507,8 @@ describe_exit() {
         3) echo "diverged (non-finite loss/grad; last good checkpoint kept)" ;;
         4) echo "smoke gate failed" ;;
         5) echo "output folder locked by another runner" ;;
+        7) echo "pre-flight failed (nothing trained: fix what it reported)" ;;
+        8) echo "stalled (the watchdog stopped a hung trainer; no restart left)" ;;
         137) echo "killed (SIGKILL: out of host memory? check dmesg)" ;;
         143) echo "preempted / stopped by a signal (checkpoint saved; re-run to resume)" ;;
         *) echo "crashed with exit code $1" ;;

@@ -107,6 +107,16 @@ if (( NPROC >= 1 )); then SUPERVISE=${SUPERVISE:-1}; else SUPERVISE=${SUPERVISE:
 MAX_RESTARTS=${MAX_RESTARTS:-5}; RESTART_BACKOFF_S=${RESTART_BACKOFF_S:-30}; RESTART_BACKOFF_MAX_S=${RESTART_BACKOFF_MAX_S:-600}
 int_or_die MAX_RESTARTS 5; int_or_die RESTART_BACKOFF_S 30; int_or_die RESTART_BACKOFF_MAX_S 600
 SKIP_SMOKE=${SKIP_SMOKE:-0}
+SKIP_PREFLIGHT=${SKIP_PREFLIGHT:-0}
+STALL_TIMEOUT_S=${STALL_TIMEOUT_S:-1200}; STALL_STARTUP_S=${STALL_STARTUP_S:-1800}; STALL_KILL_GRACE_S=${STALL_KILL_GRACE_S:-60}
+int_or_die STALL_TIMEOUT_S 1200; int_or_die STALL_STARTUP_S 1800; int_or_die STALL_KILL_GRACE_S 60
+ALERT_FINISH_WAIT_S=${ALERT_FINISH_WAIT_S:-5}; int_or_die ALERT_FINISH_WAIT_S 5
+if [[ -n ${GPU_HOURLY_USD:-} ]]; then
+    [[ $GPU_HOURLY_USD =~ ^[0-9]+([.][0-9]+)?$ ]] || die "GPU_HOURLY_USD='$GPU_HOURLY_USD' is not a price. Fix: your USD per GPU-hour, e.g. GPU_HOURLY_USD=2.49 (or unset it)."
+    PRICE_WHY="GPU_HOURLY_USD=$GPU_HOURLY_USD per GPU-hour (x $WORLD GPU(s) on this run)"
+else
+    PRICE_WHY="not set (GPU_HOURLY_USD, or runtime.usd_per_gpu_hour in the config): metrics.json shows time, not dollars"
+fi
 if ! is_true "$SKIP_SMOKE"; then
     [[ -f $SMOKE_CONFIG ]] || die "smoke config '$SMOKE_CONFIG' not found. Fix: restore configs/smoke.yaml, set SMOKE_CONFIG, or SKIP_SMOKE=1 (not recommended on a paid node)."
 fi
@@ -135,6 +145,12 @@ print_decisions() {
     log "run folder   : $RUN_DIR_SHOWN$([[ -n ${RUN_DIR-} && -d ${RUN_DIR-} ]] || echo " (created at start)")"
     if is_true "$SUPERVISE"; then log "supervisor   : on (restart on crash up to $MAX_RESTARTS times, backoff ${RESTART_BACKOFF_S}s doubling to ${RESTART_BACKOFF_MAX_S}s; never after exit 2, 3 or 143)"
     else log "supervisor   : off (SUPERVISE=$SUPERVISE$( (( NPROC == 0 )) && [[ -z ${NSA_SUPERVISE_SET-} ]] && echo "; default off on CPU"))"; fi
+    if is_true "$SKIP_PREFLIGHT"; then log "pre-flight   : SKIPPED (SKIP_PREFLIGHT=$SKIP_PREFLIGHT)"
+    else log "pre-flight   : $(quote_cmd python -m nsa.preflight "${TRAIN_ARGS[@]}" --world-size "$WORLD" --expect-gpus "$NPROC")"; fi
+    if (( STALL_TIMEOUT_S > 0 )); then log "watchdog     : a launch with no progress for ${STALL_TIMEOUT_S}s (${STALL_STARTUP_S}s before its first step) gets its stacks dumped and is restarted (STALL_TIMEOUT_S)"
+    else log "watchdog     : off (STALL_TIMEOUT_S=0)"; fi
+    log "price        : $PRICE_WHY"
+    log "alerts       : $( [[ -n ${ALERT_WEBHOOK_URL:-} ]] && echo "on (ALERT_WEBHOOK_URL is set; its value is never shown)" || echo "off (set ALERT_WEBHOOK_URL to a Slack-compatible webhook)")"
 }
 
 if is_true "${DRY_RUN:-0}"; then
@@ -154,6 +170,7 @@ NSA_TEE_PYTHON=$(command -v python)
 OUT_ABS=$(abspath "$OUT_DIR")
 acquire_lock "$OUT_ABS" "pid $$ on $NSA_HOST, started $(_ts), user ${USER:-$(id -un)};"
 RUN_DIR=$(new_run_dir "$(abspath "$RUNS_ROOT")")
+NSA_RUN_ID=$(basename "$RUN_DIR")
 printf 'run folder %s\n' "$(relpath "$RUN_DIR")" >&9 2>/dev/null || true
 ln -sfn "$(basename "$RUN_DIR")" "$(abspath "$RUNS_ROOT")/latest"
 NSA_LOG_FILE="$RUN_DIR/runner.log"
@@ -229,25 +246,50 @@ info resume_mode "$RESUME"
 info resume_from "$RESUME_FROM"
 info supervise "$SUPERVISE (max_restarts=$MAX_RESTARTS, backoff=${RESTART_BACKOFF_S}s..${RESTART_BACKOFF_MAX_S}s)"
 info runner_pid "$$"
+info usd_per_gpu_hour "$PRICE_WHY"
+info watchdog "$( (( STALL_TIMEOUT_S > 0 )) && echo "timeout ${STALL_TIMEOUT_S}s, startup ${STALL_STARTUP_S}s, kill grace ${STALL_KILL_GRACE_S}s" || echo "off")"
+info alerts "$( [[ -n ${ALERT_WEBHOOK_URL:-} ]] && echo "on (webhook set, value not recorded)" || echo off)"
 
-finish() {  # finish EXIT_CODE: record and exit
+finish() {  # finish EXIT_CODE: record and exit (alerts still in flight get a few seconds)
     info finished_utc "$(_ts)"
     info exit_code "$1 ($(describe_exit "$1"))"
     release_lock
+    wait_alerts "$ALERT_FINISH_WAIT_S"
     exit "$1"
 }
+
+# ---------------------------------------------------------------- pre-flight (before any training)
+if ! is_true "$SKIP_PREFLIGHT"; then
+    log "pre-flight: checking GPU, disk, data, tokenizer, token and schedule before spending anything"
+    rc=0; run_logged "$RUN_DIR/preflight.log" python -m nsa.preflight "${TRAIN_ARGS[@]}" --world-size "$WORLD" --expect-gpus "$NPROC" || rc=$?
+    (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
+    if (( rc != 0 )); then
+        why=$(grep -m1 -E 'FAIL|error' "$RUN_DIR/preflight.log" | sed -E 's/^[0-9TZ:-]+ //' || true)
+        info preflight_result "FAILED (exit $rc): ${why:-see preflight.log}"
+        alert preflight_failed "${why:-pre-flight exit $rc}; nothing was trained"
+        _emit ERROR "pre-flight failed (the FAIL lines above; also $RUN_DIR_SHOWN/preflight.log). Nothing was trained. Fix them and re-run."
+        finish "$NSA_EXIT_PREFLIGHT"
+    fi
+    info preflight_result "passed"
+else
+    info preflight_result "skipped (SKIP_PREFLIGHT=$SKIP_PREFLIGHT)"
+fi
+alert started "$(basename "$CONFIG") on $GPU_MODELS (world size $WORLD), steps ${STEPS:-from config}, out_dir $OUT_DIR; resume: $RESUME_FROM; price: $PRICE_WHY"
 
 # ---------------------------------------------------------------- smoke gate
 smoke_fail() {
     info smoke_result "FAILED: $1"
+    alert smoke_failed "$1"
     _emit ERROR "smoke gate failed: $1. Nothing was trained. Read $RUN_DIR_SHOWN/smoke.log, fix, and re-run (SKIP_SMOKE=1 only if you know why)."
     finish "$NSA_EXIT_SMOKE"
 }
 if ! is_true "$SKIP_SMOKE"; then
     SMOKE_DIR="$RUN_DIR/smoke"; SMOKE_LOG="$RUN_DIR/smoke.log"
     log "smoke gate 1/2: uninterrupted run of $SMOKE_CONFIG -> $RUN_DIR_SHOWN/smoke"
+    prepare_watchdog "$RUN_DIR/watch" "$RUN_DIR/stalls" "$SMOKE_DIR/training.csv"
     rc=0; run_logged "$SMOKE_LOG" "${SMOKE_LAUNCH[@]}" --config "$SMOKE_CONFIG" --dataset synthetic --out-dir "$SMOKE_DIR" --resume none || rc=$?
     (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
+    if stall=$(stall_summary); then smoke_fail "the smoke run stalled: $stall"; fi
     (( rc == 0 )) || smoke_fail "the smoke run exited with code $rc ($(describe_exit "$rc")); log: $SMOKE_LOG"
     mapfile -t smoke_ckpts < <(ls "$SMOKE_DIR"/checkpoint_step*.pt 2>/dev/null | sed 's/.*checkpoint_step\([0-9]*\)\.pt$/\1 &/' | sort -n | cut -d' ' -f2-)
     (( ${#smoke_ckpts[@]} >= 2 )) || smoke_fail "the smoke run left ${#smoke_ckpts[@]} checkpoint(s); it must save mid-way and at the end (train.save_every in $SMOKE_CONFIG, keep_last_k >= 2); log: $SMOKE_LOG"
@@ -256,8 +298,10 @@ if ! is_true "$SKIP_SMOKE"; then
     # simulate a crash right after the mid-way checkpoint: later checkpoints never existed
     for f in "${smoke_ckpts[@]:1}"; do rm -f "$f"; done
     log "smoke gate 2/2: resume from the mid-way checkpoint (step $mid_step) to the end"
+    prepare_watchdog "$RUN_DIR/watch" "$RUN_DIR/stalls" "$SMOKE_DIR/training.csv"
     rc=0; run_logged "$SMOKE_LOG" "${SMOKE_LAUNCH[@]}" --config "$SMOKE_CONFIG" --dataset synthetic --out-dir "$SMOKE_DIR" --resume auto || rc=$?
     (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
+    if stall=$(stall_summary); then smoke_fail "the resumed smoke run stalled: $stall"; fi
     (( rc == 0 )) || smoke_fail "the resumed smoke run exited with code $rc ($(describe_exit "$rc")); log: $SMOKE_LOG"
     verdict=$(python "$NSA_REPO_ROOT/scripts/smoke_check.py" "$SMOKE_DIR" --straight "$RUN_DIR/smoke_uninterrupted_training.csv" --resumed-from "$mid_step" 2>&1) \
         || smoke_fail "$(grep -m1 FAILED <<<"$verdict" | sed 's/^smoke check FAILED: //')$(n=$(grep -c FAILED <<<"$verdict"); (( n > 1 )) && echo " (and $((n - 1)) more, see smoke.log)"); log: $SMOKE_LOG"
@@ -267,6 +311,7 @@ fi
 
 # ---------------------------------------------------------------- training under the supervisor
 attempt=0
+stalls=0
 backoff=$RESTART_BACKOFF_S
 while true; do
     attempt=$((attempt + 1))
@@ -274,28 +319,52 @@ while true; do
     [[ $attempt -gt 1 || $RESUME == auto ]] && info "attempt_${attempt}_resume_from" "${point:-none (fresh start)}"
     info "attempt_${attempt}_started_utc" "$(_ts)"
     log "training attempt $attempt: $(quote_cmd "${TRAIN_CMD[@]}")"
+    prepare_watchdog "$RUN_DIR/watch" "$RUN_DIR/stalls" "$OUT_ABS/training.csv"
     rc=0; run_logged "$RUN_DIR/train.log" "${TRAIN_CMD[@]}" || rc=$?
     info "attempt_${attempt}_exit" "$rc ($(describe_exit "$rc"))"
     if (( NSA_STOP_REQUESTED )); then
         log "stopped by a signal; the trainer exited with code $rc. Re-run the same command to resume."
+        alert preempted "the runner was stopped by a signal; trainer exit $rc; $(run_summary "$OUT_ABS"). Re-run the same command to resume."
         finish "$NSA_EXIT_PREEMPTED"
     fi
-    case $rc in
-        0) log "training finished: $(describe_exit 0). Outputs: $OUT_DIR; run folder: $RUN_DIR_SHOWN"; finish 0 ;;
-        2) _emit ERROR "the trainer rejected its input (exit 2, not retried): see the message above or $RUN_DIR_SHOWN/train.log. Fix the config/override and re-run."; finish 2 ;;
-        3) _emit ERROR "training diverged (exit 3, not retried: it would replay the same data). Last good checkpoint kept in $OUT_DIR; lower train.lr or check the data, then re-run to resume."; finish 3 ;;
-        143) log "the trainer was preempted (exit 143): checkpoint saved. Re-run the same command to resume."; finish 143 ;;
-    esac
+    what="$(describe_exit "$rc")"
+    if stall=$(stall_summary); then
+        # a hung trainer: whatever its exit code (143 if it still answered SIGTERM), it is restarted
+        stalls=$((stalls + 1))
+        info "stall_$stalls" "attempt $attempt: $stall"
+        warn "the watchdog stopped a stalled trainer: $stall"
+        what="stalled ($stall)"; rc_final=$NSA_EXIT_STALLED; event=stalled
+    else
+        case $rc in
+            0) status=$(sed -n 's/.*"status": *"\([a-z_]*\)".*/\1/p' "$OUT_ABS/metrics.json" 2>/dev/null | head -n1)
+               log "training finished: ${status:-completed}. Outputs: $OUT_DIR; run folder: $RUN_DIR_SHOWN"
+               alert "$( [[ $status == early_stopped ]] && echo early_stopped || echo completed)" "$(run_summary "$OUT_ABS"); outputs in $OUT_DIR"
+               finish 0 ;;
+            2) _emit ERROR "the trainer rejected its input (exit 2, not retried): see the message above or $RUN_DIR_SHOWN/train.log. Fix the config/override and re-run."
+               alert failed "the trainer rejected its input (exit 2): see $RUN_DIR_SHOWN/train.log"
+               finish 2 ;;
+            3) _emit ERROR "training diverged (exit 3, not retried: it would replay the same data). Last good checkpoint kept in $OUT_DIR; lower train.lr or check the data, then re-run to resume."
+               alert diverged "$(run_summary "$OUT_ABS"); last good checkpoint kept; lower train.lr or check the data"
+               finish 3 ;;
+            143) log "the trainer was preempted (exit 143): checkpoint saved. Re-run the same command to resume."
+                 alert preempted "trainer got SIGTERM (exit 143), checkpoint saved; $(run_summary "$OUT_ABS"). Re-run the same command to resume."
+                 finish 143 ;;
+        esac
+        rc_final=$rc; event=crashed
+    fi
     if ! is_true "$SUPERVISE"; then
-        _emit ERROR "training $(describe_exit "$rc"); supervisor off (SUPERVISE=$SUPERVISE). Log: $RUN_DIR_SHOWN/train.log. Re-run to resume from the newest checkpoint."
-        finish "$rc"
+        _emit ERROR "training $what; supervisor off (SUPERVISE=$SUPERVISE). Log: $RUN_DIR_SHOWN/train.log. Re-run to resume from the newest checkpoint."
+        alert "$event" "$what; supervisor off, not restarting; $(run_summary "$OUT_ABS")"
+        finish "$rc_final"
     fi
     if (( attempt > MAX_RESTARTS )); then
-        _emit ERROR "training $(describe_exit "$rc") again; gave up after $MAX_RESTARTS restart(s) (MAX_RESTARTS). Log: $RUN_DIR_SHOWN/train.log."
-        finish "$rc"
+        _emit ERROR "training $what again; gave up after $MAX_RESTARTS restart(s) (MAX_RESTARTS). Log: $RUN_DIR_SHOWN/train.log."
+        alert "$event" "$what; gave up after $MAX_RESTARTS restart(s); $(run_summary "$OUT_ABS")"
+        finish "$rc_final"
     fi
-    warn "training $(describe_exit "$rc"); restart $attempt/$MAX_RESTARTS with --resume auto in ${backoff}s (log: $RUN_DIR_SHOWN/train.log)"
-    info "restart_$attempt" "after exit $rc, backoff ${backoff}s"
+    warn "training $what; restart $attempt/$MAX_RESTARTS with --resume auto in ${backoff}s (log: $RUN_DIR_SHOWN/train.log)"
+    alert "$event" "$what; restarting from the newest checkpoint ($attempt/$MAX_RESTARTS) in ${backoff}s; $(run_summary "$OUT_ABS")"
+    info "restart_$attempt" "after $( [[ $event == stalled ]] && echo "a stall (exit $rc)" || echo "exit $rc"), backoff ${backoff}s"
     sleep "$backoff" & wait $! || true
     (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
     backoff=$(( backoff * 2 > RESTART_BACKOFF_MAX_S ? RESTART_BACKOFF_MAX_S : backoff * 2 ))

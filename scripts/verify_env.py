@@ -4,7 +4,8 @@
     python scripts/verify_env.py [--expect-gpus N]
 
 Prints Python/torch/CUDA versions, then for every visible GPU its model, memory (GiB) and compute
-capability after a real matmul checked against the CPU result. Exits 1 with one clear line per
+capability after a real matmul checked against the CPU result (`nsa.hardware.check_gpus`, which
+`python -m nsa.preflight` runs too). Exits 1 with one clear line per
 problem (CPU-only torch on a GPU node, driver too old for the wheel, a GPU that fails the matmul).
 """
 
@@ -14,6 +15,9 @@ import argparse
 import importlib
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import nsa/
 
 # module -> pip distribution (for the fix message)
 REQUIRED = {
@@ -44,39 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{mod} does not import ({type(e).__name__}: {e}). Fix: .venv/bin/pip install {dist} "
                             "with the version pinned in the requirements file")
     if a.expect_gpus > 0:
-        if torch.version.cuda is None:
-            problems.append(f"nvidia-smi shows {a.expect_gpus} GPU(s) but torch {torch.__version__} is a CPU-only build. "
-                            "Fix: rm -rf .venv && bash scripts/prime_bootstrap.sh (installs requirements-gpu.txt); "
-                            "check that `pip config list` does not point at a CPU-only index")
-        elif not torch.cuda.is_available():
-            problems.append(f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use the GPU: the NVIDIA driver "
-                            "is probably older than that CUDA runtime needs. Fix: compare `nvidia-smi` (CUDA Version) with "
-                            "the torch CUDA version; use a node with a newer driver")
-        else:
-            n = torch.cuda.device_count()
-            if n != a.expect_gpus:
-                print(f"WARNING: torch sees {n} GPU(s), nvidia-smi {a.expect_gpus} (CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-            print(f"cudnn        : {torch.backends.cudnn.version()}")
-            x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
-            ref = x @ x.T
-            for i in range(n):
-                p = torch.cuda.get_device_properties(i)
-                try:
-                    t0 = time.perf_counter()
-                    d = torch.device("cuda", i)
-                    y = x.to(d)
-                    got = (y @ y.T).cpu()
-                    torch.cuda.synchronize(d)
-                    bf = (y.bfloat16() @ y.bfloat16().T).float()
-                    torch.cuda.synchronize(d)
-                    ok = torch.allclose(got, ref, rtol=1e-3, atol=1e-2) and bool(torch.isfinite(bf).all())
-                    ms = (time.perf_counter() - t0) * 1e3
-                    print(f"gpu {i}        : {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}, "
-                          f"fp32+bf16 matmul {'OK' if ok else 'WRONG RESULT'} ({ms:.0f} ms)")
-                    if not ok:
-                        problems.append(f"GPU {i} ({p.name}) computed a wrong matmul result. Fix: do not train on this node; report it to the provider")
-                except Exception as e:  # noqa: BLE001
-                    problems.append(f"GPU {i} ({p.name}) failed a matmul: {type(e).__name__}: {e}. Fix: check nvidia-smi for errors (Xid) or use another node")
+        from nsa.hardware import check_gpus  # the same check nsa/preflight.py runs before every training run
+
+        lines, gpu_problems = check_gpus(a.expect_gpus)
+        for line in lines:
+            label, _, text = line.partition(": ")
+            print(f"WARNING: {text}" if label == "warning" else f"{label:<13}: {text}")
+        problems += gpu_problems
     else:
         x = torch.randn(256, 256)
         assert torch.isfinite(x @ x).all()

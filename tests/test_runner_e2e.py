@@ -144,6 +144,7 @@ def test_runner_end_to_end_on_cpu_from_a_fresh_clone(tmp_path: Path) -> None:
     assert p.returncode == 0
     with tarfile.open(bundle) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    for f in ("run.info", "train.log", "training.csv", "val.csv", "metrics.json", "loss_curve.png",
+    for f in ("run.info", "preflight.log", "train.log", "training.csv", "val.csv", "metrics.json", "report/report.md",
+              "report/loss.png",
               "SHA256SUMS", "env.txt", "checkpoints/checkpoint_step4.pt"):
         assert f in names, f"bundle lacks {f}: {sorted(names)}"

@@ -39,7 +39,7 @@ FIXES = {
     "DNS, proxy variables (HTTPS_PROXY) and CA certificates; HTTP 429 means rate-limited: set HF_TOKEN "
     "for higher limits; offline, train on --dataset embedded or local:<path>",
     "auth": "export HF_TOKEN=<a read token from https://huggingface.co/settings/tokens> (or run "
-    "`huggingface-cli login`), and accept the dataset's terms on its page if it is gated; the token value "
+    "`hf auth login`), and accept the dataset's terms on its page if it is gated; the token value "
     "is never printed or logged",
     "cache": "make the Hugging Face cache writable and give it space (HF_HOME / HF_DATASETS_CACHE, df -h), "
     "delete a corrupt entry under ~/.cache/huggingface, or unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when "

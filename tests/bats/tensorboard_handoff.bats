@@ -1,6 +1,7 @@
 #!/usr/bin/env bats
 # scripts/run_tensorboard.sh (binds localhost, prints the ssh -L line) and scripts/handoff.sh (bundle
-# contents, checksums, loss-curve PNG, --no-checkpoint, refusal of planted secrets).
+# contents, checksums, the run report in report/, stall dumps, --no-checkpoint, MISSING.txt, refusal of
+# planted secrets).
 
 load helpers
 
@@ -34,22 +35,65 @@ make_run() {  # a complete run through the runner with the fake trainer
     [ "$status" -eq 0 ]
 }
 
-@test "handoff bundles run.info, logs, CSVs, metrics, PNG, latest checkpoint, env info and SHA256SUMS" {
+@test "handoff bundles run.info, logs, CSVs, metrics, the run report, latest checkpoint, env info and SHA256SUMS" {
     make_run
+    # a stall dump as the watchdog writes them (the fake runner never stalls)
+    mkdir -p "$(run_dir)/stalls" && printf 'Thread 0x1 (most recent call first):\n' >"$(run_dir)/stalls/stall_20260101-000000.txt"
     run bash "$REPO/scripts/handoff.sh" --out "$T/bundle.tar.gz"
     [ "$status" -eq 0 ]
     [ -s "$T/bundle.tar.gz" ]
     mkdir "$T/x" && tar -xzf "$T/bundle.tar.gz" -C "$T/x"
     d="$T/x/handoff_$(basename "$(run_dir)")"
-    for f in run.info smoke.log train.log runner.log training.csv val.csv metrics.json loss_curve.png env.txt \
-             SHA256SUMS checkpoints/checkpoint_step20.pt final-model.json; do
+    for f in run.info smoke.log train.log runner.log training.csv val.csv metrics.json env.txt \
+             report/report.md report/loss.png report/val_loss.png report/throughput.png \
+             stalls/stall_20260101-000000.txt SHA256SUMS checkpoints/checkpoint_step20.pt final-model.json; do
         [ -s "$d/$f" ] || { echo "missing $f"; ls -R "$T/x"; false; }
     done
+    ! grep -q -e report "$d/MISSING.txt"      # (the fake trainer writes no config.yaml)
     [ "$(ls "$d/checkpoints")" = "checkpoint_step20.pt" ]     # only the latest
     (cd "$d" && sha256sum -c --quiet SHA256SUMS)
-    head -c 8 "$d/loss_curve.png" | od -An -c | grep -q 'P   N   G'
+    grep -q ' ./report/report.md$' "$d/SHA256SUMS"
+    for png in report/loss.png report/val_loss.png report/throughput.png; do
+        head -c 8 "$d/$png" | od -An -c | grep -q 'P   N   G' || { echo "$png is not a PNG"; false; }
+    done
+    # the report reads the fake trainer's minimal files (step,loss,lr,toks_per_s; status/step/tokens_seen)
+    grep -q "^# Run report: $(basename "$(run_dir)")" "$d/report/report.md"
+    grep -qF -- '- **Status:** completed' "$d/report/report.md"
+    grep -qF -- '- **Runner exit code:** 0 (' "$d/report/report.md"
+    grep -qF -- '- **Final training loss:** 3.3333 at step 20 (first: 9.0909 at step 1; 20 logged rows)' "$d/report/report.md"
+    grep -qF -- '- **Best validation loss:** 3.3333 (ppl 28.03) at step 20' "$d/report/report.md"
+    grep -qF -- '- **Tokens seen:** 81,920' "$d/report/report.md"
+    grep -qF -- '- **Tokens/s:** median 1,234, last 1,234' "$d/report/report.md"
+    grep -qF -- '`stalls/stall_20260101-000000.txt`' "$d/report/report.md"
     grep -q "^git_commit: " "$d/env.txt"
     grep -q "^pip freeze:" "$d/env.txt"
+}
+
+@test "handoff without training.csv: no report, MISSING.txt says why; a header-only CSV is not an error either" {
+    make_run
+    rm "$OUT_DIR/training.csv"
+    run bash "$REPO/scripts/handoff.sh" --no-checkpoint --out "$T/b1.tar.gz"
+    [ "$status" -eq 0 ]
+    mkdir "$T/b1" && tar -xzf "$T/b1.tar.gz" -C "$T/b1"
+    d="$T/b1/handoff_$(basename "$(run_dir)")"
+    [ ! -e "$d/report" ]
+    grep -q '^report/ (report.md and PNGs: no training.csv)$' "$d/MISSING.txt"
+    grep -q 'training.csv$' "$d/MISSING.txt"
+    [[ $output == *"not in the bundle (missing)"*"report/"* ]]
+    echo "step,loss,lr,toks_per_s" >"$OUT_DIR/training.csv"
+    run bash "$REPO/scripts/handoff.sh" --no-checkpoint --out "$T/b2.tar.gz"
+    [ "$status" -eq 0 ]
+    tar -xzf "$T/b2.tar.gz" -O "handoff_$(basename "$(run_dir)")/MISSING.txt" | grep -q 'training.csv has no rows yet'
+}
+
+@test "handoff: a report that cannot be rendered is a clear error, no bundle" {
+    make_run
+    printf 'step,loss\n1,2.5\n' >"$OUT_DIR/training.csv"
+    printf '#!/bin/sh\necho "Traceback: matplotlib broken" >&2; exit 1\n' >"$T/bin/python3"   # every helper python fails
+    run bash "$REPO/scripts/handoff.sh" --no-checkpoint --out "$T/b.tar.gz"
+    [ "$status" -eq 2 ]
+    [[ $output == *"could not render the run report"*"Fix:"* ]]
+    [ ! -e "$T/b.tar.gz" ]
 }
 
 @test "handoff --no-checkpoint leaves the checkpoint out; the default run folder is the latest" {
