@@ -115,7 +115,7 @@ if [[ -n ${GPU_HOURLY_USD:-} ]]; then
     [[ $GPU_HOURLY_USD =~ ^[0-9]+([.][0-9]+)?$ ]] || die "GPU_HOURLY_USD='$GPU_HOURLY_USD' is not a price. Fix: your USD per GPU-hour, e.g. GPU_HOURLY_USD=2.49 (or unset it)."
     PRICE_WHY="GPU_HOURLY_USD=$GPU_HOURLY_USD per GPU-hour (x $WORLD GPU(s) on this run)"
 else
-    PRICE_WHY="not set (GPU_HOURLY_USD, or runtime.usd_per_gpu_hour in the config): metrics.json shows time, not dollars"
+    PRICE_WHY="GPU_HOURLY_USD not set: the config's runtime.usd_per_gpu_hour if > 0, else time only (no dollars)"
 fi
 if ! is_true "$SKIP_SMOKE"; then
     [[ -f $SMOKE_CONFIG ]] || die "smoke config '$SMOKE_CONFIG' not found. Fix: restore configs/smoke.yaml, set SMOKE_CONFIG, or SKIP_SMOKE=1 (not recommended on a paid node)."
