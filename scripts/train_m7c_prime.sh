@@ -147,7 +147,7 @@ print_decisions() {
     else log "supervisor   : off (SUPERVISE=$SUPERVISE$( (( NPROC == 0 )) && [[ -z ${NSA_SUPERVISE_SET-} ]] && echo "; default off on CPU"))"; fi
     if is_true "$SKIP_PREFLIGHT"; then log "pre-flight   : SKIPPED (SKIP_PREFLIGHT=$SKIP_PREFLIGHT)"
     else log "pre-flight   : $(quote_cmd python -m nsa.preflight "${TRAIN_ARGS[@]}" --world-size "$WORLD" --expect-gpus "$NPROC")"; fi
-    if (( STALL_TIMEOUT_S > 0 )); then log "watchdog     : a launch with no progress for ${STALL_TIMEOUT_S}s (${STALL_STARTUP_S}s before its first step) gets its stacks dumped and is restarted (STALL_TIMEOUT_S)"
+    if (( STALL_TIMEOUT_S > 0 )); then log "watchdog     : a launch with no progress for ${STALL_TIMEOUT_S}s (${STALL_STARTUP_S}s before its first step) gets its stacks dumped and is stopped, then restarted if the supervisor is on (STALL_TIMEOUT_S)"
     else log "watchdog     : off (STALL_TIMEOUT_S=0)"; fi
     log "price        : $PRICE_WHY"
     log "alerts       : $( [[ -n ${ALERT_WEBHOOK_URL:-} ]] && echo "on (ALERT_WEBHOOK_URL is set; its value is never shown)" || echo "off (set ALERT_WEBHOOK_URL to a Slack-compatible webhook)")"
