@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs to get every GPU number BENCHMARKS.md is waiting for:
+#
+#     OUT=/some/dir bash bench/gpu_suite.sh          # from the repo root; default OUT=artifacts/gpu_suite
+#
+# Steps, most important first (each under `timeout`, so a stuck one cannot eat the budget; the suite
+# keeps going after a failure and ends with a summary of what ran / failed / timed out / was skipped).
+# The number is each step's cap in seconds; together they exceed the budget on purpose: whatever is
+# left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
+#   kernel_tests        150  pytest tests/test_triton_kernels.py on the real GPU (not the interpreter)
+#   attention_m7c       150  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full
+#   train_4096           90  bench_train: seq 4096, eager, nsa vs full (tokens/s, MFU, peak memory)
+#   attention_paper     150  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
+#                            core, 4k..64k, nsa vs full vs fla-core's parallel_nsa (when importable)
+#   decode               60  bench_decode: 8k..64k
+#   train_16384          90  bench_train: seq 16384, eager
+#   demo_64k             90  scripts/demo_64k.py (needle at 4k, 16k, 64k)
+#   train_compile       180  bench_train: seq 4096 and 16384 with torch.compile
+#   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
+# Exit status 0 when every step ran and passed, else 1 (the files are written either way).
+#
+# Output under $OUT (the device runner returns at most 8 files, so logs share one file):
+#   summary.txt            environment (nvidia-smi, versions) + one status line per step
+#   suite.log              every step's command, stdout and stderr, in order
+#   attention.jsonl, train.jsonl, decode.jsonl, demo.jsonl
+#                          the JSON lines each bench printed, each tagged with "suite_step"
+#
+# Environment:
+#   OUT=dir                where results go (default artifacts/gpu_suite; files are appended to)
+#   SUITE_BUDGET_S=540     total wall-clock budget; keep it ~60 s under the runner's limit. A step gets
+#                          min(its cap, what is left - 15 s) and is skipped when under 30 s are left.
+#   SUITE_ONLY=a,b         run only these steps (names above), e.g. to finish what a first call skipped
+#   SUITE_DRY_RUN=1        print the commands (with their timeouts) and run nothing
+#   SUITE_REPEATS=5        timed repeats per attention measurement
+#   SUITE_WHEELS=.whl      a folder of wheels (e.g. fla_core-0.6.0-py3-none-any.whl) installed with
+#                          pip --no-index --target before the run; see BENCHMARKS.md for how to carry it
+#   PYTHON=python3         interpreter (default: .venv/bin/python if it sees CUDA, else python3)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+OUT=${OUT:-artifacts/gpu_suite}
+BUDGET=${SUITE_BUDGET_S:-540}
+DRY=${SUITE_DRY_RUN:-0}
+ONLY=${SUITE_ONLY:-}
+REPS=${SUITE_REPEATS:-5}
+WHEELS=${SUITE_WHEELS:-.whl}
+RESERVE=${SUITE_RESERVE_S:-15}   # seconds kept back for the summary
+MIN_STEP=${SUITE_MIN_STEP_S:-30} # a step with less than this left is skipped
+SEQS=4096,8192,16384,32768,65536
+
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # the kernel tests and benches must run the kernels on the GPU
+WORK=$(mktemp -d)
+SUMMARY=()
+FINISHED=0
+INCOMPLETE=0
+
+if [ "$DRY" = 1 ]; then
+    PY=${PYTHON:-python3}
+elif [ -n "${PYTHON:-}" ]; then
+    PY=$PYTHON
+elif [ -x .venv/bin/python ] && .venv/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    PY=.venv/bin/python
+else
+    PY=python3
+fi
+
+log() { echo "$*" | tee -a "$OUT/suite.log"; }
+
+show() {  # a command line, quoted where needed, for the logs
+    local a out=
+    for a; do
+        if [[ $a =~ ^[A-Za-z0-9_./,:=+-]+$ ]]; then out+="$a "; else out+="'$a' "; fi
+    done
+    echo "${out% }"
+}
+
+finish() {
+    [ "$FINISHED" = 1 ] && return
+    FINISHED=1
+    {
+        echo
+        echo "== gpu_suite summary: $(date -u +%FT%TZ), ${SECONDS}s of ${BUDGET}s budget, OUT=$OUT =="
+        printf '%-20s %-26s %7s %6s\n' step status seconds rows
+        for line in "${SUMMARY[@]}"; do echo "$line"; done
+    } | tee -a "$OUT/summary.txt" | tee -a "$OUT/suite.log"
+    rm -rf "$WORK"
+    INCOMPLETE=$(printf '%s\n' "${SUMMARY[@]}" | grep -c -E 'FAILED|TIMED OUT|skipped \(budget')
+}
+trap 'log "gpu_suite: interrupted"; finish; exit 130' INT TERM
+
+in_only() {
+    [ -z "$ONLY" ] && return 0
+    case ",${ONLY// /,}," in *",$1,"*) return 0 ;; esac
+    return 1
+}
+
+# step NAME CAP_S GROUP CMD...   (GROUP: the jsonl its JSON lines go to, or - for none)
+step() {
+    local name=$1 cap=$2 group=$3
+    shift 3
+    in_only "$name" || return 0
+    local left=$((BUDGET - SECONDS - RESERVE))
+    if [ "$left" -lt "$MIN_STEP" ]; then
+        SUMMARY+=("$(printf '%-20s %-26s %7s %6s' "$name" "skipped (budget: ${left}s)" 0 -)")
+        log "== step $name: skipped, ${left}s of budget left"
+        return 0
+    fi
+    local t=$((cap < left ? cap : left))
+    if [ "$DRY" = 1 ]; then
+        local dest="$OUT/$group.jsonl"
+        [ "$group" = - ] && dest="no jsonl"
+        echo "[dry-run] $name (timeout ${t}s; JSON lines -> $dest): $(show "$@")"
+        SUMMARY+=("$(printf '%-20s %-26s %7s %6s' "$name" "dry-run" 0 -)")
+        return 0
+    fi
+    log ""
+    log "===== step $name (timeout ${t}s) at ${SECONDS}s: $(show "$@")"
+    local t0=$SECONDS rc
+    # stdout+stderr stream into suite.log as they come (partial output survives a kill)
+    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$OUT/suite.log" >"$WORK/$name.out"
+    rc=$?
+    local dt=$((SECONDS - t0)) rows=-
+    if [ "$group" != - ]; then
+        rows=$(grep -c '^{' "$WORK/$name.out")
+        [ "$rows" -gt 0 ] && grep '^{' "$WORK/$name.out" | sed "s/^{/{\"suite_step\": \"$name\", /" >>"$OUT/$group.jsonl"
+    fi
+    local status
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="TIMED OUT (${t}s)" ;;
+        *) status="FAILED (rc=$rc)" ;;
+    esac
+    if [ "$name" = kernel_tests ] && grep -q "too slow for the interpreter" "$WORK/$name.out"; then
+        status="$status, RAN UNDER INTERPRETER"
+    fi
+    SUMMARY+=("$(printf '%-20s %-26s %7s %6s' "$name" "$status" "$dt" "$rows")")
+    # the tables (and any traceback) also go to the suite's stdout, which the runner returns
+    echo "----- $name: $status in ${dt}s"
+    grep -v '^{' "$WORK/$name.out" | grep -v '^\s*$' | tail -n 40
+}
+
+environment() {
+    {
+        echo "== gpu_suite environment: $(date -u +%FT%TZ)"
+        echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --short 2>/dev/null | wc -l) changed file(s)"
+        timeout 30 nvidia-smi 2>&1 || echo "nvidia-smi failed or missing"
+        timeout 60 "$PY" - <<'EOF' 2>&1 || echo "python environment check failed"
+import importlib.util, platform, sys
+import torch
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs")
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+for name in ("fla", "flash_attn", "xdist"):
+    spec = importlib.util.find_spec(name)
+    print(f"{name}:", "importable" if spec else "not installed")
+EOF
+    } | tee -a "$OUT/summary.txt" | tee -a "$OUT/suite.log"
+}
+
+install_wheels() {
+    ls "$WHEELS"/*.whl >/dev/null 2>&1 || return 0
+    local f names=
+    for f in "$WHEELS"/*.whl; do names+="${f##*/} "; done
+    log "installing wheels from $WHEELS: $names"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_suite_site \
+        "$WHEELS"/*.whl >>"$OUT/suite.log" 2>&1; then
+        export PYTHONPATH=/tmp/gpu_suite_site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        log "wheel install failed (see suite.log); continuing without them"
+    fi
+}
+
+STEPS=",kernel_tests,attention_m7c,train_4096,attention_paper,decode,train_16384,demo_64k,train_compile,attention_m7c_core,"
+for s in ${ONLY//,/ }; do
+    [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
+done
+if [ "$DRY" != 1 ]; then
+    : >"$OUT/summary.txt"
+    install_wheels
+    environment
+fi
+
+# pytest-xdist (on the device image) compiles the kernels in parallel; the sm_90 AOT test is left out:
+# it only runs ptxas without a GPU, which the real CUDA runs here supersede
+XDIST=()
+if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
+step kernel_tests 150 - \
+    "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py -k "not compile_for_sm90"
+step attention_m7c 150 attention \
+    "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS"
+step train_4096 90 train \
+    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --compile 0 --steps 10 --warmup 3
+step attention_paper 150 attention \
+    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS"
+step decode 60 decode \
+    "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --steps 20
+step train_16384 90 train \
+    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --compile 0 --steps 5 --warmup 2
+step demo_64k 90 demo \
+    "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
+step train_compile 180 train \
+    "$PY" bench/bench_train.py --device cuda --seq-lens 4096,16384 --compile 1 --steps 10 --warmup 3
+step attention_m7c_core 90 attention \
+    "$PY" bench/bench_attention.py --device cuda --layout m7c --scope core --seq-lens $SEQS --repeats "$REPS"
+
+finish
+exit $((INCOMPLETE > 0))

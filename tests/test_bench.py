@@ -1,0 +1,155 @@
+"""The benchmark tooling on CPU: bench/bench_attention.py (rows, table, fla skip rows, the issue's checks)
+and bench/gpu_suite.sh (syntax, dry run, and a real run of its step machinery with a fake interpreter:
+timeouts, failures, budget, JSON-line collection, summary). No GPU needed; ~25 s on 2 cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, offline_env
+
+BENCH = os.path.join(REPO, "bench")
+SUITE = os.path.join(BENCH, "gpu_suite.sh")
+ROW_FIELDS = {"impl", "layout", "scope", "seq_len", "pass", "ms", "peak_mem_mb", "device", "dtype", "batch", "dim",
+              "n_heads", "n_kv_heads", "head_dim", "nsa", "torch"}
+
+
+@pytest.fixture(scope="module")
+def bench_attention():
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attention_under_test", os.path.join(BENCH, "bench_attention.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(BENCH)
+
+
+def test_bench_attention_cli_cpu_rows_and_table():
+    """The CLI on CPU (a subprocess per measurement): both scopes, nsa/full measured, fla a skipped row."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_attention.py"), "--device", "cpu", "--seq-lens", "256",
+         "--repeats", "1", "--layout", "m7c", "--scope", "both", "--passes", "fwd_bwd", "--impls", "nsa,full,fla"],
+        cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["scope"], r["impl"]) for r in rows] == [
+        ("layer", "nsa"), ("layer", "full"), ("layer", "fla"), ("core", "nsa"), ("core", "full"), ("core", "fla")]
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert (r["layout"], r["seq_len"], r["pass"], r["n_heads"], r["n_kv_heads"], r["head_dim"]) == (
+            "m7c", 256, "fwd_bwd", 12, 2, 64)
+        if r["impl"] == "fla":
+            assert r["ms"] is None and "error" not in r
+            if importlib.util.find_spec("fla") is None:  # same sys.path as the subprocess
+                assert "not installed" in r["skipped"]
+            else:
+                assert "power of two >= 16" in r["skipped"] and "12/2 = 6" in r["skipped"]
+        else:
+            assert r["ms"] > 0 and r["peak_mem_mb"] >= 0 and "skipped" not in r and "error" not in r
+    assert rows[0]["nsa_path"] == "torch" and rows[1]["sdpa"].startswith("auto")
+    out = proc.stdout
+    for block in ("scope layer", "scope core"):
+        assert f"== layout m7c (12 query heads, 2 KV heads, head dim 64), {block}" in out
+    assert out.count("full/nsa") == 2 and "speedup = other_ms / nsa_ms" in out
+    assert "fla: skipped:" in out and "break-even:" in out
+
+
+@pytest.mark.parametrize("scope", ["layer", "core"])
+@pytest.mark.parametrize("impl", ["nsa", "full"])
+def test_measure_forward_in_process(bench_attention, impl, scope):
+    row = bench_attention.measure(impl, "m7c", scope, 128, "fwd", "cpu", "fp32", 1, 1)
+    assert ROW_FIELDS <= set(row)
+    assert (row["impl"], row["scope"], row["pass"]) == (impl, scope, "fwd") and row["ms"] > 0
+
+
+def test_fla_skip_reasons(bench_attention, monkeypatch):
+    monkeypatch.setattr(bench_attention, "fla_installed", lambda: False)
+    assert "not installed" in bench_attention.fla_skip_reason("paper", "core")
+    monkeypatch.setattr(bench_attention, "fla_installed", lambda: True)
+    assert bench_attention.fla_skip_reason("paper", "core") is None  # 64/4 = 16 heads per group
+    assert "--scope core only" in bench_attention.fla_skip_reason("paper", "layer")
+    assert "12/2 = 6" in bench_attention.fla_skip_reason("m7c", "core")
+
+
+def test_table_checks_from_gpu_like_rows(bench_attention, capsys):
+    """The issue's checks: speedup at 65536, break-even, NSA vs fla (synthetic rows, as a GPU would give)."""
+    base = {"layout": "paper", "scope": "core", "pass": "fwd_bwd", "device": "NVIDIA H100 80GB HBM3", "dtype": "bf16",
+            "batch": 1, "peak_mem_mb": 1.0}
+    times = {4096: (2.0, 1.0, 3.0), 8192: (3.0, 4.0, 3.5), 65536: (20.0, 150.0, 25.0)}  # nsa, full, fla
+    rows = [dict(base, impl=impl, seq_len=s, ms=t[i]) for s, t in times.items() for i, impl in enumerate(("nsa", "full", "fla"))]
+    rows.append({**base, "impl": "fla", "seq_len": 4096, "pass": "fwd", "ms": None, "skipped": "why"})
+    bench_attention.print_table(rows)
+    out = capsys.readouterr().out
+    assert "fwd+bwd @65536: full_ms / nsa_ms = 7.50x (NSA faster; target: NSA >= 6x faster @65536): met" in out
+    assert "break-even: first seq_len where NSA fwd+bwd <= full: 8192 (target <= 8192): met" in out
+    assert "(fla_ms / nsa_ms, target >= 1.0x i.e. no slower): 4096: 1.50x, 8192: 1.17x, 65536: 1.25x: met" in out
+    assert "fla: skipped: why" in out
+    rows[2]["ms"] = 1.0  # fla at 4096 twice as fast as NSA
+    rows[4]["ms"] = 2.0  # full at 8192 faster than NSA: break-even moves to 65536
+    bench_attention.print_table(rows)
+    out = capsys.readouterr().out
+    assert "4096: 0.50x, 8192: 1.17x, 65536: 1.25x: NOT met" in out
+    assert "first seq_len where NSA fwd+bwd <= full: 65536 (target <= 8192): NOT met" in out
+
+
+def test_gpu_suite_syntax_and_dry_run(tmp_path):
+    assert subprocess.run(["bash", "-n", SUITE]).returncode == 0
+    env = dict(os.environ, SUITE_DRY_RUN="1", OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    dry = [line for line in proc.stdout.splitlines() if line.startswith("[dry-run]")]
+    names = [line.split()[1] for line in dry]
+    assert names[:3] == ["kernel_tests", "attention_m7c", "train_4096"]  # most important first
+    text = "\n".join(dry)
+    for needle in ("tests/test_triton_kernels.py", "bench/bench_attention.py --device cuda --layout m7c --scope layer",
+                   "bench/bench_attention.py --device cuda --layout paper --scope core",
+                   "bench/bench_train.py --device cuda --seq-lens 4096 --compile 0",
+                   "bench/bench_train.py --device cuda --seq-lens 16384 --compile 0",
+                   "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
+                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536"):
+        assert needle in text, needle
+    assert all("timeout" in line for line in dry)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$*" in
+  *bench_attention*m7c*) echo '{"impl": "nsa", "ms": 1.0}'; echo '{"impl": "full", "ms": 2.0}'; echo "the table" ;;
+  *bench_train*) echo "Traceback: boom" >&2; exit 3 ;;
+  *bench_attention*paper*) echo '{"impl": "nsa", "ms": 1.0}'; sleep 60 ;;
+  *) echo "fake python $*" ;;
+esac
+"""
+
+
+def test_gpu_suite_steps_with_fake_python(tmp_path):
+    """Real mode with a stand-in interpreter: an ok step, a failing one, one that times out at the budget,
+    the rest skipped; JSON lines collected and tagged; summary written; exit status 1."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), SUITE_BUDGET_S="3", SUITE_RESERVE_S="0", SUITE_MIN_STEP_S="1")
+    env.pop("SUITE_DRY_RUN", None)
+    proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    status = {line.split()[0]: line for line in summary.splitlines()[-9:]}
+    assert " ok " in status["kernel_tests"] and " ok " in status["attention_m7c"]
+    assert "FAILED (rc=3)" in status["train_4096"] and "TIMED OUT" in status["attention_paper"]
+    assert "skipped (budget" in status["decode"] and "skipped (budget" in status["attention_m7c_core"]
+    rows = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
+    assert [(r["suite_step"], r["impl"]) for r in rows] == [
+        ("attention_m7c", "nsa"), ("attention_m7c", "full"), ("attention_paper", "nsa")]
+    log = (out / "suite.log").read_text()
+    assert "Traceback: boom" in log and "the table" in log and "gpu_suite environment" in log
+    assert sorted(p.name for p in out.iterdir()) == ["attention.jsonl", "suite.log", "summary.txt"]  # <= 8 files
+    assert "gpu_suite summary" in proc.stdout
