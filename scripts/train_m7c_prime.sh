@@ -283,14 +283,17 @@ smoke_fail() {
     _emit ERROR "smoke gate failed: $1. Nothing was trained. Read $RUN_DIR_SHOWN/smoke.log, fix, and re-run (SKIP_SMOKE=1 only if you know why)."
     finish "$NSA_EXIT_SMOKE"
 }
+smoke_leg() {  # smoke_leg NAME RESUME: one smoke launch under the watchdog; any failure ends the run
+    prepare_watchdog "$RUN_DIR/watch" "$RUN_DIR/stalls" "$SMOKE_DIR/training.csv"
+    rc=0; run_logged "$SMOKE_LOG" "${SMOKE_LAUNCH[@]}" --config "$SMOKE_CONFIG" --dataset synthetic --out-dir "$SMOKE_DIR" --resume "$2" || rc=$?
+    (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
+    if stall=$(stall_summary); then smoke_fail "$1 stalled: $stall"; fi
+    (( rc == 0 )) || smoke_fail "$1 exited with code $rc ($(describe_exit "$rc")); log: $SMOKE_LOG"
+}
 if ! is_true "$SKIP_SMOKE"; then
     SMOKE_DIR="$RUN_DIR/smoke"; SMOKE_LOG="$RUN_DIR/smoke.log"
     log "smoke gate 1/2: uninterrupted run of $SMOKE_CONFIG -> $RUN_DIR_SHOWN/smoke"
-    prepare_watchdog "$RUN_DIR/watch" "$RUN_DIR/stalls" "$SMOKE_DIR/training.csv"
-    rc=0; run_logged "$SMOKE_LOG" "${SMOKE_LAUNCH[@]}" --config "$SMOKE_CONFIG" --dataset synthetic --out-dir "$SMOKE_DIR" --resume none || rc=$?
-    (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
-    if stall=$(stall_summary); then smoke_fail "the smoke run stalled: $stall"; fi
-    (( rc == 0 )) || smoke_fail "the smoke run exited with code $rc ($(describe_exit "$rc")); log: $SMOKE_LOG"
+    smoke_leg "the smoke run" none
     mapfile -t smoke_ckpts < <(ls "$SMOKE_DIR"/checkpoint_step*.pt 2>/dev/null | sed 's/.*checkpoint_step\([0-9]*\)\.pt$/\1 &/' | sort -n | cut -d' ' -f2-)
     (( ${#smoke_ckpts[@]} >= 2 )) || smoke_fail "the smoke run left ${#smoke_ckpts[@]} checkpoint(s); it must save mid-way and at the end (train.save_every in $SMOKE_CONFIG, keep_last_k >= 2); log: $SMOKE_LOG"
     mid=${smoke_ckpts[0]}; mid_step=$(checkpoint_step "$mid")
@@ -298,11 +301,7 @@ if ! is_true "$SKIP_SMOKE"; then
     # simulate a crash right after the mid-way checkpoint: later checkpoints never existed
     for f in "${smoke_ckpts[@]:1}"; do rm -f "$f"; done
     log "smoke gate 2/2: resume from the mid-way checkpoint (step $mid_step) to the end"
-    prepare_watchdog "$RUN_DIR/watch" "$RUN_DIR/stalls" "$SMOKE_DIR/training.csv"
-    rc=0; run_logged "$SMOKE_LOG" "${SMOKE_LAUNCH[@]}" --config "$SMOKE_CONFIG" --dataset synthetic --out-dir "$SMOKE_DIR" --resume auto || rc=$?
-    (( NSA_STOP_REQUESTED == 0 )) || finish "$NSA_EXIT_PREEMPTED"
-    if stall=$(stall_summary); then smoke_fail "the resumed smoke run stalled: $stall"; fi
-    (( rc == 0 )) || smoke_fail "the resumed smoke run exited with code $rc ($(describe_exit "$rc")); log: $SMOKE_LOG"
+    smoke_leg "the resumed smoke run" auto
     verdict=$(python "$NSA_REPO_ROOT/scripts/smoke_check.py" "$SMOKE_DIR" --straight "$RUN_DIR/smoke_uninterrupted_training.csv" --resumed-from "$mid_step" 2>&1) \
         || smoke_fail "$(grep -m1 FAILED <<<"$verdict" | sed 's/^smoke check FAILED: //')$(n=$(grep -c FAILED <<<"$verdict"); (( n > 1 )) && echo " (and $((n - 1)) more, see smoke.log)"); log: $SMOKE_LOG"
     printf '%s\n' "$verdict" | tee -a "$SMOKE_LOG"
