@@ -352,7 +352,7 @@ class Trainer:
         self.peak = hardware.peak_tflops(self.device, cfg.runtime.peak_tflops)
         self.meter = Throughput(self.flops_per_token, self.peak, info.world_size)
         s = self.state
-        prev = self._previous_metrics() if self.resume_path else {}
+        prev = self._previous_metrics() if self.resume_path and info.is_main else {}  # rank 0 keeps the books
         # Time after the checkpoint that a killed attempt spent was still paid for: keep the larger figure.
         self.elapsed_base = max(s.elapsed_s, float(prev.get("elapsed_s") or 0.0))
         s.starts = max(s.starts, int(prev.get("attempts") or 0)) + 1
