@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 from common import PeakMemory, device_name, run_isolated, sync
 
@@ -68,7 +69,9 @@ def main() -> None:
     ap.add_argument("--seq-lens", default=None)
     ap.add_argument("--attention", default="nsa,full")
     ap.add_argument("--compile", default=None, help="comma list of 0/1 (default: 0,1 on CUDA, 0 on CPU)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=None, help="micro-batch (default: --batch-tokens / seq_len)")
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="tokens per step, e.g. 32768 = 8 x 4096 = 2 x 16384 (default: batch 1)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--json-only", action="store_true")
@@ -77,9 +80,12 @@ def main() -> None:
     cuda = args.device == "cuda"
     steps = args.steps or (20 if cuda else 2)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    def batch_for(seq: int) -> int:
+        return args.batch or max(1, (args.batch_tokens or seq) // seq)
+
     if args._one:
         attention, seq, comp = args._one.split(":")
-        print(json.dumps(measure(attention, int(seq), comp == "1", args.device, args.batch, steps, warmup)))
+        print(json.dumps(measure(attention, int(seq), comp == "1", args.device, batch_for(int(seq)), steps, warmup)))
         return
     rows = []
     for seq in (int(s) for s in (args.seq_lens or ("4096,16384" if cuda else "512")).split(",")):
@@ -87,13 +93,15 @@ def main() -> None:
             for attention in args.attention.split(","):
                 if cuda:
                     try:
-                        row = measure(attention, seq, comp == "1", "cuda", args.batch, steps, warmup)
-                    except torch.OutOfMemoryError:
-                        row = {"attention": attention, "seq_len": seq, "compile": comp == "1", "error": "out of memory",
-                               "device": device_name("cuda")}
+                        row = measure(attention, seq, comp == "1", "cuda", batch_for(seq), steps, warmup)
+                    except Exception as e:  # noqa: BLE001 - OOM or a failure of one variant is a row
+                        traceback.print_exc(limit=4)
+                        err = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"
+                        row = {"attention": attention, "seq_len": seq, "compile": comp == "1", "batch": batch_for(seq),
+                               "error": err[:300], "device": device_name("cuda")}
                     torch.cuda.empty_cache()
                 else:
-                    row = run_isolated(__file__, ["--device", "cpu", "--batch", str(args.batch), "--steps", str(steps),
+                    row = run_isolated(__file__, ["--device", "cpu", "--batch", str(batch_for(seq)), "--steps", str(steps),
                                                   "--warmup", str(warmup), "--_one", f"{attention}:{seq}:{comp}"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -7,13 +7,16 @@
 # keeps going after a failure and ends with a summary of what ran / failed / timed out / was skipped).
 # The number is each step's cap in seconds; together they exceed the budget on purpose: whatever is
 # left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
-#   kernel_tests        150  pytest tests/test_triton_kernels.py on the real GPU (not the interpreter)
-#   attention_m7c       150  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full
-#   train_4096           90  bench_train: seq 4096, eager, nsa vs full (tokens/s, MFU, peak memory)
-#   attention_paper     150  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
+#   kernel_tests        120  pytest tests/test_triton_kernels.py tests/test_triton_window.py on the real
+#                            GPU (not the interpreter)
+#   kernels             100  bench_kernels: each Triton kernel alone with its variants (num_warps, the
+#                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
+#   attention_paper     130  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
 #                            core, 4k..64k, nsa vs full vs fla-core's parallel_nsa (when importable)
+#   attention_m7c       120  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full
+#   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full (tokens/s, MFU, memory)
+#   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   decode               60  bench_decode: 8k..64k
-#   train_16384          90  bench_train: seq 16384, eager
 #   demo_64k             90  scripts/demo_64k.py (needle at 4k, 16k, 64k)
 #   train_compile       180  bench_train: seq 4096 and 16384 with torch.compile
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
@@ -22,7 +25,7 @@
 # Output under $OUT (the device runner returns at most 8 files, so logs share one file):
 #   summary.txt            environment (nvidia-smi, versions) + one status line per step
 #   suite.log              every step's command, stdout and stderr, in order
-#   attention.jsonl, train.jsonl, decode.jsonl, demo.jsonl
+#   attention.jsonl, kernels.jsonl, train.jsonl, decode.jsonl, demo.jsonl
 #                          the JSON lines each bench printed, each tagged with "suite_step"
 #
 # Environment:
@@ -178,7 +181,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,attention_m7c,train_4096,attention_paper,decode,train_16384,demo_64k,train_compile,attention_m7c_core,"
+STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,decode,demo_64k,train_compile,attention_m7c_core,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -192,24 +195,26 @@ fi
 # it only runs ptxas without a GPU, which the real CUDA runs here supersede
 XDIST=()
 if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
-step kernel_tests 150 - \
-    "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py -k "not compile_for_sm90"
-step attention_m7c 150 attention \
+step kernel_tests 120 - \
+    "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
+    tests/test_triton_window.py -k "not compile_for_sm90"
+step kernels 100 kernels \
+    "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
+step attention_paper 130 attention \
+    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS"
+step attention_m7c 120 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS"
 step train_4096 90 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --compile 0 --steps 10 --warmup 3
-step attention_paper 150 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS"
+    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3
+step train_16384 90 train \
+    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2
 step decode 60 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --steps 20
-step train_16384 90 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --compile 0 --steps 5 --warmup 2
 step demo_64k 90 demo \
     "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
 step train_compile 180 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096,16384 --compile 1 --steps 10 --warmup 3
+    "$PY" bench/bench_train.py --device cuda --seq-lens 4096,16384 --batch-tokens 32768 --compile 1 --steps 8 --warmup 3
 step attention_m7c_core 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope core --seq-lens $SEQS --repeats "$REPS"
-
 finish
 exit $((INCOMPLETE > 0))

@@ -108,12 +108,14 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     dry = [line for line in proc.stdout.splitlines() if line.startswith("[dry-run]")]
     names = [line.split()[1] for line in dry]
-    assert names[:3] == ["kernel_tests", "attention_m7c", "train_4096"]  # most important first
+    assert names[:3] == ["kernel_tests", "kernels", "attention_paper"]  # most important first
     text = "\n".join(dry)
-    for needle in ("tests/test_triton_kernels.py", "bench/bench_attention.py --device cuda --layout m7c --scope layer",
+    for needle in ("tests/test_triton_kernels.py", "tests/test_triton_window.py",
+                   "bench/bench_kernels.py --device cuda",
+                   "bench/bench_attention.py --device cuda --layout m7c --scope layer",
                    "bench/bench_attention.py --device cuda --layout paper --scope core",
-                   "bench/bench_train.py --device cuda --seq-lens 4096 --compile 0",
-                   "bench/bench_train.py --device cuda --seq-lens 16384 --compile 0",
+                   "bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0",
+                   "bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0",
                    "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
                    "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536"):
         assert needle in text, needle
@@ -122,9 +124,10 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in
-  *bench_attention*m7c*) echo '{"impl": "nsa", "ms": 1.0}'; echo '{"impl": "full", "ms": 2.0}'; echo "the table" ;;
-  *bench_train*) echo "Traceback: boom" >&2; exit 3 ;;
-  *bench_attention*paper*) echo '{"impl": "nsa", "ms": 1.0}'; sleep 60 ;;
+  *bench_kernels*) echo '{"kernel": "slc_fwd", "ms": 0.5}' ;;
+  *bench_attention*paper*) echo '{"impl": "nsa", "ms": 1.0}'; echo '{"impl": "full", "ms": 2.0}'; echo "the table" ;;
+  *bench_attention*m7c*) echo "Traceback: boom" >&2; exit 3 ;;
+  *bench_train*) echo '{"attention": "nsa"}'; sleep 60 ;;
   *) echo "fake python $*" ;;
 esac
 """
@@ -142,14 +145,15 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    status = {line.split()[0]: line for line in summary.splitlines()[-9:]}
-    assert " ok " in status["kernel_tests"] and " ok " in status["attention_m7c"]
-    assert "FAILED (rc=3)" in status["train_4096"] and "TIMED OUT" in status["attention_paper"]
+    status = {line.split()[0]: line for line in summary.splitlines()[-10:]}
+    assert all(" ok " in status[s] for s in ("kernel_tests", "kernels", "attention_paper"))
+    assert "FAILED (rc=3)" in status["attention_m7c"] and "TIMED OUT" in status["train_4096"]
     assert "skipped (budget" in status["decode"] and "skipped (budget" in status["attention_m7c_core"]
     rows = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
-    assert [(r["suite_step"], r["impl"]) for r in rows] == [
-        ("attention_m7c", "nsa"), ("attention_m7c", "full"), ("attention_paper", "nsa")]
+    assert [(r["suite_step"], r["impl"]) for r in rows] == [("attention_paper", "nsa"), ("attention_paper", "full")]
+    assert [json.loads(line)["suite_step"] for line in (out / "train.jsonl").read_text().splitlines()] == ["train_4096"]
     log = (out / "suite.log").read_text()
     assert "Traceback: boom" in log and "the table" in log and "gpu_suite environment" in log
-    assert sorted(p.name for p in out.iterdir()) == ["attention.jsonl", "suite.log", "summary.txt"]  # <= 8 files
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["attention.jsonl", "kernels.jsonl", "suite.log", "summary.txt", "train.jsonl"]  # <= 8 files
     assert "gpu_suite summary" in proc.stdout

@@ -132,6 +132,44 @@ def test_selected_attention_unused_and_empty_slots():
     check_grads(out, ref, (q, k, v), F32)
 
 
+@pytest.mark.parametrize("mode,seg,dtype", [("atomic", None, F32), ("block", 3, F32), ("block", 5, BF16)])
+def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype):
+    """Both dK/dV strategies match ops: the atomic one, and the block-centric one with segments so
+    short that every block's query list is split across several programs."""
+    if seg:
+        monkeypatch.setattr(selected, "SEG", seg)
+    monkeypatch.setenv("NSA_SLC_DKV", mode)
+    B, G, r, S, D, blk, n = 1, 2, 3, 41, 16, 8, 3
+    q = randn(B, G * r, S, D, dtype=dtype, seed=31, strided=True)
+    k = randn(B, G, S, D, dtype=dtype, seed=32)
+    v = randn(B, G, S, D, dtype=dtype, seed=33)
+    k_cmp = randn(B, G, num_cmp_blocks(S, 8, 4), D, dtype=dtype, seed=34, grad=False)
+    idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk)
+    check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), dtype)
+
+
+def test_block_segments_invert_idx():
+    """block_segments lists, for every (batch, group, block), exactly the queries that selected it,
+    ascending, in segments of at most `seg`; unused (-1) slots are dropped."""
+    g = torch.Generator().manual_seed(9)
+    B, G, Sq, n, NB, seg = 2, 2, 23, 3, 5, 4
+    idx = torch.randint(-1, NB, (B, G, Sq, n), generator=g)
+    qidx, owner, start, end = selected.block_segments(idx.to(DEVICE), NB, seg)
+    got = {}
+    for o, a, e in zip(owner.tolist(), start.tolist(), end.tolist()):
+        assert 0 < e - a <= seg
+        got.setdefault(o, []).extend(qidx[a:e].tolist())
+    want = {}
+    for b in range(B):
+        for gg in range(G):
+            for t in range(Sq):
+                for j in idx[b, gg, t].tolist():
+                    if j >= 0:
+                        want.setdefault((b * G + gg) * NB + j, []).append(t)
+    assert got == want
+
+
 # ------------------------------------------------------------------------ compressed attention
 # (dtype, B, G, r, Sq, q_start, D, l, d)
 CMP_CASES = [

@@ -16,6 +16,7 @@ Where RoPE goes (the paper does not say; this follows common practice and keeps 
 
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,8 @@ class NSAttention(nn.Module):
 
         auto: Triton on CUDA when importable (fp16/bf16/fp32) and it passes a one-time parity
         self-check on this device (else PyTorch, with a warning); torch: always ops; triton: the
-        kernels or a clear error (on CPU they need TRITON_INTERPRET=1, for tests only)."""
+        kernels or a clear error (on CPU they need TRITON_INTERPRET=1, for tests only).
+        With the kernels, the window branch uses the Triton window kernel unless NSA_WINDOW=sdpa."""
         impl = self.nsa.impl
         if impl == "torch" or (impl == "auto" and not q.is_cuda):
             return None
@@ -165,7 +167,10 @@ class NSAttention(nn.Module):
                 )
                 o_slc = ops.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start, slc_chunk)
         if use_win:
-            o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
+            if tk is not None and os.environ.get("NSA_WINDOW", "triton") == "triton":
+                o_win = tk.window_attention(q, *win_kv, nsa.window, q_start, win_start)
+            else:  # chunked SDPA (also what NSA_WINDOW=sdpa forces on CUDA, for comparison)
+                o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
         return (o_cmp, o_slc, o_win), idx
 
     def combine(self, x, outs) -> torch.Tensor:

@@ -8,6 +8,8 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
   group-centric selected-block attention, Triton forward + backward (autograd.Function);
 * compressed_attention(q, k_cmp, v_cmp, block, stride, q_start=0, chunk=None) -> (out, lse)
   compressed-branch attention, Triton forward + backward; lse [B,H,Sq] fp32 (-inf = no block);
+* window_attention(q, k, v, window, q_start=0, k_start=0, chunk=None) -> [B,H,Sq,D]
+  sliding-window attention over keys at positions (t - window, t], Triton forward + backward;
 * select_blocks(q, k_cmp, cmp_block, cmp_stride, slc_block, n_selected, q_start=0, chunk=None,
   *, lse=None) -> int64 [B,G,Sq,n], identical to ops.select_blocks;
 * available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
@@ -27,7 +29,7 @@ import os
 
 import torch
 
-__all__ = ["available", "selected_attention", "compressed_attention", "select_blocks"]
+__all__ = ["available", "selected_attention", "compressed_attention", "window_attention", "select_blocks"]
 
 
 def available() -> bool:
@@ -51,6 +53,9 @@ def __getattr__(name):  # lazy: importing this package never requires triton
     if name == "compressed_attention":
         from nsa.attention.triton.compressed import compressed_attention
         return compressed_attention
+    if name == "window_attention":
+        from nsa.attention.triton.window import window_attention
+        return window_attention
     if name == "select_blocks":
         from nsa.attention.triton.select import select_blocks
         return select_blocks

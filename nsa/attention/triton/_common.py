@@ -40,6 +40,15 @@ def num_warps(head_dim: int) -> int:
     return 4 if head_dim <= 64 else 8
 
 
+# Per-kernel num_warps overrides, e.g. {"selected_fwd": 2}: bench/bench_kernels.py sweeps these on
+# a GPU; production code leaves the dict empty.
+TUNING: dict[str, int] = {}
+
+
+def launch_warps(kernel: str, head_dim: int) -> int:
+    return TUNING.get(kernel) or num_warps(head_dim)
+
+
 def check_inputs(name: str, *tensors: torch.Tensor) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
     if dtype not in SUPPORTED_DTYPES:

@@ -24,10 +24,11 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nsa.attention.triton import compressed, select, selected
+    from nsa.attention.triton import compressed, select, selected, window
     from nsa.attention.triton._common import num_warps, pad_pow2
     from nsa.attention.triton.compressed import BM_MAX, BN as CMP_BN
     from nsa.attention.triton.select import BN as SEL_BN
+    from nsa.attention.triton.window import tile_sizes as win_tiles
 
     tl_types = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     ok = True
@@ -41,12 +42,23 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 rd = dict(R=group, D=D, D_PAD=pad_pow2(D))
                 slc = dict(rd, R_PAD=pad_pow2(group), BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
                 cmp_ = dict(rd, BM=BM_MAX, BN=CMP_BN, **dots)
+                win_bm, win_bn = win_tiles(4 if dtn == "fp32" else 2, D)
+                win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
                     (selected._slc_fwd_kernel, dict(qkv, IDX="*i64", O=t, LSE=f), slc),
-                    (selected._slc_bwd_kernel, dict(qkv, IDX="*i64", DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f), slc),
+                    (selected._slc_bwd_kernel, dict(qkv, IDX="*i64", DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
+                     dict(slc, DKV_ATOMIC=True)),
+                    (selected._slc_bwd_kernel, dict(qkv, IDX="*i64", DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
+                     dict(slc, DKV_ATOMIC=False)),
+                    (selected._slc_bwd_dkdv_kernel,
+                     dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, QIDX="*i32", SEG_OWNER="*i32", SEG_START="*i32",
+                          SEG_END="*i32"), dict({k: v for k, v in slc.items() if k != "R_PAD"}, BM=selected.BM_DKV)),
                     (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
                     (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
                     (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), cmp_),
+                    (window._win_fwd_kernel, dict(qkv, O=t, LSE=f), win),
+                    (window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), win),
+                    (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
                 ]
                 for compute_lse in (False, True):
                     jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f if not compute_lse else t, OUT=f),

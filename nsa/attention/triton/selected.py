@@ -9,12 +9,19 @@ r heads; tokens are causally clipped at t (tok <= t) and at the key length N.
 Forward: online softmax in fp32, writes O [B,H,Sq,D] (input dtype) and LSE [B,H,Sq] (fp32,
 natural log of the scaled scores, -inf for a query with no valid key -> zero output).
 
-Backward (flash-attention style recompute): delta = rowsum(dO * O) in fp32; per program
-p = exp(s - lse), dp = dO V^T, ds = p (dp - delta); dQ is owned by the program and written once;
-dK and dV are accumulated with `tl.atomic_add` into fp32 buffers [B,G,N,D] (several queries select
-the same block), then cast to the input dtype. Atomics make dK/dV summation order (and so the last
-bits of fp32 results) non-deterministic across runs; it is the simplest correct choice. A
-block-centric dK/dV pass (invert idx into per-block query lists) is the deterministic alternative.
+Backward (flash-attention style recompute): delta = rowsum(dO * O) in fp32; p = exp(s - lse),
+dp = dO V^T, ds = p (dp - delta). Two ways to get dK/dV, chosen by NSA_SLC_DKV (default "block"):
+* "block" (block-centric): dQ comes from the query-centric kernel (owned by its program, written
+  once); dK/dV from a second kernel with one program per segment of the queries that selected a
+  block. The (block -> queries) lists are the inverse of idx, built with one sort; each list is cut
+  into segments of at most SEG queries so that block 0 (selected by every query) and the local
+  blocks do not serialise on one program. A segment sums its queries in registers and adds the
+  result to fp32 dK/dV once, so atomics touch each element ~S*n/(N/l')/SEG times instead of once
+  per selecting query.
+* "atomic": one kernel; every (query, slot) adds its [l', D] contribution to fp32 dK/dV with
+  `tl.atomic_add`: S*n*l'*D atomics per group, contended on the forced blocks. Kept as the simple
+  reference and for benchmarking.
+Both orders of summation are not fixed run to run (atomics), so the last bits of fp32 dK/dV vary.
 
 Block sizes: slc_block may be any size (the token tile is padded to a power of two >= 16 and
 masked); head dim any size (padded likewise); r any positive integer.
@@ -23,12 +30,24 @@ masked); head dim any size (padded likewise); r any positive integer.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, launch_warps, pad_pow2
+
+DKV_MODES = ("block", "atomic")
+SEG = 256  # queries per dK/dV segment (block-centric backward)
+BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
+
+
+def dkv_mode() -> str:
+    mode = os.environ.get("NSA_SLC_DKV", "block")
+    if mode not in DKV_MODES:
+        raise ValueError(f"NSA_SLC_DKV={mode!r}: expected one of {', '.join(DKV_MODES)}")
+    return mode
 
 
 @triton.jit
@@ -106,7 +125,7 @@ def _slc_bwd_kernel(
     G, N, NSEL, q_start, scale,
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLK: tl.constexpr, BLK_PAD: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DKV_ATOMIC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -148,15 +167,108 @@ def _slc_bwd_kernel(
         v = tl.load(v_ptrs + start * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         p = tl.where(cmask[None, :] & rmask[:, None], tl.exp(s - lse[:, None]), 0.0)  # [R_PAD, BLK_PAD]
-        dv_blk = tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)  # [BLK_PAD, D_PAD]
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
         dq += tl.dot(ds, k, input_precision=PREC)
-        dk_blk = tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
-        tl.atomic_add(DK + dkv_ptrs + start * D, dk_blk, mask=kv_mask)
-        tl.atomic_add(DV + dkv_ptrs + start * D, dv_blk, mask=kv_mask)
+        if DKV_ATOMIC:
+            dv_blk = tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)  # [BLK_PAD, D_PAD]
+            dk_blk = tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
+            tl.atomic_add(DK + dkv_ptrs + start * D, dk_blk, mask=kv_mask)
+            tl.atomic_add(DV + dkv_ptrs + start * D, dv_blk, mask=kv_mask)
 
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rd_mask)
+
+
+@triton.jit
+def _slc_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, SEG_OWNER, SEG_START, SEG_END,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_db, s_dh, s_dt, s_dd,
+    G, N, NB, Sq, q_start, scale,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLK: tl.constexpr, BLK_PAD: tl.constexpr, BM: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per segment of the queries that selected one block (block-centric dK/dV).
+    QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block."""
+    pid = tl.program_id(0)
+    owner = tl.load(SEG_OWNER + pid).to(tl.int64)
+    q_lo = tl.load(SEG_START + pid).to(tl.int64)
+    q_hi = tl.load(SEG_END + pid).to(tl.int64)
+    bg = owner // NB
+    blk = owner % NB
+    b = bg // G
+    g = bg % G
+    start = blk * BLK
+
+    offs_n = tl.arange(0, BLK_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_m = tl.arange(0, BM)
+    dmask = offs_d < D
+    tok = start + offs_n
+    nmask = (offs_n < BLK) & (tok < N)
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b * s_kb + g * s_kg + tok[:, None] * s_kn + offs_d[None, :] * s_kd,
+                mask=kv_mask, other=0.0).to(DOT_T)
+    v = tl.load(V + b * s_vb + g * s_vg + tok[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=kv_mask, other=0.0).to(DOT_T)
+
+    dk = tl.zeros([BLK_PAD, D_PAD], tl.float32)
+    dv = tl.zeros([BLK_PAD, D_PAD], tl.float32)
+    H = G * R
+    for m0 in range(q_lo, q_hi, BM):
+        mmask = m0 + offs_m < q_hi
+        tq = tl.load(QIDX + m0 + offs_m, mask=mmask, other=0).to(tl.int64)  # [BM] query indices
+        valid = mmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])  # [BM, BLK_PAD]
+        md_mask = mmask[:, None] & dmask[None, :]
+        for hh in range(0, R):
+            h = g * R + hh
+            q = tl.load(Q + b * s_qb + h * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
+                        mask=md_mask, other=0.0).to(DOT_T)
+            do = tl.load(DO + b * s_db + h * s_dh + tq[:, None] * s_dt + offs_d[None, :] * s_dd,
+                         mask=md_mask, other=0.0).to(DOT_T)
+            row = (b * H + h) * Sq + tq
+            lse = tl.load(LSE + row, mask=mmask, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [BM, BLK_PAD]
+            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
+    tl.atomic_add(DK + out, dk * scale, mask=kv_mask)
+    tl.atomic_add(DV + out, dv, mask=kv_mask)
+
+
+def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
+    """Invert idx [B,G,Sq,n] (-1 = unused) into per-block query lists, cut into segments.
+
+    Returns (qidx int32 [n_valid]: query indices grouped by owner = (b*G + g)*n_blocks + block,
+    ascending within an owner; seg_owner, seg_start, seg_end int32 [n_segments]: each segment's
+    owner and its [start, end) range in qidx, at most `seg` queries)."""
+    seg = seg or SEG
+    B, G, Sq, n = idx.shape
+    dev = idx.device
+    blk = idx.reshape(B * G, Sq * n).long()
+    owner = torch.arange(B * G, device=dev)[:, None] * n_blocks + blk.clamp_min(0)
+    sentinel = B * G * n_blocks  # unused slots sort last and are dropped
+    owner = torch.where(blk >= 0, owner, sentinel).reshape(-1)
+    order = torch.sort(owner, stable=True).indices  # stable: queries stay ascending per block
+    counts = torch.bincount(owner, minlength=sentinel + 1)[:sentinel]
+    n_valid = int(counts.sum())
+    qidx = ((order[:n_valid] % (Sq * n)) // n).to(torch.int32)
+    first = torch.cumsum(counts, 0) - counts
+    n_seg = (counts + seg - 1) // seg
+    seg_owner = torch.repeat_interleave(torch.arange(sentinel, device=dev), n_seg)
+    seg_first = torch.cumsum(n_seg, 0) - n_seg
+    within = torch.arange(seg_owner.numel(), device=dev) - seg_first[seg_owner]
+    seg_start = first[seg_owner] + within * seg
+    seg_end = torch.minimum(seg_start + seg, first[seg_owner] + counts[seg_owner])
+    return qidx, seg_owner.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
 
 
 def _meta(q, k, slc_block):
@@ -182,27 +294,42 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0):
         *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *out.stride(),
         m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
         R=m["r"], R_PAD=m["R_PAD"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
-        **dot_config(q.dtype), num_warps=num_warps(m["D"]),
+        **dot_config(q.dtype), num_warps=launch_warps("selected_fwd", m["D"]),
     )
     return out, lse
 
 
-def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0):
+def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None):
+    """(dq, dk, dv); mode "block" or "atomic" (default: NSA_SLC_DKV, else "block")."""
     m = _meta(q, k, slc_block)
+    mode = mode or dkv_mode()
     do = grad_out
     delta = (do.float() * out.float()).sum(-1).contiguous()  # [B,H,Sq] fp32
     dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
     dk = torch.zeros(m["B"], m["G"], m["N"], m["D"], dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if m["Sq"] > 0:
-        grid = (m["Sq"], m["B"] * m["G"])
-        _slc_bwd_kernel[grid](
+        strides = (*q.stride(), *k.stride(), *v.stride())
+        consts = dict(R=m["r"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
+                      **dot_config(q.dtype))
+        atomic = mode == "atomic"
+        _slc_bwd_kernel[(m["Sq"], m["B"] * m["G"])](
             q, k, v, idx, do, lse, delta, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *do.stride(),
+            *strides, *idx.stride(), *do.stride(),
             m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
-            R=m["r"], R_PAD=m["R_PAD"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
-            **dot_config(q.dtype), num_warps=num_warps(m["D"]),
+            R_PAD=m["R_PAD"], DKV_ATOMIC=atomic, **consts,
+            num_warps=launch_warps("selected_bwd_atomic" if atomic else "selected_bwd_dq", m["D"]),
         )
+        if not atomic:
+            n_blocks = triton.cdiv(m["N"], int(slc_block))
+            qidx, seg_owner, seg_start, seg_end = block_segments(idx, n_blocks)
+            if seg_owner.numel():
+                _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
+                    q, k, v, do, lse, delta, dk, dv, qidx, seg_owner, seg_start, seg_end,
+                    *strides, *do.stride(),
+                    m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
+                    BM=BM_DKV, **consts, num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
+                )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

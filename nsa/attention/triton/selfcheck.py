@@ -2,7 +2,7 @@
 
 The kernels are tested in CI through the interpreter, but a new GPU, driver or Triton build can
 still miscompile. Before the first NSA forward on a device, `kernels_ok(device, dtype)` runs the
-three kernels on small random inputs against the PyTorch branches (nsa.attention.ops), forward
+kernels (compressed, selection, selected, window) on small random inputs against the PyTorch branches (nsa.attention.ops), forward
 and gradients, and remembers the verdict for the process. The layer falls back to PyTorch (with a
 warning) when it fails, so `model.nsa.impl: auto` is never silently wrong.
 """
@@ -41,9 +41,12 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
     idx_r = ops.select_blocks(q, kc, l, d, lp, n)
     s_t = tk.selected_attention(q, k, v, idx_r, lp)
     s_r = ops.selected_attention(q, k, v, idx_r, lp)
+    w_t = tk.window_attention(q, k, v, 40)
+    w_r = ops.window_attention(q, k, v, 40)
     go = torch.randn(o_r.shape, generator=g).to(device=device, dtype=dtype)
-    checks = [("compressed forward", o_t, o_r), ("selected forward", s_t, s_r)]
-    for name, out_t, out_r, inputs in (("compressed", o_t, o_r, (q, kc, vc)), ("selected", s_t, s_r, (q, k, v))):
+    checks = [("compressed forward", o_t, o_r), ("selected forward", s_t, s_r), ("window forward", w_t, w_r)]
+    for name, out_t, out_r, inputs in (("compressed", o_t, o_r, (q, kc, vc)), ("selected", s_t, s_r, (q, k, v)),
+                                       ("window", w_t, w_r, (q, k, v))):
         for i, (a, b) in enumerate(zip(torch.autograd.grad(out_t, inputs, go), torch.autograd.grad(out_r, inputs, go))):
             checks.append((f"{name} grad {i}", a, b))
     for name, a, b in checks:

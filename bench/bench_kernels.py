@@ -1,0 +1,168 @@
+"""Where NSA's attention time goes on a GPU: each Triton kernel timed alone, with its variants.
+
+    python bench/bench_kernels.py --device cuda                          # m7c and paper, 16k and 64k
+    python bench/bench_kernels.py --layout paper --seq-lens 65536 --json-only
+
+Per (layout, seq_len), bf16, batch 1, random inputs (selection from random q and compressed keys,
+so blocks are spread as at initialisation), timed with triton.testing.do_bench (median, CUDA events):
+  cmp_fwd / cmp_bwd     compressed attention (forward returns the LSE) / its backward
+  select                block scoring + top-n from that LSE
+  slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8")
+  slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
+                        slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
+                        index, its sort included), with num_warps variants for the block kernels
+  win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
+                        "triton" (nsa.attention.triton.window_attention) when that kernel exists
+  full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
+"bwd" rows time the backward alone (the forward ran before, outside the timed region).
+
+One JSON line per measurement: kernel, variant, layout, seq_len, ms, device, dtype, plus "error" when
+it failed (an out-of-memory or compile failure is a row, not a crash). Then a table: one line per
+kernel, the fastest variant first. Which variant is fastest feeds the defaults in
+nsa/attention/triton (num_warps, NSA_SLC_DKV) and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import traceback
+
+from common import device_name
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from nsa.attention import ops  # noqa: E402
+from nsa.attention.blocks import num_cmp_blocks  # noqa: E402
+
+LAYOUTS = {"m7c": (12, 2, 64), "paper": (64, 4, 128)}  # (query heads, KV heads, head dim)
+L, D_STRIDE, LP, N_SEL, WINDOW = 32, 16, 64, 16, 512
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def rows_for(layout: str, S: int, device: str):
+    """Yield one dict per (kernel, variant) measurement."""
+    from nsa.attention import triton as tk
+    from nsa.attention.triton import _common, selected
+    from nsa.attention.triton.compressed import compressed_backward
+
+    HQ, G, D = LAYOUTS[layout]
+    dt = torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dt)
+
+    q = rnd(1, S, HQ, D).transpose(1, 2)  # the layer's layout: a view of [B, S, H, D]
+    k, v = rnd(1, G, S, D), rnd(1, G, S, D)
+    n_cmp = num_cmp_blocks(S, L, D_STRIDE)
+    kc, vc = rnd(1, G, n_cmp, D), rnd(1, G, n_cmp, D)
+    go = rnd(1, HQ, S, D)
+
+    def tuned(kernel: str, warps: int | None, fn):
+        _common.TUNING.clear()
+        if warps:
+            _common.TUNING[kernel] = warps
+        try:
+            return bench(fn)
+        finally:
+            _common.TUNING.clear()
+
+    o_cmp, lse = tk.compressed_attention(q, kc, vc, L, D_STRIDE)
+    yield "cmp_fwd", "triton", lambda: bench(lambda: tk.compressed_attention(q, kc, vc, L, D_STRIDE))
+    yield "cmp_bwd", "triton", lambda: bench(lambda: compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE))
+    yield "select", "triton", lambda: bench(lambda: tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse))
+    idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
+    for w in (2, 4, 8):
+        yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))
+    o_slc, lse_slc = selected.selected_forward(q, k, v, idx, LP)
+    yield "slc_bwd", "atomic", lambda: bench(
+        lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="atomic"))
+    for kernel, w in (("selected_bwd_dkdv", None), ("selected_bwd_dkdv", 8 if D <= 64 else 4),
+                      ("selected_bwd_dq", 2)):
+        name = "block" if w is None else f"block_{kernel.rsplit('_', 1)[-1]}_w{w}"
+        yield "slc_bwd", name, lambda kernel=kernel, w=w: tuned(kernel, w, lambda: selected.selected_backward(
+            q, k, v, idx, o_slc, lse_slc, go, LP, mode="block"))
+    yield "slc_bwd", "block_index_only", lambda: bench(
+        lambda: selected.block_segments(idx, math.ceil(S / LP)))
+
+    win_impls = {"sdpa": lambda *a: ops.window_attention(*a, WINDOW)}
+    if hasattr(tk, "window_attention"):
+        win_impls["triton"] = lambda *a: tk.window_attention(*a, WINDOW)
+    for name, fn in win_impls.items():
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        yield "win_fwd", name, lambda fn=fn: bench(lambda: fn(q, k, v))
+        yield "win_bwd", name, lambda fn=fn, qg=qg, kg=kg, vg=vg: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go)
+
+    qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def full(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+
+    yield "full_fwd", "sdpa", lambda: bench(lambda: full(q, k, v))
+    yield "full_bwd", "sdpa", lambda: _bwd_time(full(qf, kf, vf), (qf, kf, vf), go)
+
+
+def _bwd_time(out: torch.Tensor, inputs, go) -> float:
+    return bench(lambda: torch.autograd.grad(out, inputs, go, retain_graph=True))
+
+
+def print_table(rows: list[dict]) -> None:
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["layout"], r["seq_len"], r["kernel"]), []).append(r)
+    print(f"\n== NSA kernels, {rows[0]['device']}, {rows[0]['dtype']}, batch 1 (ms, median; fastest variant first) ==")
+    for (layout, S, kernel), rs in by.items():
+        ok = sorted((r for r in rs if r.get("ms") is not None), key=lambda r: r["ms"])
+        cells = [f"{r['variant']} {r['ms']:.3f}" for r in ok] + [f"{r['variant']} ERROR" for r in rs if r.get("ms") is None]
+        print(f"{layout:6} S={S:<6} {kernel:9} " + " | ".join(cells))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layout", default="both", choices=["m7c", "paper", "both"])
+    ap.add_argument("--seq-lens", default="16384,65536")
+    ap.add_argument("--json-only", action="store_true")
+    args = ap.parse_args()
+    if args.device != "cuda" or not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (the kernels' CPU interpreter is for correctness only)", file=sys.stderr)
+        return 2
+    layouts = ["m7c", "paper"] if args.layout == "both" else [args.layout]
+    rows, failed = [], False
+    for layout in layouts:
+        for S in (int(s) for s in args.seq_lens.split(",")):
+            base = dict(layout=layout, seq_len=S, device=device_name("cuda"), dtype="bf16")
+            try:
+                for kernel, variant, timer in rows_for(layout, S, "cuda"):
+                    row = dict(kernel=kernel, variant=variant, **base)
+                    try:
+                        row["ms"] = round(timer(), 4)
+                    except Exception as e:  # noqa: BLE001 - a failed variant is a row
+                        row.update(ms=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+                        failed |= not isinstance(e, torch.cuda.OutOfMemoryError)
+                        traceback.print_exc(limit=3)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            except Exception as e:  # noqa: BLE001 - setup failed (e.g. OOM): record and go on
+                row = dict(kernel="setup", variant="-", ms=None, error=f"{type(e).__name__}: {str(e)[:300]}", **base)
+                failed |= not isinstance(e, torch.cuda.OutOfMemoryError)
+                traceback.print_exc(limit=5)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    if rows and not args.json_only:
+        print_table(rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

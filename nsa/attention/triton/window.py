@@ -1,0 +1,307 @@
+"""Sliding-window attention (NSA window branch) in Triton, forward and backward.
+
+Query t (absolute position q_start + i) attends to the keys at positions p with
+t - window < p <= t that exist: k/v [B,G,N,D] hold positions k_start .. k_start + N - 1
+(k_start > 0 for a bounded decode cache). A query with no such key gets a zero output, LSE = -inf
+and zero gradients (as nsa.attention.ops.window_attention).
+
+Kernels (flash-attention style, fp32 softmax statistics, same conventions as compressed.py):
+* forward: one program per (query tile of BM queries, batch x query head); loops over key tiles
+  of BN over the tile's band only, key indices [max(0, t_first - window + 1 - k_start),
+  min(N, t_last + 1 - k_start)); writes O and LSE [B,H,Sq] fp32, kept for the backward;
+* backward dQ: same grid and band, recomputes p = exp(s - LSE); delta = rowsum(dO * O);
+* backward dK/dV: one program per (key tile of BN keys, batch x KV group), looping over the r
+  query heads of the group and the query tiles that can see the tile (query positions
+  [p_first, p_last + window - 1]); accumulates in fp32 registers, no atomics (deterministic).
+
+Tiles (`tile_sizes`): BM = BN = 64, each capped at the next power of two >= 16 of Sq / N so
+that tiny and decode calls do not pad to 64. A program touches about (BM + window) / BN key tiles,
+so with the paper's window 512 the band dominates; 64 x 64 keeps the fully masked part of the two
+diagonal tiles small while the dots still fill the tensor cores (the flash-attention 2 size).
+fp32 with head dim > 64 uses 32 x 32: at 64 x 64 the backward kernels need ~214 KB of shared
+memory on sm80 (aot_check), above the A100's 163 KB per block. Not tuned on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
+
+BM_MAX, BN_MAX = 64, 64
+
+
+def tile_sizes(elem_bytes: int, head_dim: int) -> tuple[int, int]:
+    """(BM, BN) caps before clamping to the problem size; see the module docstring."""
+    return (32, 32) if elem_bytes * pad_pow2(head_dim) > 256 else (BM_MAX, BN_MAX)
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, O, LSE,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_ob, s_oh, s_ot, s_od,
+    H, Sq, N, q_start, k_start, window, scale,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    g = h // R
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = offs_m < Sq
+    dmask = offs_d < D
+    t = q_start + offs_m  # [BM] absolute query positions
+    # the tile's band in key-index space [n_lo, n_hi)
+    n_lo = tl.maximum(q_start + pid_m * BM - window + 1 - k_start, 0)
+    n_hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Sq) - k_start, N)
+
+    md_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=md_mask, other=0.0).to(DOT_T)
+    k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D_PAD], tl.float32)
+    for n0 in range(n_lo, n_hi, BN):
+        nin = (n0 + offs_n) < n_hi
+        nd_mask = nin[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        kpos = k_start + n0 + offs_n
+        valid = nin[None, :] & (kpos[None, :] <= t[:, None]) & (kpos[None, :] > t[:, None] - window)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=md_mask)
+    tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
+
+
+@triton.jit
+def _win_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_db, s_dh, s_dt, s_dd,
+    H, Sq, N, q_start, k_start, window, scale,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    g = h // R
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = offs_m < Sq
+    dmask = offs_d < D
+    t = q_start + offs_m
+    n_lo = tl.maximum(q_start + pid_m * BM - window + 1 - k_start, 0)
+    n_hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Sq) - k_start, N)
+
+    md_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=md_mask, other=0.0).to(DOT_T)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :] * s_dd,
+                 mask=md_mask, other=0.0).to(DOT_T)
+    row = (b * H + h) * Sq + offs_m
+    lse = tl.load(LSE + row, mask=mmask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+    k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+    v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+
+    dq = tl.zeros([BM, D_PAD], tl.float32)
+    for n0 in range(n_lo, n_hi, BN):
+        nin = (n0 + offs_n) < n_hi
+        nd_mask = nin[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        kpos = k_start + n0 + offs_n
+        valid = (nin[None, :] & mmask[:, None] & (kpos[None, :] <= t[:, None])
+                 & (kpos[None, :] > t[:, None] - window))
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+        dq += tl.dot(ds, k, input_precision=PREC)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _win_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    s_db, s_dh, s_dt, s_dd,
+    G, Sq, N, q_start, k_start, window, scale,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = (pid_bg % G).to(tl.int64)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_m0 = tl.arange(0, BM)
+    offs_d = tl.arange(0, D_PAD)
+    nmask = offs_n < N
+    dmask = offs_d < D
+    nd_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                mask=nd_mask, other=0.0).to(DOT_T)
+    v = tl.load(V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=nd_mask, other=0.0).to(DOT_T)
+    kpos = k_start + offs_n
+    # query indices that see a key of the tile: positions [p_first, p_last + window - 1]
+    m_lo = tl.maximum(k_start + n0 - q_start, 0)
+    m_hi = tl.minimum(k_start + tl.minimum(n0 + BN, N) - 1 + window - q_start, Sq)
+
+    dk = tl.zeros([BN, D_PAD], tl.float32)
+    dv = tl.zeros([BN, D_PAD], tl.float32)
+    H = G * R
+    for hh in range(0, R):
+        h = g * R + hh
+        q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
+        do_base = DO + b * s_db + h * s_dh + offs_d[None, :] * s_dd
+        for m0 in range(m_lo, m_hi, BM):
+            offs_m = m0 + offs_m0
+            mmask = offs_m < m_hi
+            md_mask = mmask[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
+            do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
+            row = (b * H + h) * Sq + offs_m
+            lse = tl.load(LSE + row, mask=mmask, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+            t = q_start + offs_m
+            valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
+                     & (kpos[None, :] > t[:, None] - window))
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
+            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    out_rows = (b * G + g) * N + offs_n  # DK/DV: contiguous [B, G, N, D]
+    tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+def _meta(q, k):
+    B, H, Sq, D = q.shape
+    G, N = k.shape[1], k.shape[2]
+    bm, bn = tile_sizes(q.element_size(), D)
+    return dict(B=B, H=H, Sq=Sq, D=D, G=G, N=N, R=H // G, D_PAD=pad_pow2(D),
+                BM=min(bm, pad_pow2(Sq)), BN=min(bn, pad_pow2(N)))
+
+
+def _geom(m, window, q_start, k_start):
+    return (m["Sq"], m["N"], int(q_start), int(k_start), int(window), 1.0 / math.sqrt(m["D"]))
+
+
+def _consts(m, dtype):
+    return dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(dtype),
+                num_warps=num_warps(m["D"]))
+
+
+def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0):
+    """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32, -inf where a query has no key)."""
+    m = _meta(q, k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
+    if m["N"] == 0 or m["Sq"] == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    grid = (triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
+    _win_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        m["H"], *_geom(m, window, q_start, k_start), **_consts(m, q.dtype),
+    )
+    return out, lse
+
+
+def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, k_start: int = 0):
+    m = _meta(q, k)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=q.device)
+    if m["N"] == 0 or m["Sq"] == 0:
+        return dq, dk, dv
+    do = grad_out
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B,H,Sq] fp32
+    geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _win_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
+        q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
+    _win_bwd_dkdv_kernel[(triton.cdiv(m["N"], m["BN"]), m["B"] * m["G"])](
+        q, k, v, do, lse, delta, dk, dv, *strides, m["G"], *geom, **consts)
+    return dq, dk, dv
+
+
+class WindowAttention(torch.autograd.Function):
+    """Triton sliding-window attention; saves q, k, v, out and the fp32 LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, q_start: int, k_start: int):
+        out, lse = window_forward(q, k, v, window, q_start, k_start)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.geom = (window, q_start, k_start)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = window_backward(q, k, v, out, lse, grad_out, *ctx.geom)
+        return dq, dk, dv, None, None, None
+
+
+def window_attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0, chunk: int | None = None):
+    """Same contract as nsa.attention.ops.window_attention (`chunk` is accepted and ignored).
+
+    q [B,H,Sq,D] at positions q_start..; k/v [B,G,N,D] at positions k_start .. k_start + N - 1;
+    query t attends to the keys at positions (t - window, t]; a query with none gets zeros."""
+    check_inputs("window_attention", q, k, v)
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"nsa triton window_attention: expected q [B,H,Sq,D] and k, v [B,G,N,D] of one shape, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"nsa triton window_attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
+                         "in batch or head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"nsa triton window_attention: {q.shape[1]} query heads not a multiple of "
+                         f"{k.shape[1]} KV groups")
+    if int(window) < 1:
+        raise ValueError(f"nsa triton window_attention: window must be >= 1, got {window}")
+    if int(q_start) < 0 or int(k_start) < 0:
+        raise ValueError(f"nsa triton window_attention: q_start and k_start must be >= 0, "
+                         f"got {q_start}, {k_start}")
+    return WindowAttention.apply(q, k, v, int(window), int(q_start), int(k_start))

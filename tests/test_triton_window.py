@@ -1,0 +1,134 @@
+"""Parity of the Triton sliding-window kernels (nsa/attention/triton/window.py) with
+nsa.attention.ops.window_attention: forward and dq/dk/dv under a random upstream gradient.
+
+Without CUDA the kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below
+before triton is imported, as in tests/test_triton_kernels.py); shapes are tiny. Covered: float32
+(<= 1e-4 relative max error) and bfloat16 (<= 2e-2), ragged S, GQA r in {1, 2, 6, 16}, head dims
+16 and 24, window < S and >= S, a strided q, batch 2, decode over a bounded cache (q_start > 0,
+k_start > 0), a query chunk with q_start > 0, queries with no key at all (zero output and grads);
+three of these again with 16/32-row tiles (several tiles per head: the band bounds matter);
+on CUDA, realistic shapes (S = 1024 / 2048, window 512).
+
+Run: .venv/bin/python -m pytest tests/test_triton_window.py -q
+"""
+
+import os
+
+import pytest
+import torch
+
+_SET_HERE = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+if _SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from nsa.attention import triton as nsa_triton
+    from nsa.attention.triton import window as win_mod  # decorate the kernels now
+
+    DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    AVAILABLE = nsa_triton.available()
+finally:
+    if _SET_HERE:
+        del os.environ["TRITON_INTERPRET"]
+
+from nsa.attention import ops  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+F32, BF16 = torch.float32, torch.bfloat16
+
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="triton kernels unavailable here")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def randn(*shape, dtype, seed, grad=True, strided=False):
+    """Random tensor on DEVICE; strided=True gives a [B, S, H, D].transpose(1, 2) view."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        B, H, S, D = shape
+        x = torch.randn(B, S, H, D, generator=g).to(device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        x = torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+    return x.requires_grad_(grad)
+
+
+def run_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided=False):
+    q = randn(B, G * r, Sq, D, dtype=dtype, seed=1, strided=strided)
+    k = randn(B, G, N, D, dtype=dtype, seed=2)
+    v = randn(B, G, N, D, dtype=dtype, seed=3)
+    out = nsa_triton.window_attention(q, k, v, window, q_start, k_start)
+    ref = ops.window_attention(q, k, v, window, q_start, k_start)
+    assert out.shape == ref.shape and out.dtype == dtype
+    go = randn(*ref.shape, dtype=dtype, seed=4, grad=False)
+    got = (out, *torch.autograd.grad(out, (q, k, v), go))
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), go))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        err = rel_err(a, b)
+        assert err <= TOL[dtype], f"{name}: relative max error {err:.2e} > {TOL[dtype]:.0e}"
+    return out, got[1:]
+
+
+# (dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided q)
+CASES = [
+    (F32, 1, 2, 1, 37, 0, 0, 37, 16, 8, False),  # r=1, ragged S, window < S
+    (F32, 2, 1, 2, 50, 0, 0, 50, 24, 16, False),  # batch 2, head dim 24 (padded to 32)
+    (F32, 1, 1, 6, 45, 0, 0, 45, 16, 64, False),  # window >= S: plain causal attention
+    (F32, 1, 1, 16, 37, 0, 0, 37, 16, 16, True),  # q = [B,S,H,D].transpose(1, 2)
+    (F32, 1, 1, 2, 20, 30, 22, 28, 16, 8, False),  # a query chunk at 30..49 over keys 22..49
+    (BF16, 1, 2, 2, 50, 0, 0, 50, 16, 8, False),
+    (BF16, 1, 1, 6, 37, 0, 0, 37, 16, 16, False),
+    (BF16, 1, 1, 16, 40, 0, 0, 40, 16, 64, True),
+    (F32, 1, 2, 6, 1, 70, 55, 16, 16, 16, False),  # decode: bounded cache = the last `window` keys
+    (BF16, 1, 1, 16, 1, 45, 38, 8, 24, 8, False),
+]
+
+
+@pytest.mark.parametrize("dtype,B,G,r,Sq,q_start,k_start,N,D,window,strided", CASES)
+def test_window_attention_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided):
+    run_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided)
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("dtype,B,G,r,Sq,q_start,k_start,N,D,window,strided", [CASES[0], CASES[4], CASES[5]])
+def test_window_attention_small_tiles(monkeypatch, bm, bn, dtype, B, G, r, Sq, q_start, k_start, N, D, window,
+                                      strided):
+    """Several query and key tiles per head, so the band bounds (first/last key tile of a query
+    tile, query tiles of a key tile, unaligned starts) are exercised at these small sizes."""
+    monkeypatch.setattr(win_mod, "BM_MAX", bm)
+    monkeypatch.setattr(win_mod, "BN_MAX", bn)
+    run_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided)
+
+
+def test_window_attention_query_without_keys():
+    """Queries 2..4 lie before the first key (position 5): zero output and zero dq, as in ops."""
+    out, (dq, _, _) = run_parity(F32, 1, 1, 2, 6, 2, 5, 10, 16, 4)
+    assert out[:, :, :3].abs().max() == 0 and dq[:, :, :3].abs().max() == 0
+    assert out[:, :, 3:].abs().min() > 0
+
+
+def test_window_attention_rejects_bad_inputs():
+    q = randn(1, 3, 8, 16, dtype=F32, seed=0, grad=False)
+    k = randn(1, 2, 8, 16, dtype=F32, seed=0, grad=False)
+    with pytest.raises(ValueError, match="multiple"):
+        nsa_triton.window_attention(q, k, k, 4)
+    with pytest.raises(ValueError, match="window"):
+        nsa_triton.window_attention(q, k[:, :1], k[:, :1], 0)
+    with pytest.raises(TypeError, match="dtype"):
+        nsa_triton.window_attention(q.double(), k.double(), k.double(), 4)
+
+
+# ------------------------------------------------------------------ larger shapes, GPU only
+@pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
+@pytest.mark.parametrize("dtype,G,r,S,D", [(BF16, 2, 6, 2048, 64), (F32, 2, 6, 2048, 64), (BF16, 4, 16, 1024, 128)])
+def test_window_attention_realistic_cuda(dtype, G, r, S, D):
+    run_parity(dtype, 1, G, r, S, 0, 0, S, D, 512, strided=True)
