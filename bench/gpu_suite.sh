@@ -11,14 +11,18 @@
 #                            GPU (not the interpreter)
 #   kernels             100  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
-#   attention_paper     130  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
-#                            core, 4k..64k, nsa vs full vs fla-core's parallel_nsa (when importable)
-#   attention_m7c       120  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full
-#   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full (tokens/s, MFU, memory)
+#   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
+#                            core, 4k..64k, nsa vs full
+#   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full
+#   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full
+#                            (tokens/s, MFU, peak memory)
 #   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   decode               60  bench_decode: 8k..64k
+#   attention_fla       120  bench_attention: paper layout core, nsa vs fla-core's parallel_nsa (when
+#                            importable); its own step because fla's first backward at 8k ran for over
+#                            100 s on an H100 (autotuning) and took the paper rows down with it
 #   demo_64k             90  scripts/demo_64k.py (needle at 4k, 16k, 64k)
-#   train_compile       180  bench_train: seq 4096 and 16384 with torch.compile
+#   train_compile       240  bench_train: seq 4096 and 16384 with torch.compile
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
 # Exit status 0 when every step ran and passed, else 1 (the files are written either way).
 #
@@ -181,7 +185,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,decode,demo_64k,train_compile,attention_m7c_core,"
+STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -200,9 +204,10 @@ step kernel_tests 120 - \
     tests/test_triton_window.py -k "not compile_for_sm90"
 step kernels 100 kernels \
     "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
-step attention_paper 130 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS"
-step attention_m7c 120 attention \
+step attention_paper 90 attention \
+    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
+    --impls nsa,full
+step attention_m7c 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS"
 step train_4096 90 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3
@@ -210,9 +215,12 @@ step train_16384 90 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2
 step decode 60 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --steps 20
+step attention_fla 120 attention \
+    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
+    --impls nsa,fla
 step demo_64k 90 demo \
     "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
-step train_compile 180 train \
+step train_compile 240 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096,16384 --batch-tokens 32768 --compile 1 --steps 8 --warmup 3
 step attention_m7c_core 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope core --seq-lens $SEQS --repeats "$REPS"

@@ -114,6 +114,7 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_kernels.py --device cuda",
                    "bench/bench_attention.py --device cuda --layout m7c --scope layer",
                    "bench/bench_attention.py --device cuda --layout paper --scope core",
+                   "--impls nsa,full", "--impls nsa,fla",
                    "bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0",
                    "bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0",
                    "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
@@ -145,7 +146,7 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    status = {line.split()[0]: line for line in summary.splitlines()[-10:]}
+    status = {line.split()[0]: line for line in summary.splitlines()[-11:]}
     assert all(" ok " in status[s] for s in ("kernel_tests", "kernels", "attention_paper"))
     assert "FAILED (rc=3)" in status["attention_m7c"] and "TIMED OUT" in status["train_4096"]
     assert "skipped (budget" in status["decode"] and "skipped (budget" in status["attention_m7c_core"]

@@ -215,6 +215,19 @@ def test_compressed_attention_parity(dtype, B, G, r, Sq, q_start, D, l, d):
     check_grads(out, ref, (q, kc, vc), dtype)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_compressed_attention_dkdv_segments(monkeypatch, dtype):
+    """Long sequences split the compressed dK/dV pass into query segments whose partial sums are
+    added atomically: same gradients as ops (here 2 segments of 64 queries)."""
+    monkeypatch.setattr(compressed, "QSEG", 64)
+    B, G, r, S, D, l, d = 1, 1, 2, 100, 16, 8, 4
+    q = randn(B, G * r, S, D, dtype=dtype, seed=51)
+    kc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=dtype, seed=52)
+    vc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=dtype, seed=53)
+    out, _ = nsa_triton.compressed_attention(q, kc, vc, l, d)
+    check_grads(out, ops.compressed_attention(q, kc, vc, l, d), (q, kc, vc), dtype)
+
+
 # --------------------------------------------------------------------------------- selection
 # (B, G, r, Sq, q_start, l, d, l', n)
 SEL_CASES = [

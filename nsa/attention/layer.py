@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nsa.attention import ops
 from nsa.attention.blocks import num_cmp_blocks
@@ -29,6 +30,7 @@ from nsa.config import ModelConfig
 from nsa.errors import UserError
 
 BRANCHES = ("cmp", "slc", "win")
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class BlockCompressor(nn.Module):
@@ -142,6 +144,10 @@ class NSAttention(nn.Module):
             )
         return None
 
+    # torch.compile: the branches run eagerly (a graph break). Dynamo cannot trace the kernels'
+    # self-check and Inductor failed to re-compile the Triton kernels inside a graph (H100, torch
+    # 2.11), which sent `auto` to the slow PyTorch path; projections, phi, gates and MLPs still compile.
+    @torch.compiler.disable
     def branches(self, q, cmp_kv, slc_kv, win_kv, q_start: int = 0, win_start: int = 0):
         """The three branch outputs [B, H, Sq, Dh] for queries at q_start.. against keys from 0
         (cmp, slc) and from win_start (window)."""
@@ -235,7 +241,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.project(x, rope, start=cache.length)
         cache.append(k, v)
         k_all, v_all = cache.kv()
-        o = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_kv != self.n_heads)
+        # Not cuDNN: its attention plans a graph per key length, i.e. on every decode step (a flat
+        # ~40 ms per step at 8k..64k on an H100 with torch 2.11, BENCHMARKS.md).
+        with sdpa_kernel(DECODE_BACKENDS):
+            o = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_kv != self.n_heads)
         cache.tokens_read = k_all.shape[2]
         return self.wo(o.transpose(1, 2).reshape(B, 1, -1))
 

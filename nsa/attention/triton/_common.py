@@ -40,13 +40,21 @@ def num_warps(head_dim: int) -> int:
     return 4 if head_dim <= 64 else 8
 
 
-# Per-kernel num_warps overrides, e.g. {"selected_fwd": 2}: bench/bench_kernels.py sweeps these on
+# num_warps measured best on an H100 (bench/bench_kernels.py, BENCHMARKS.md), as
+# (head dim <= 64, head dim > 64); other kernels use num_warps(head_dim).
+MEASURED_WARPS = {"selected_fwd": (2, 4), "selected_bwd_dq": (2, 2), "selected_bwd_dkdv": (4, 4)}
+
+# Per-kernel num_warps overrides, e.g. {"selected_fwd": 8}: bench/bench_kernels.py sweeps these on
 # a GPU; production code leaves the dict empty.
 TUNING: dict[str, int] = {}
 
 
 def launch_warps(kernel: str, head_dim: int) -> int:
-    return TUNING.get(kernel) or num_warps(head_dim)
+    if kernel in TUNING:
+        return TUNING[kernel]
+    if kernel in MEASURED_WARPS:
+        return MEASURED_WARPS[kernel][head_dim > 64]
+    return num_warps(head_dim)
 
 
 def check_inputs(name: str, *tensors: torch.Tensor) -> None:

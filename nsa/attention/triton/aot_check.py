@@ -16,6 +16,10 @@ import sys
 import time
 
 
+# largest shared memory one block may use (bytes): A100 (sm80) 163 KB, H100 (sm90) 227 KB
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
 def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check: unset TRITON_INTERPRET (the compiler cannot run in interpreter mode)")
@@ -27,7 +31,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from nsa.attention.triton import compressed, select, selected, window
     from nsa.attention.triton._common import num_warps, pad_pow2
     from nsa.attention.triton.compressed import BM_MAX, BN as CMP_BN
-    from nsa.attention.triton.select import BN as SEL_BN
+    from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
     from nsa.attention.triton.window import tile_sizes as win_tiles
 
     tl_types = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -41,7 +45,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 qkv = dict(Q=t, K=t, V=t)
                 rd = dict(R=group, D=D, D_PAD=pad_pow2(D))
                 slc = dict(rd, R_PAD=pad_pow2(group), BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
-                cmp_ = dict(rd, BM=BM_MAX, BN=CMP_BN, **dots)
+                cmp_ = dict(rd, BM=32 if dtn == "fp32" and D > 64 else BM_MAX, BN=CMP_BN, **dots)
                 win_bm, win_bn = win_tiles(4 if dtn == "fp32" else 2, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
@@ -55,14 +59,18 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                           SEG_END="*i32"), dict({k: v for k, v in slc.items() if k != "R_PAD"}, BM=selected.BM_DKV)),
                     (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
                     (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
-                    (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), cmp_),
+                    (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
+                     dict(cmp_, ATOMIC=False)),
+                    (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f),
+                     dict(cmp_, ATOMIC=True)),
                     (window._win_fwd_kernel, dict(qkv, O=t, LSE=f), win),
                     (window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), win),
                     (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
                 ]
-                for compute_lse in (False, True):
-                    jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f if not compute_lse else t, OUT=f),
-                                 dict(rd, R_PAD=pad_pow2(group), BN=SEL_BN, NJ=4, COMPUTE_LSE=compute_lse, **dots)))
+                for as_keys in (False, True):
+                    jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f, OUT="*i64" if as_keys else f),
+                                 dict(rd, BM=SEL_BM, BN=SEL_BN, NJ=SEL_NJ, AS_KEYS=as_keys,
+                                      PREC_W="ieee" if dtn == "fp32" else "tf32", **dots)))
                 for kernel, ptrs, consts in jobs:
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
                            for name in kernel.arg_names}
@@ -70,8 +78,9 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     try:
                         out = triton.compile(ASTSource(kernel, sig, constexprs=consts),
                                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps(D)))
-                        good = bool(out.asm.get("cubin"))
-                        msg = f"shared={out.metadata.shared}B"
+                        limit = SHARED_LIMIT.get(arch)
+                        good = bool(out.asm.get("cubin")) and (limit is None or out.metadata.shared <= limit)
+                        msg = f"shared={out.metadata.shared}B" + (f" > the sm{arch} limit {limit}B" if not good else "")
                     except Exception as exc:  # report every failure, then fail
                         good, msg = False, f"{type(exc).__name__}: {exc}"
                     ok &= good

@@ -9,8 +9,15 @@ Kernels (flash-attention style, fp32 softmax statistics):
   key tiles of BN up to the tile's last visible block; writes O and LSE [B,H,Sq] fp32 (natural log
   of the scaled scores, what selection needs for p_cmp = exp(s - LSE));
 * backward dQ: same grid, recomputes p from LSE; delta = rowsum(dO * O);
-* backward dK/dV: one program per (compressed key tile, batch x KV group), looping over the r query
-  heads of the group and the query tiles that can see the tile; no atomics (deterministic).
+* backward dK/dV: one program per (compressed key tile, batch x KV group, segment of QSEG queries),
+  looping over the r query heads of the group and the segment's query tiles that can see the key
+  tile. Up to QSEG queries there is one segment and dK/dV are stored once (deterministic); beyond,
+  the segments add their partial sums into fp32 buffers with atomics. Without segments the grid at
+  64k was 2 x 128 programs for M7C, each walking up to 6 x 1024 query tiles, on 132 SMs: the dK/dV
+  pass dominated the compressed backward (11 ms of it, BENCHMARKS.md).
+
+Tiles: BM=64 queries x BN=32 compressed keys; fp32 inputs with head dim > 64 use BM=32 so the
+dK/dV kernel fits an A100's 163 KB of shared memory (173 KB at BM=64).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import triton.language as tl
 from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
 
 BM_MAX, BN = 64, 32
+QSEG = 4096  # queries per dK/dV segment (a multiple of BM_MAX)
 
 
 @triton.jit
@@ -140,12 +148,13 @@ def _cmp_bwd_dkdv_kernel(
     s_kb, s_kg, s_kn, s_kd,
     s_vb, s_vg, s_vn, s_vd,
     s_db, s_dh, s_dt, s_dd,
-    G, Sq, NCMP, q_start, scale, CB, CS,
+    G, Sq, NCMP, q_start, scale, CB, CS, QSEG,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bg // G).to(tl.int64)
     g = (pid_bg % G).to(tl.int64)
     n0 = pid_n * BN
@@ -161,7 +170,8 @@ def _cmp_bwd_dkdv_kernel(
                 mask=nd_mask, other=0.0).to(DOT_T)
     # first query (index into Sq) that sees compressed block n0: t >= n0*d + l - 1
     m_first = tl.maximum(n0 * CS + CB - 1 - q_start, 0)
-    m_lo = (m_first // BM) * BM
+    m_lo = tl.maximum((m_first // BM) * BM, pid_s * QSEG)  # both multiples of BM
+    m_end = tl.minimum(Sq, (pid_s + 1) * QSEG)
 
     dk = tl.zeros([BN, D_PAD], tl.float32)
     dv = tl.zeros([BN, D_PAD], tl.float32)
@@ -170,7 +180,7 @@ def _cmp_bwd_dkdv_kernel(
         h = g * R + hh
         q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
         do_base = DO + b * s_db + h * s_dh + offs_d[None, :] * s_dd
-        for m0 in range(m_lo, Sq, BM):
+        for m0 in range(m_lo, m_end, BM):
             offs_m = m0 + offs_m0
             mmask = offs_m < Sq
             md_mask = mmask[:, None] & dmask[None, :]
@@ -188,9 +198,14 @@ def _cmp_bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-    out_rows = (b * G + g) * NCMP + offs_n  # DK/DV: contiguous [B, G, NCMP, D]
-    tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
+    out = ((b * G + g) * NCMP + offs_n)[:, None] * D + offs_d[None, :]  # DK/DV: contiguous [B, G, NCMP, D]
+    if ATOMIC:  # several segments: fp32 partial sums
+        if m_lo < m_end:
+            tl.atomic_add(DK + out, dk * scale, mask=nd_mask)
+            tl.atomic_add(DV + out, dv, mask=nd_mask)
+    else:
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
 def _meta(q, k_cmp):
@@ -198,8 +213,9 @@ def _meta(q, k_cmp):
     G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     if H % G:
         raise ValueError(f"nsa triton compressed_attention: {H} query heads not a multiple of {G} KV groups")
+    bm = 32 if q.dtype == torch.float32 and D > 64 else BM_MAX
     return dict(B=B, H=H, Sq=Sq, D=D, G=G, NCMP=n_cmp, R=H // G, D_PAD=pad_pow2(D),
-                BM=min(BM_MAX, pad_pow2(Sq)), BN=BN)
+                BM=min(bm, pad_pow2(Sq)), BN=BN)
 
 
 def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 0):
@@ -235,9 +251,14 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
     _cmp_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
-    _cmp_bwd_dkdv_kernel[(triton.cdiv(m["NCMP"], m["BN"]), m["B"] * m["G"])](
-        q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, **consts)
-    return dq, dk, dv
+    qseg = triton.cdiv(QSEG, m["BM"]) * m["BM"]  # whole query tiles per segment
+    n_seg = triton.cdiv(m["Sq"], qseg)
+    atomic = n_seg > 1
+    if atomic:
+        dk, dv = dk.float(), dv.float()
+    _cmp_bwd_dkdv_kernel[(triton.cdiv(m["NCMP"], m["BN"]), m["B"] * m["G"], n_seg)](
+        q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic, **consts)
+    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
 class CompressedAttention(torch.autograd.Function):
