@@ -22,14 +22,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nsa.hardware import peak_tflops  # noqa: E402
-from nsa.model import build_model  # noqa: E402
+from nsa.model import build_model, compile_model  # noqa: E402
 
 
 def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = build_model({"attention": attention, "max_seq_len": seq_len}).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    step_model = torch.compile(model) if compile_ else model
+    step_model = compile_model(model) if compile_ else model
     vocab = model.cfg.vocab_size
     x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nsa.attention.cache import KVCache, NSACache
-from nsa.attention.layer import NSAttention, build_attention
+from nsa.attention.layer import NSAttention, build_attention, keep_branches_eager
 from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
 
@@ -172,3 +172,9 @@ class M7C(nn.Module):
 def build_model(model_cfg) -> M7C:
     """Public API: the `model:` config section (dict as parsed from YAML, or ModelConfig) -> M7C."""
     return M7C(ModelConfig.from_dict(model_cfg))
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile, with the NSA branches (the Triton kernels) left eager: see keep_branches_eager."""
+    keep_branches_eager()
+    return torch.compile(model)

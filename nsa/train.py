@@ -334,7 +334,9 @@ class Trainer:
 
         self.model = model
         if cfg.runtime.compile:
-            self.model = torch.compile(self.model)
+            from nsa.model import compile_model
+
+            self.model = compile_model(self.model)
         if info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

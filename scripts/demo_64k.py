@@ -10,7 +10,8 @@
    decode step, and reports the tokens that decode step read (compressed + selected blocks + window)
    next to what full attention would read (every token).
 
-The model is tiny and trained briefly (CPU: at length 64; CUDA: 2048), so retrieval at lengths far
+The model is tiny and trained briefly (half the steps at length 64, then up to --train-len: CPU 64, CUDA
+2048), so retrieval at lengths far
 beyond training shows how far its RoPE-based retrieval extrapolates, not what a trained M7C does
 (measured on CPU after training at length 64: 1/3 found at 256, 0/3 at 1024 and 4096); the reads
 and timings are exact.
@@ -51,19 +52,36 @@ def needle_batch(n: int, length: int, gen: torch.Generator, depth: float | None 
     return x, key
 
 
+def curriculum(steps: int, length: int, first: int = 64) -> list[int]:
+    """Training length per step: half the steps at `first` (where the task is learnt), the rest split
+    evenly over lengths growing 4x per stage up to `length`. Trained from scratch at 2048, the model
+    never left chance (loss ln 16 = 2.77 for 250 steps on an H100), so retrieval is learnt short."""
+    stages = [first]
+    while stages[-1] < length:
+        stages.append(min(length, stages[-1] * 4))
+    if len(stages) == 1:
+        return [first] * steps
+    head = steps // 2
+    per = (steps - head) // (len(stages) - 1)
+    plan = [first] * head
+    for L in stages[1:]:
+        plan += [L] * per
+    return plan + [stages[-1]] * (steps - len(plan))
+
+
 def train(device: str, steps: int, length: int, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(MODEL).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        x, key = needle_batch(32, length, gen)
+    for step, L in enumerate(curriculum(steps, length)):
+        x, key = needle_batch(32, L, gen)
         loss = F.cross_entropy(model(x.to(device))[:, -1], key.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0:
-            print(f"train step {step + 1}/{steps} loss {loss.item():.3f}", file=sys.stderr, flush=True)
+            print(f"train step {step + 1}/{steps} (length {L}) loss {loss.item():.3f}", file=sys.stderr, flush=True)
     return model.eval()
 
 

@@ -6,6 +6,7 @@ query heads, small query chunks so the chunked paths really loop.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -320,3 +321,26 @@ def test_triton_self_check_failure_means_pytorch_fallback(monkeypatch, capsys):
     assert selfcheck.kernels_ok(torch.device("cpu"), torch.float32) is False
     assert "simulated miscompile" in capsys.readouterr().err
     assert selfcheck.kernels_ok(torch.device("cpu"), torch.float32) is False  # remembered, not re-run
+
+
+def test_imports_leave_triton_unloaded_and_compile_keeps_branches_eager():
+    """Importing the model/trainer must not import triton (torch.compiler.disable would, via Dynamo):
+    the kernel tests switch the Triton interpreter on before triton's first import. compile_model's
+    patch makes NSAttention.branches a Dynamo graph break and leaves the layer working."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import nsa.model, nsa.train, nsa.attention.layer as L\n"
+        "assert 'triton' not in sys.modules, 'importing nsa imported triton'\n"
+        "L.keep_branches_eager(); L.keep_branches_eager()\n"
+        "assert L.NSAttention.branches._nsa_eager\n"
+        "m = nsa.model.build_model(dict(vocab_size=32, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,"
+        " ffn_hidden=32, nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, n_selected=3, window=8)))\n"
+        "m(torch.randint(0, 32, (1, 40))).sum().backward()\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

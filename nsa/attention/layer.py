@@ -144,10 +144,6 @@ class NSAttention(nn.Module):
             )
         return None
 
-    # torch.compile: the branches run eagerly (a graph break). Dynamo cannot trace the kernels'
-    # self-check and Inductor failed to re-compile the Triton kernels inside a graph (H100, torch
-    # 2.11), which sent `auto` to the slow PyTorch path; projections, phi, gates and MLPs still compile.
-    @torch.compiler.disable
     def branches(self, q, cmp_kv, slc_kv, win_kv, q_start: int = 0, win_start: int = 0):
         """The three branch outputs [B, H, Sq, Dh] for queries at q_start.. against keys from 0
         (cmp, slc) and from win_start (window)."""
@@ -249,8 +245,21 @@ class CausalSelfAttention(nn.Module):
         return self.wo(o.transpose(1, 2).reshape(B, 1, -1))
 
 
+def keep_branches_eager() -> None:
+    """Make torch.compile leave NSAttention.branches eager (a graph break); call before compiling.
+
+    Dynamo cannot trace the kernels' self-check, and Inductor failed to re-compile the Triton kernels
+    inside a graph (H100, torch 2.11), which sent `auto` to the slow PyTorch path; projections, phi,
+    gates and MLPs still compile. Not done at import: torch.compiler.disable imports Dynamo, and with
+    it triton, which must stay unimported until a test can switch on its interpreter."""
+    if not getattr(NSAttention.branches, "_nsa_eager", False):
+        eager = torch.compiler.disable(NSAttention.branches)
+        eager._nsa_eager = True
+        NSAttention.branches = eager
+
+
 def build_attention(cfg: ModelConfig) -> nn.Module:
     return NSAttention(cfg) if cfg.attention == "nsa" else CausalSelfAttention(cfg)
 
 
-__all__ = ["NSAttention", "CausalSelfAttention", "BlockCompressor", "build_attention", "BRANCHES"]
+__all__ = ["NSAttention", "CausalSelfAttention", "BlockCompressor", "build_attention", "keep_branches_eager", "BRANCHES"]
