@@ -1,8 +1,8 @@
 """Parity of the Triton sliding-window kernels (nsa/attention/triton/window.py) with
 nsa.attention.ops.window_attention: forward and dq/dk/dv under a random upstream gradient.
 
-Without CUDA the kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below
-before triton is imported, as in tests/test_triton_kernels.py); shapes are tiny. Covered: float32
+Without CUDA the kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set by
+tests/triton_setup.py before triton is imported); shapes are tiny. Covered: float32
 (<= 1e-4 relative max error) and bfloat16 (<= 2e-2), ragged S, GQA r in {1, 2, 6, 16}, head dims
 16 and 24, window < S and >= S, a strided q, batch 2, decode over a bounded cache (q_start > 0,
 k_start > 0), a query chunk with q_start > 0, queries with no key at all (zero output and grads);
@@ -12,53 +12,19 @@ on CUDA, realistic shapes (S = 1024 / 2048, window 512).
 Run: .venv/bin/python -m pytest tests/test_triton_window.py -q
 """
 
-import os
-
 import pytest
 import torch
 
-_SET_HERE = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if _SET_HERE:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    from nsa.attention import triton as nsa_triton
-    from nsa.attention.triton import window as win_mod  # decorate the kernels now
+from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter on before triton loads)
+    AVAILABLE, BF16, DEVICE, F32, TOL, interpreter, needs_kernels, nsa_triton, randn, rel_err,
+)
 
-    DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-    AVAILABLE = nsa_triton.available()
-finally:
-    if _SET_HERE:
-        del os.environ["TRITON_INTERPRET"]
+if AVAILABLE:
+    from nsa.attention.triton import window as win_mod
 
 from nsa.attention import ops  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-F32, BF16 = torch.float32, torch.bfloat16
-
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason="triton kernels unavailable here")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def randn(*shape, dtype, seed, grad=True, strided=False):
-    """Random tensor on DEVICE; strided=True gives a [B, S, H, D].transpose(1, 2) view."""
-    g = torch.Generator().manual_seed(seed)
-    if strided:
-        B, H, S, D = shape
-        x = torch.randn(B, S, H, D, generator=g).to(device=DEVICE, dtype=dtype).transpose(1, 2)
-    else:
-        x = torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
-    return x.requires_grad_(grad)
+pytestmark = needs_kernels
 
 
 def run_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided=False):

@@ -21,7 +21,8 @@ dp = dO V^T, ds = p (dp - delta). Two ways to get dK/dV, chosen by NSA_SLC_DKV (
 * "atomic": one kernel; every (query, slot) adds its [l', D] contribution to fp32 dK/dV with
   `tl.atomic_add`: S*n*l'*D atomics per group, contended on the forced blocks. Kept as the simple
   reference and for benchmarking.
-Both orders of summation are not fixed run to run (atomics), so the last bits of fp32 dK/dV vary.
+With "atomic", and with "block" for blocks chosen by more than SEG queries (block 0 at least), the
+order of the fp32 additions is not fixed run to run, so the last bits of dK/dV vary.
 
 Block sizes: slc_block may be any size (the token tile is padded to a power of two >= 16 and
 masked); head dim any size (padded likewise); r any positive integer.
