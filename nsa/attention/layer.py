@@ -169,7 +169,7 @@ class NSAttention(nn.Module):
                 )
                 o_slc = ops.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start, slc_chunk)
         if use_win:
-            if tk is not None and os.environ.get("NSA_WINDOW", "triton") == "triton":
+            if tk is not None and window_impl() == "triton":
                 o_win = tk.window_attention(q, *win_kv, nsa.window, q_start, win_start)
             else:  # chunked SDPA (also what NSA_WINDOW=sdpa forces on CUDA, for comparison)
                 o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
@@ -243,6 +243,15 @@ class CausalSelfAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_kv != self.n_heads)
         cache.tokens_read = k_all.shape[2]
         return self.wo(o.transpose(1, 2).reshape(B, 1, -1))
+
+
+def window_impl() -> str:
+    """NSA_WINDOW: "triton" (default; the Triton window kernel whenever the NSA kernels are in use) or
+    "sdpa" (chunked SDPA, ops.window_attention, for comparison)."""
+    impl = os.environ.get("NSA_WINDOW", "triton")
+    if impl not in ("triton", "sdpa"):
+        raise UserError(f"NSA_WINDOW={impl!r}: expected triton or sdpa")
+    return impl
 
 
 def keep_branches_eager() -> None:

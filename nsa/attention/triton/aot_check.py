@@ -16,6 +16,11 @@ import sys
 import time
 
 
+# the launch_warps names of the kernels whose num_warps was tuned (the others use num_warps(D))
+LAUNCH_NAMES = {("_slc_fwd_kernel", None): "selected_fwd", ("_slc_bwd_kernel", True): "selected_bwd_atomic",
+                ("_slc_bwd_kernel", False): "selected_bwd_dq", ("_slc_bwd_dkdv_kernel", None): "selected_bwd_dkdv",
+                ("_select_scores_kernel", None): "select"}
+
 # largest shared memory one block may use (bytes): A100 (sm80) 163 KB, H100 (sm90) 227 KB
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
@@ -29,7 +34,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from triton.compiler import ASTSource
 
     from nsa.attention.triton import compressed, select, selected, window
-    from nsa.attention.triton._common import num_warps, pad_pow2
+    from nsa.attention.triton._common import launch_warps, pad_pow2
     from nsa.attention.triton.compressed import BM_MAX, BN as CMP_BN
     from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
     from nsa.attention.triton.window import tile_sizes as win_tiles
@@ -72,12 +77,13 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                  dict(rd, BM=SEL_BM, BN=SEL_BN, NJ=SEL_NJ, AS_KEYS=as_keys,
                                       PREC_W="ieee" if dtn == "fp32" else "tf32", **dots)))
                 for kernel, ptrs, consts in jobs:
+                    warps = launch_warps(LAUNCH_NAMES.get((kernel.__name__, consts.get("DKV_ATOMIC")), ""), D)
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
                            for name in kernel.arg_names}
                     t0 = time.time()
                     try:
                         out = triton.compile(ASTSource(kernel, sig, constexprs=consts),
-                                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps(D)))
+                                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
                         limit = SHARED_LIMIT.get(arch)
                         good = bool(out.asm.get("cubin")) and (limit is None or out.metadata.shared <= limit)
                         msg = f"shared={out.metadata.shared}B" + (f" > the sm{arch} limit {limit}B" if not good else "")

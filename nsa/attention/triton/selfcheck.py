@@ -2,8 +2,8 @@
 
 The kernels are tested in CI through the interpreter, but a new GPU, driver or Triton build can
 still miscompile. Before the first NSA forward on a device, `kernels_ok(device, dtype)` runs the
-kernels (compressed, selection, selected, window) on small random inputs against the PyTorch branches (nsa.attention.ops), forward
-and gradients, and remembers the verdict for the process. The layer falls back to PyTorch (with a
+kernels (compressed, selection, selected, window) on small random inputs against the PyTorch
+branches (nsa.attention.ops), forward and gradients, and remembers the verdict for the process. The layer falls back to PyTorch (with a
 warning) when it fails, so `model.nsa.impl: auto` is never silently wrong.
 """
 
