@@ -62,7 +62,7 @@ import time
 import traceback
 import warnings
 
-from common import PeakMemory, device_name, run_isolated, sync
+from common import PeakMemory, device_name, profile_top, run_isolated, sync
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -237,7 +237,7 @@ def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: 
 
 
 def measure(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: str, dtype: str, batch: int,
-            repeats: int, sdpa: str = "flash") -> dict:
+            repeats: int, sdpa: str = "flash", profile: int = 0) -> dict:
     torch.manual_seed(0)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     forward, ctx, params, inputs, out_shape, extra = setup(impl, layout, scope, seq_len, pass_, device, dt, batch, sdpa)
@@ -264,6 +264,8 @@ def measure(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device
             run()
             sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
+    if profile:  # after the timed runs, so the profiler's overhead is not in "ms"
+        extra["profile"] = profile_top(run, device, profile)
     return {
         "impl": impl, "layout": layout, "scope": scope, "seq_len": seq_len, "pass": pass_,
         "ms": round(statistics.median(times), 3), "peak_mem_mb": round(mem.mib, 1),
@@ -301,6 +303,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--sdpa", default="flash", choices=("flash", "auto"),
                     help="CUDA backend of the full baseline (default: flash; CPU always auto)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also run each measurement once under torch.profiler and add its N most expensive "
+                         "kernels (CPU: operators), launch count and busy time to the row as \"profile\"")
     ap.add_argument("--json-only", action="store_true")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: impl:seq:pass:layout:scope
     args = ap.parse_args()
@@ -310,7 +315,7 @@ def main() -> int:
     if args._one:
         impl, seq, pass_, layout, scope = args._one.split(":")
         print(json.dumps(measure(impl, layout, scope, int(seq), pass_, args.device, dtype, args.batch, repeats,
-                                 args.sdpa)), flush=True)
+                                 args.sdpa, args.profile)), flush=True)
         return 0
 
     layouts = {"both": ["m7c", "paper"], None: ["m7c", "paper"] if cuda else ["m7c"]}.get(args.layout, [args.layout])
@@ -353,7 +358,8 @@ def one_row(impl, layout, scope, seq, pass_, args, dtype, repeats) -> dict:
             return no_result(*common, skipped=reason)
     if cuda:
         try:
-            return measure(impl, layout, scope, seq, pass_, args.device, dtype, args.batch, repeats, args.sdpa)
+            return measure(impl, layout, scope, seq, pass_, args.device, dtype, args.batch, repeats, args.sdpa,
+                           args.profile)
         except torch.OutOfMemoryError:
             return no_result(*common, error="out of memory")
         except Exception as e:  # keep measuring the rest; the traceback goes to stderr
@@ -365,6 +371,7 @@ def one_row(impl, layout, scope, seq, pass_, args, dtype, repeats) -> dict:
     try:
         return run_isolated(__file__, ["--device", "cpu", "--dtype", dtype, "--batch", str(args.batch),
                                        "--repeats", str(repeats), "--sdpa", args.sdpa,
+                                       "--profile", str(args.profile),
                                        "--_one", f"{impl}:{seq}:{pass_}:{layout}:{scope}"])
     except RuntimeError as e:
         print(e, file=sys.stderr)

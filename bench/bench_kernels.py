@@ -5,14 +5,19 @@
 
 Per (layout, seq_len), bf16, batch 1, random inputs (selection from random q and compressed keys,
 so blocks are spread as at initialisation), timed with triton.testing.do_bench (median, CUDA events):
-  cmp_fwd / cmp_bwd     compressed attention (forward returns the LSE) / its backward
-  select                block scoring + top-n from that LSE
+  cmp_fwd / cmp_bwd     compressed attention (forward returns the LSE) / its backward, with the
+                        dK/dV key tile swept (variant "dkv_bn32", "dkv_bn64", "dkv_bn128"; default first)
+  select                block scoring + top-n from that LSE: "fused" (NSA_SELECT=fused, the default:
+                        top-n inside the scoring kernel; first checked bit-identical to "topk"),
+                        "topk" (int64 score-key buffer + torch.topk), "fused_bn16" (compressed-block
+                        tile BN=16 instead of 32)
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8")
   slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
                         slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
                         index, its sort included), with num_warps variants for the block kernels
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
-                        "triton" (nsa.attention.triton.window_attention) when that kernel exists
+                        "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
+                        "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import traceback
 
@@ -51,8 +57,7 @@ def bench(fn) -> float:
 def rows_for(layout: str, S: int, device: str):
     """Yield one dict per (kernel, variant) measurement."""
     from nsa.attention import triton as tk
-    from nsa.attention.triton import _common, selected
-    from nsa.attention.triton.compressed import compressed_backward
+    from nsa.attention.triton import _common, compressed, selected
 
     HQ, G, D = LAYOUTS[layout]
     dt = torch.bfloat16
@@ -76,10 +81,45 @@ def rows_for(layout: str, S: int, device: str):
         finally:
             _common.TUNING.clear()
 
+    def patched(module, name: str, value, fn):
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, saved)
+
     o_cmp, lse = tk.compressed_attention(q, kc, vc, L, D_STRIDE)
     yield "cmp_fwd", "triton", lambda: bench(lambda: tk.compressed_attention(q, kc, vc, L, D_STRIDE))
-    yield "cmp_bwd", "triton", lambda: bench(lambda: compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE))
-    yield "select", "triton", lambda: bench(lambda: tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse))
+    default_bn = compressed.dkdv_key_tile(D)
+    for bn in (default_bn, *(b for b in (32, 64, 128) if b != default_bn)):  # default first
+        yield "cmp_bwd", f"dkv_bn{bn}", lambda bn=bn: patched(compressed, "dkdv_key_tile", lambda *_: bn, lambda: bench(
+            lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE)))
+    from nsa.attention.triton import select
+
+    def with_env(name: str, value: str, fn):
+        saved = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved
+
+    def sel():
+        return tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
+
+    def sel_fused():  # same scoring code and tiles as "topk": the indices must be bit-identical
+        if not torch.equal(with_env("NSA_SELECT", "fused", sel), with_env("NSA_SELECT", "topk", sel)):
+            raise AssertionError("select: NSA_SELECT=fused and topk chose different blocks")
+        return with_env("NSA_SELECT", "fused", lambda: bench(sel))
+
+    yield "select", "fused", sel_fused
+    yield "select", "topk", lambda: with_env("NSA_SELECT", "topk", lambda: bench(sel))
+    yield "select", "fused_bn16", lambda: with_env("NSA_SELECT", "fused", lambda: patched(
+        select, "BN", 16, lambda: bench(sel)))
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):
         yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))
@@ -101,6 +141,21 @@ def rows_for(layout: str, S: int, device: str):
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         yield "win_fwd", name, lambda fn=fn: bench(lambda: fn(q, k, v))
         yield "win_bwd", name, lambda fn=fn, qg=qg, kg=kg, vg=vg: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go)
+    if "triton" in win_impls:  # tile caps (query BM, key BN) of all three window kernels
+        from nsa.attention.triton import window
+
+        fn = win_impls["triton"]
+        # BM_MAX / BN_MAX patched; at head dim 128 a 128-query backward tile needs 262 KB of shared
+        # memory, over the H100's 227 KB: not tried
+        for bm, bn in ((64, 128), (128, 64)):
+            def tiles(run, bm=bm, bn=bn):
+                return patched(window, "BM_MAX", bm, lambda: patched(window, "BN_MAX", bn, run))
+
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            yield "win_fwd", f"triton_bm{bm}_bn{bn}", lambda tiles=tiles: tiles(lambda: bench(lambda: fn(q, k, v)))
+            if bm == 64 or D <= 64:
+                yield "win_bwd", f"triton_bm{bm}_bn{bn}", lambda tiles=tiles, qg=qg, kg=kg, vg=vg: tiles(
+                    lambda: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go))
 
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
 

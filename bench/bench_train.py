@@ -16,7 +16,7 @@ import json
 import time
 import traceback
 
-from common import PeakMemory, device_name, run_isolated, sync
+from common import PeakMemory, device_name, profile_top, run_isolated, sync
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -25,7 +25,8 @@ from nsa.hardware import peak_tflops  # noqa: E402
 from nsa.model import build_model, compile_model  # noqa: E402
 
 
-def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: int, steps: int, warmup: int) -> dict:
+def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: int, steps: int, warmup: int,
+            profile: int = 0) -> dict:
     torch.manual_seed(0)
     model = build_model({"attention": attention, "max_seq_len": seq_len}).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
@@ -37,7 +38,7 @@ def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: in
     def step():
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = step_model(inputs)
-        loss = F.cross_entropy(logits.float().view(-1, vocab), targets.reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -54,12 +55,13 @@ def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: in
     tokens_per_s = batch * seq_len * steps / elapsed
     peak = peak_tflops(torch.device(device))
     mfu = model.flops_per_token(seq_len) * tokens_per_s / (peak * 1e12) if peak else None
+    extra = {"profile": profile_top(step, device, profile)} if profile else {}
     return {
         "attention": attention, "seq_len": seq_len, "compile": compile_, "batch": batch,
         "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_mem_gb": round(mem.mib / 1024, 3), "step_ms": round(elapsed / steps * 1e3, 1),
         "num_params": model.num_params(), "device": device_name(device),
-        "dtype": "bf16" if device == "cuda" else "fp32", "torch": torch.__version__,
+        "dtype": "bf16" if device == "cuda" else "fp32", "torch": torch.__version__, **extra,
     }
 
 
@@ -74,6 +76,9 @@ def main() -> None:
                     help="tokens per step, e.g. 32768 = 8 x 4096 = 2 x 16384 (default: batch 1)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one step after the timed ones and add its N most expensive kernels "
+                         "(CPU: operators) to the row as \"profile\"")
     ap.add_argument("--json-only", action="store_true")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -85,7 +90,8 @@ def main() -> None:
 
     if args._one:
         attention, seq, comp = args._one.split(":")
-        print(json.dumps(measure(attention, int(seq), comp == "1", args.device, batch_for(int(seq)), steps, warmup)))
+        print(json.dumps(measure(attention, int(seq), comp == "1", args.device, batch_for(int(seq)), steps, warmup,
+                                 args.profile)))
         return
     rows = []
     for seq in (int(s) for s in (args.seq_lens or ("4096,16384" if cuda else "512")).split(",")):
@@ -93,7 +99,7 @@ def main() -> None:
             for attention in args.attention.split(","):
                 if cuda:
                     try:
-                        row = measure(attention, seq, comp == "1", "cuda", batch_for(seq), steps, warmup)
+                        row = measure(attention, seq, comp == "1", "cuda", batch_for(seq), steps, warmup, args.profile)
                     except Exception as e:  # noqa: BLE001 - OOM or a failure of one variant is a row
                         traceback.print_exc(limit=4)
                         err = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"
@@ -102,7 +108,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                 else:
                     row = run_isolated(__file__, ["--device", "cpu", "--batch", str(batch_for(seq)), "--steps", str(steps),
-                                                  "--warmup", str(warmup), "--_one", f"{attention}:{seq}:{comp}"])
+                                                  "--warmup", str(warmup), "--profile", str(args.profile), "--_one", f"{attention}:{seq}:{comp}"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if not args.json_only:

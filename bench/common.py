@@ -63,3 +63,38 @@ def run_isolated(script: str, args: list[str]) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile_top(fn, device: str, top: int) -> dict:
+    """Run `fn` once under torch.profiler; return where the time went: the `top` kernels (CUDA) or
+    operators (CPU, self time) by total time, their launch counts, and the totals. On CUDA,
+    busy_ms < the wall time of the pass means the pass is launch/host bound, not kernel bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    by_name: dict[str, list] = {}
+    for e in prof.key_averages():
+        if device == "cuda":
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = e.self_cuda_time_total
+            # kernels and memcpy/memset only: CPU-side operators also carry their kernels' time
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        else:
+            us = e.self_cpu_time_total
+        if us <= 0:
+            continue
+        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
+        t = by_name.setdefault(name, [0.0, 0])
+        t[0] += us / 1e3
+        t[1] += e.count
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {
+        "busy_ms": round(sum(v[0] for v in by_name.values()), 3),
+        "launches": sum(v[1] for v in by_name.values()),
+        "top": [{"name": k, "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked[:top]],
+    }

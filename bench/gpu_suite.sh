@@ -13,17 +13,19 @@
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
 #   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
 #                            core, 4k..64k, nsa vs full
-#   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full
+#   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full,
+#                            each with a profile of its 12 costliest kernels (--profile)
 #   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full
-#                            (tokens/s, MFU, peak memory)
+#                            (tokens/s, MFU, peak memory, profile of one step's 15 costliest kernels)
 #   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   decode               60  bench_decode: 8k..64k
 #   attention_fla       120  bench_attention: paper layout core, nsa vs fla-core's parallel_nsa (when
 #                            importable); its own step because fla's first backward at 8k ran for over
 #                            100 s on an H100 (autotuning) and took the paper rows down with it
 #   demo_64k             90  scripts/demo_64k.py (needle at 4k, 16k, 64k)
-#   train_compile       240  bench_train: seq 4096 and 16384 with torch.compile
+#   train_compile       150  bench_train: seq 4096 with torch.compile (the NSA branches stay eager)
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
+#   train_compile_16384 150  bench_train: seq 16384 with torch.compile
 # Exit status 0 when every step ran and passed, else 1 (the files are written either way).
 #
 # Output under $OUT (the device runner returns at most 8 files, so logs share one file):
@@ -185,7 +187,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,"
+STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -208,11 +210,14 @@ step attention_paper 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
     --impls nsa,full
 step attention_m7c 90 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS"
+    "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS" \
+    --profile 12
 step train_4096 90 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3
+    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
+    --profile 15
 step train_16384 90 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2
+    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
+    --profile 15
 step decode 60 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --steps 20
 step attention_fla 120 attention \
@@ -220,9 +225,11 @@ step attention_fla 120 attention \
     --impls nsa,fla
 step demo_64k 90 demo \
     "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
-step train_compile 240 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096,16384 --batch-tokens 32768 --compile 1 --steps 8 --warmup 3
+step train_compile 150 train \
+    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
 step attention_m7c_core 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope core --seq-lens $SEQS --repeats "$REPS"
+step train_compile_16384 150 train \
+    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
 finish
 exit $((INCOMPLETE > 0))

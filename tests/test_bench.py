@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO, offline_env
 
@@ -146,7 +147,7 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    status = {line.split()[0]: line for line in summary.splitlines()[-11:]}
+    status = {line.split()[0]: line for line in summary.splitlines()[-12:]}
     assert all(" ok " in status[s] for s in ("kernel_tests", "kernels", "attention_paper"))
     assert "FAILED (rc=3)" in status["attention_m7c"] and "TIMED OUT" in status["train_4096"]
     assert "skipped (budget" in status["decode"] and "skipped (budget" in status["attention_m7c_core"]
@@ -158,3 +159,21 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["attention.jsonl", "kernels.jsonl", "suite.log", "summary.txt", "train.jsonl"]  # <= 8 files
     assert "gpu_suite summary" in proc.stdout
+
+
+def test_profile_top_ranks_operators(bench_attention):
+    """--profile: one run under torch.profiler, the costliest operators (CPU) first, with counts."""
+    from common import profile_top  # bench/ is on sys.path while the module fixture is active
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def work():
+        for _ in range(3):
+            torch.mm(a, b)
+        a.add(1.0)
+
+    prof = profile_top(work, "cpu", top=2)
+    assert len(prof["top"]) == 2 and prof["busy_ms"] > 0 and prof["launches"] >= 4
+    assert prof["top"][0]["ms"] >= prof["top"][1]["ms"]
+    mm = [t for t in prof["top"] if t["name"] == "aten::mm"]
+    assert mm and mm[0]["calls"] == 3

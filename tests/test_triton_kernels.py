@@ -7,8 +7,8 @@ tiny: S <= 64, head dim 16 (24 once, to exercise padding), batch 1 (2 once); on 
 test runs the paper's geometry at S = 1000 with head dims 64 and 128. Covered: forward and
 dq/dk/dv, float32 (<= 1e-4 relative max error) and bfloat16 (<= 2e-2), ragged S, decode
 (q_start > 0, one query), GQA group sizes 1, 2, 6, 16, unused (-1) and empty selection slots,
-selection indices identical to ops.select_blocks; plus a CUDA compile of every kernel for sm_90
-(ptxas from the triton wheel, no GPU needed).
+selection indices identical to ops.select_blocks (NSA_SELECT=fused and topk); plus a CUDA
+compile of every kernel for sm_90 (ptxas from the triton wheel, no GPU needed).
 
 Run: .venv/bin/python -m pytest tests/test_triton_kernels.py -q   (~1.5 min on 2 shared cores)
 """
@@ -23,8 +23,11 @@ from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter
 )
 
 if AVAILABLE:
+    import triton
+    import triton.language as tl
+
     from nsa.attention.triton import compressed, selected
-    from nsa.attention.triton.select import block_scores
+    from nsa.attention.triton.select import _merge_top, block_scores
 
 from nsa.attention import ops  # noqa: E402
 from nsa.attention.blocks import num_cmp_blocks, overlap_map, visible_cmp_count  # noqa: E402
@@ -107,8 +110,9 @@ def test_block_segments_invert_idx():
     qidx, owner, start, end = selected.block_segments(idx.to(DEVICE), NB, seg)
     got = {}
     for o, a, e in zip(owner.tolist(), start.tolist(), end.tolist()):
-        assert 0 < e - a <= seg
-        got.setdefault(o, []).extend(qidx[a:e].tolist())
+        assert 0 <= e - a <= seg
+        if e > a:  # the surplus segments (a static upper bound, no host sync) are empty
+            got.setdefault(o, []).extend(qidx[a:e].tolist())
     want = {}
     for b in range(B):
         for gg in range(G):
@@ -117,6 +121,20 @@ def test_block_segments_invert_idx():
                     if j >= 0:
                         want.setdefault((b * G + gg) * NB + j, []).append(t)
     assert got == want
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rowsum_do_o_matches_torch(dtype):
+    """The backward's delta = rowsum(dO * O) kernel, on the layer's strided layout and on an
+    expanded (stride-0) upstream gradient, against the fp32 torch expression."""
+    from nsa.attention.triton._common import rowsum_do_o
+
+    o = randn(2, 3, 37, 24, dtype=dtype, seed=61, grad=False, strided=True)
+    for do in (randn(2, 3, 37, 24, dtype=dtype, seed=62, grad=False), torch.ones(1, device=DEVICE, dtype=dtype).expand(o.shape)):
+        got = rowsum_do_o(do, o)
+        want = (do.float() * o.float()).sum(-1)
+        assert got.dtype == torch.float32 and got.shape == (2, 3, 37) and got.is_contiguous()
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 # ------------------------------------------------------------------------ compressed attention
@@ -164,17 +182,34 @@ def test_compressed_attention_parity(dtype, B, G, r, Sq, q_start, D, l, d):
     check_grads(out, ref, (q, kc, vc), dtype)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_compressed_attention_dkdv_segments(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,bn", [(F32, 64), (BF16, 16)])
+def test_compressed_attention_dkdv_segments(monkeypatch, dtype, bn):
     """Long sequences split the compressed dK/dV pass into query segments whose partial sums are
-    added atomically: same gradients as ops (here 2 segments of 64 queries)."""
+    added atomically: same gradients as ops (here 2 segments of 64 queries; with bn=16, two key
+    tiles per program grid row)."""
     monkeypatch.setattr(compressed, "QSEG", 64)
+    monkeypatch.setattr(compressed, "BN_DKV", bn)
     B, G, r, S, D, l, d = 1, 1, 2, 100, 16, 8, 4
     q = randn(B, G * r, S, D, dtype=dtype, seed=51)
     kc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=dtype, seed=52)
     vc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=dtype, seed=53)
     out, _ = nsa_triton.compressed_attention(q, kc, vc, l, d)
     check_grads(out, ops.compressed_attention(q, kc, vc, l, d), (q, kc, vc), dtype)
+
+
+def test_compressed_dkdv_segments_fill_the_gpu():
+    """Segment count: one segment when the key tiles already fill the GPU, more (>= MIN_SEG queries
+    each) for short sequences with few key tiles, and never a segment longer than QSEG."""
+    from nsa.attention.triton.compressed import MIN_SEG, QSEG, dkdv_segments
+
+    assert dkdv_segments(4096, 32, key_tiles=1024, sms=132) == (4096, 1)
+    qseg, n = dkdv_segments(4096, 32, key_tiles=8, sms=132)  # M7C at 4k, batch 1: 4 x 2 tiles
+    assert n == 4096 // MIN_SEG and qseg == MIN_SEG
+    qseg, n = dkdv_segments(65536, 32, key_tiles=128, sms=132)
+    assert n == 65536 // QSEG and qseg == QSEG
+    for sq in (1, 33, 1000, 5000, 70001):
+        qseg, n = dkdv_segments(sq, 32, key_tiles=3, sms=132)
+        assert qseg % 32 == 0 and qseg <= QSEG and (n - 1) * qseg < sq <= n * qseg
 
 
 # --------------------------------------------------------------------------------- selection
@@ -186,7 +221,18 @@ SEL_CASES = [
     (1, 1, 16, 33, 0, 8, 4, 8, 4),
     (1, 2, 3, 1, 90, 8, 4, 8, 4),  # decode
     (1, 1, 2, 64, 0, 8, 4, 16, 3),  # l' = 2 l: Eq. 9 over 5 compressed blocks per selection block
+    (1, 1, 2, 24, 200, 8, 4, 8, 5),  # 28 blocks: the fused top list merges 2 tiles of 16
+    (1, 2, 2, 20, 300, 8, 4, 8, 20),  # n > 16: NP = 32, 40 blocks in 2 tiles of 32
+    (1, 1, 3, 12, 5, 8, 4, 8, 6),  # n > the 3 blocks that exist: -1 slots for every query
+    (1, 1, 2, 8, 300, 8, 4, 8, 40),  # n > MAX_FUSED_N: "fused" falls back to "topk"
 ]
+
+
+@pytest.fixture(params=["fused", "topk"])
+def select_mode(request, monkeypatch):
+    """Runs a selection test with the fused top-n and with the score buffer + torch.topk."""
+    monkeypatch.setenv("NSA_SELECT", request.param)
+    return request.param
 
 
 def ref_block_scores(q, kc, l, d, lp, q_start=0):
@@ -208,7 +254,7 @@ def ref_block_scores(q, kc, l, d, lp, q_start=0):
 
 
 @pytest.mark.parametrize("B,G,r,Sq,q_start,l,d,lp,n", SEL_CASES)
-def test_select_blocks_identical(B, G, r, Sq, q_start, l, d, lp, n):
+def test_select_blocks_identical(select_mode, B, G, r, Sq, q_start, l, d, lp, n):
     q = randn(B, G * r, Sq, 16, dtype=F32, seed=21, grad=False)
     kc = randn(B, G, num_cmp_blocks(q_start + Sq, l, d), 16, dtype=F32, seed=22, grad=False)
     want = ops.select_blocks(q, kc, l, d, lp, n, q_start)
@@ -219,7 +265,7 @@ def test_select_blocks_identical(B, G, r, Sq, q_start, l, d, lp, n):
 
 
 @pytest.mark.parametrize("r,lp,S", [(6, 8, 45), (2, 16, 64)])
-def test_select_blocks_scores_lse_and_chunks(r, lp, S):
+def test_select_blocks_scores_lse_and_chunks(select_mode, r, lp, S):
     """The kernel's group block scores (Eq. 9 weights from the geometry, Eq. 10 group sum) against
     torch; selection with the LSE handed over from compressed_attention, in several query chunks."""
     B, G, l, d, n = 1, 1, 8, 4, 3
@@ -257,7 +303,41 @@ def test_top_n_matches_stable_sort():
         assert torch.equal(top_n(x.to(DEVICE), n).cpu(), want)
 
 
-def test_select_blocks_bf16_near_identical():
+def test_select_mode_validated(monkeypatch):
+    monkeypatch.setenv("NSA_SELECT", "sort")
+    q = randn(1, 2, 8, 16, dtype=F32, seed=25, grad=False)
+    kc = randn(1, 1, num_cmp_blocks(8, 8, 4), 16, dtype=F32, seed=26, grad=False)
+    with pytest.raises(ValueError, match="NSA_SELECT.*fused, topk"):
+        nsa_triton.select_blocks(q, kc, 8, 4, 8, 2)
+
+
+if AVAILABLE:  # jit-decorated inside the test, once the interpreter is on
+    def _merge_top_kernel(X, TOP, T: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr):
+        r = tl.arange(0, ROWS)[:, None]
+        c = tl.arange(0, NP)[None, :]
+        top = tl.load(TOP + r * NP + c)
+        for t in range(T):
+            top = _merge_top(top, tl.load(X + (r * T + t) * NP + c), ROWS, NP, LOG_NP)
+        tl.store(TOP + r * NP + c, top)
+
+
+@pytest.mark.parametrize("np_", [16, 32])
+def test_merge_top_keeps_the_largest(np_):
+    """The fused selection's running top list (bitonic sort + max + merge per tile): after T tiles
+    of keys it holds the NP largest, sorted descending, duplicates and int64 extremes included."""
+    rows, T = 16, 3
+    g = torch.Generator().manual_seed(np_)
+    x = torch.randint(-6, 6, (rows, T * np_), generator=g) * (1 << 60)  # many ties
+    x[:, ::5] = torch.randint(-(1 << 62), 1 << 62, x[:, ::5].shape, generator=g)
+    x[0, :3] = torch.iinfo(torch.int64).min
+    x[1, :3] = torch.iinfo(torch.int64).max
+    top = torch.full((rows, np_), torch.iinfo(torch.int64).min, dtype=torch.int64)
+    x, top = x.to(DEVICE), top.to(DEVICE)
+    triton.jit(_merge_top_kernel)[(1,)](x, top, T=T, ROWS=rows, NP=np_, LOG_NP=np_.bit_length() - 1)
+    assert torch.equal(top, x.sort(-1, descending=True).values[:, :np_])
+
+
+def test_select_blocks_bf16_near_identical(select_mode):
     """bf16: ops scores come from a bf16 matmul, the kernel's from an fp32-accumulated one, so
     near-ties may order differently; every block chosen by the kernel and not by ops must score
     (in the fp32 reference) within 2e-2 (relative to the group's head count) of ops' weakest choice."""
@@ -329,7 +409,13 @@ def test_kernels_compile_for_sm90_bf16():
 
 
 # ---------------------------------------------------------------------------------- layer dispatch
-def test_layer_triton_path_matches_torch_path():
+LAYER_CASES = [(1, 45, 16, 3)]  # (B, S, slc_block, n_selected)
+if DEVICE == "cuda":  # scripts/demo_64k.py's geometry at its GPU training length (2 query chunks in selection)
+    LAYER_CASES.append((32, 2048, 8, 4))
+
+
+@pytest.mark.parametrize("B,S,lp,n", LAYER_CASES)
+def test_layer_triton_path_matches_torch_path(B, S, lp, n):
     """The whole NSA layer with model.nsa.impl=triton equals impl=torch: forward and every gradient."""
     from nsa.attention.layer import NSAttention
     from nsa.attention.rope import RotaryEmbedding
@@ -337,15 +423,15 @@ def test_layer_triton_path_matches_torch_path():
 
     def layer_for(impl):
         cfg = ModelConfig.from_dict(dict(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
-                                         ffn_hidden=32, nsa=dict(cmp_block=8, cmp_stride=4, slc_block=16,
-                                                                 n_selected=3, window=16, impl=impl)))
+                                         ffn_hidden=32, nsa=dict(cmp_block=8, cmp_stride=4, slc_block=lp,
+                                                                 n_selected=n, window=16, impl=impl)))
         torch.manual_seed(0)
         return NSAttention(cfg).to(DEVICE)
 
     tri, ref = layer_for("triton"), layer_for("torch")
     assert tri.kernels(torch.zeros(1, device=DEVICE)) is not None and ref.kernels(torch.zeros(1)) is None
     rope = RotaryEmbedding(16)
-    x = randn(1, 45, 32, dtype=F32, seed=5)
+    x = randn(B, S, 32, dtype=F32, seed=5)
     out_t, out_r = tri(x, rope), ref(x, rope)
     check("layer out", out_t, out_r, F32)
     go = randn(*out_r.shape, dtype=F32, seed=6, grad=False)

@@ -11,7 +11,8 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
 * window_attention(q, k, v, window, q_start=0, k_start=0, chunk=None) -> [B,H,Sq,D]
   sliding-window attention over keys at positions (t - window, t], Triton forward + backward;
 * select_blocks(q, k_cmp, cmp_block, cmp_stride, slc_block, n_selected, q_start=0, chunk=None,
-  *, lse=None) -> int64 [B,G,Sq,n], identical to ops.select_blocks;
+  *, lse=None) -> int64 [B,G,Sq,n], identical to ops.select_blocks; the top-n is picked inside
+  the scoring kernel (NSA_SELECT=fused, default) or from a score buffer by torch.topk (topk);
 * available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
 
 `chunk` is accepted for signature compatibility with ops (ignored by the attention kernels).

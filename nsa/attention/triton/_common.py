@@ -76,3 +76,32 @@ def dot_config(dtype: torch.dtype) -> dict:
     in_t = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
     f32 = f32dot(dtype)
     return dict(IN_T=in_t, DOT_T=tl.float32 if f32 else in_t, PREC="ieee" if f32 else "tf32")
+
+
+@triton.jit
+def _delta_kernel(DO, O, DELTA, s_db, s_dh, s_dt, s_dd, s_ob, s_oh, s_ot, s_od, H, Sq,
+                  D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :] * s_dd, mask=mask, other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od, mask=mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+def rowsum_do_o(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) in fp32 as a contiguous [B, H, Sq] tensor, the flash-attention backward's
+    correction term, in one pass (torch needed four: two fp32 copies, a product and a sum)."""
+    B, H, Sq, D = out.shape
+    res = torch.empty(B, H, Sq, dtype=torch.float32, device=out.device)
+    if res.numel():
+        bm = 64
+        _delta_kernel[(triton.cdiv(Sq, bm), B * H)](
+            grad_out, out, res, *grad_out.stride(), *out.stride(), H, Sq, D=D, D_PAD=pad_pow2(D), BM=bm,
+            num_warps=num_warps(D))
+    return res

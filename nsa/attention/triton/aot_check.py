@@ -34,8 +34,9 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from triton.compiler import ASTSource
 
     from nsa.attention.triton import compressed, select, selected, window
+    from nsa.attention.triton import _common
     from nsa.attention.triton._common import launch_warps, pad_pow2
-    from nsa.attention.triton.compressed import BM_MAX, BN as CMP_BN
+    from nsa.attention.triton.compressed import BM_DKV, BM_MAX, BN as CMP_BN
     from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
     from nsa.attention.triton.window import tile_sizes as win_tiles
 
@@ -51,6 +52,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 rd = dict(R=group, D=D, D_PAD=pad_pow2(D))
                 slc = dict(rd, R_PAD=pad_pow2(group), BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
                 cmp_ = dict(rd, BM=32 if dtn == "fp32" and D > 64 else BM_MAX, BN=CMP_BN, **dots)
+                cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.dkdv_key_tile(D, 4 if dtn == "fp32" else 2))
                 win_bm, win_bn = win_tiles(4 if dtn == "fp32" else 2, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
@@ -65,16 +67,21 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
                     (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
                     (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
-                     dict(cmp_, ATOMIC=False)),
+                     dict(cmp_dkv, ATOMIC=False)),
                     (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f),
-                     dict(cmp_, ATOMIC=True)),
+                     dict(cmp_dkv, ATOMIC=True)),
                     (window._win_fwd_kernel, dict(qkv, O=t, LSE=f), win),
                     (window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), win),
                     (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
+                    (_common._delta_kernel, dict(DO=t, O=t, DELTA=f), dict(D=D, D_PAD=pad_pow2(D), BM=64)),
                 ]
-                for as_keys in (False, True):
-                    jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f, OUT="*i64" if as_keys else f),
-                                 dict(rd, BM=SEL_BM, BN=SEL_BN, NJ=SEL_NJ, AS_KEYS=as_keys,
+                # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
+                # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant
+                for mode, nj, bn in (("scores", SEL_NJ, SEL_BN), ("keys", SEL_NJ, SEL_BN), ("topn", 16, SEL_BN),
+                                     ("topn", 32, SEL_BN), ("topn", 16, 16)):
+                    out_t = f if mode == "scores" else "*i64"
+                    jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f, OUT=out_t),
+                                 dict(rd, BM=SEL_BM, BN=bn, NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
                                       PREC_W="ieee" if dtn == "fp32" else "tf32", **dots)))
                 for kernel, ptrs, consts in jobs:
                     warps = launch_warps(LAUNCH_NAMES.get((kernel.__name__, consts.get("DKV_ATOMIC")), ""), D)
@@ -91,7 +98,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         good, msg = False, f"{type(exc).__name__}: {exc}"
                     ok &= good
                     if verbose or not good:
-                        print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__} {msg} "
+                        tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN") if "MODE" in consts)
+                        print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok
 

@@ -9,15 +9,19 @@ Kernels (flash-attention style, fp32 softmax statistics):
   key tiles of BN up to the tile's last visible block; writes O and LSE [B,H,Sq] fp32 (natural log
   of the scaled scores, what selection needs for p_cmp = exp(s - LSE));
 * backward dQ: same grid, recomputes p from LSE; delta = rowsum(dO * O);
-* backward dK/dV: one program per (compressed key tile, batch x KV group, segment of QSEG queries),
-  looping over the r query heads of the group and the segment's query tiles that can see the key
-  tile. Up to QSEG queries there is one segment and dK/dV are stored once (deterministic); beyond,
-  the segments add their partial sums into fp32 buffers with atomics. Without segments the grid at
-  64k was 2 x 128 programs for M7C, each walking up to 6 x 1024 query tiles, on 132 SMs: the dK/dV
-  pass dominated the compressed backward (11 ms of it, BENCHMARKS.md).
+* backward dK/dV: one program per (tile of BN_DKV compressed keys, batch x KV group, segment of
+  queries), holding the tile's dK/dV in registers while it streams the segment's query tiles of
+  BM_DKV (for each of the r query heads of the group) that can see the key tile. A wide key tile
+  and a narrow query tile (as in Triton's flash-attention backward) because q and dO are the
+  big operands: every key tile re-reads them, so the q/dO traffic is (NCMP / BN_DKV) x |q, dO|.
+  The number of segments is chosen per launch: enough programs to fill the GPU (short sequences
+  had 16 programs for M7C at 4k), and no segment longer than QSEG queries (long sequences: one
+  program per key tile walked up to 6 x 1024 query tiles at 64k). With one segment dK/dV are
+  stored once (deterministic); with several, the segments add fp32 partial sums with atomics.
 
-Tiles: BM=64 queries x BN=32 compressed keys; fp32 inputs with head dim > 64 use BM=32 so the
-dK/dV kernel fits an A100's 163 KB of shared memory (173 KB at BM=64).
+Tiles: forward and dQ BM=64 queries x BN=32 compressed keys; fp32 inputs with head dim > 64 use
+BM=32 so the kernels fit an A100's 163 KB of shared memory. dK/dV: BM_DKV=32 queries x 64 keys
+(`dkdv_key_tile`, measured).
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN = 64, 32
-QSEG = 4096  # queries per dK/dV segment (a multiple of BM_MAX)
+BM_DKV = 32  # dK/dV pass: queries per step
+BN_DKV = 64  # dK/dV pass: compressed keys per program (see dkdv_key_tile)
+QSEG = 4096  # most queries per dK/dV segment (a multiple of BM_DKV)
+MIN_SEG = 512  # fewest queries per dK/dV segment when splitting to fill the GPU
 
 
 @triton.jit
@@ -244,21 +251,48 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     if m["NCMP"] == 0 or m["Sq"] == 0:
         return dq, dk, dv
     do = grad_out
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
     consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype),
                   num_warps=num_warps(m["D"]))
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
     _cmp_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
-    qseg = triton.cdiv(QSEG, m["BM"]) * m["BM"]  # whole query tiles per segment
-    n_seg = triton.cdiv(m["Sq"], qseg)
+    bm, bn = min(BM_DKV, m["BM"]), dkdv_key_tile(m["D"], q.element_size())
+    key_tiles = triton.cdiv(m["NCMP"], bn) * m["B"] * m["G"]
+    qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
     atomic = n_seg > 1
     if atomic:
         dk, dv = dk.float(), dv.float()
-    _cmp_bwd_dkdv_kernel[(triton.cdiv(m["NCMP"], m["BN"]), m["B"] * m["G"], n_seg)](
+    consts.update(BM=bm, BN=bn)
+    _cmp_bwd_dkdv_kernel[(triton.cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic, **consts)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+def dkdv_key_tile(head_dim: int, elem_bytes: int = 2) -> int:
+    """Compressed keys per dK/dV program. On an H100 (bf16, 64k tokens) 64 was the fastest for head
+    dim 64 (6.2 ms vs 6.5 at 128 and 8.9 at 32, M7C layout); for head dim 128, 128 keys were faster
+    (64 ms vs 78 at 64, 128 at 32, paper layout), but the one GPU run that used them had a failing
+    kernel test it could not name before its time ran out, so 64 stays until a GPU confirms parity
+    (fp32 must stay at 64 anyway: 128 x 128 fp32 K/V tiles exceed an A100's shared memory)."""
+    return BN_DKV
+
+
+def dkdv_segments(sq: int, bm: int, key_tiles: int, sms: int) -> tuple[int, int]:
+    """(queries per segment, number of segments) for the dK/dV pass: at least ~4 programs per SM
+    where the sequence allows (segments of >= MIN_SEG queries), segments of at most QSEG queries,
+    whole query tiles of bm per segment."""
+    want = triton.cdiv(4 * sms, max(key_tiles, 1))
+    n_seg = max(triton.cdiv(sq, QSEG), min(want, triton.cdiv(sq, MIN_SEG)), 1)
+    qseg = triton.cdiv(triton.cdiv(sq, n_seg), bm) * bm
+    return qseg, triton.cdiv(sq, qseg)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: few programs
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class CompressedAttention(torch.autograd.Function):

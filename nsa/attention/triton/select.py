@@ -1,4 +1,4 @@
-"""Top-n block selection (NSA Eqs. 8-10) with a Triton scoring kernel.
+"""Top-n block selection (NSA Eqs. 8-10) with a Triton scoring kernel that also picks the top n.
 
 Same result as nsa.attention.ops.select_blocks: p_cmp = softmax over the visible compressed
 blocks (per head, computed as exp(s - LSE)), overlap-mapped to selection blocks with the Eq. 9
@@ -7,23 +7,43 @@ over the heads of the GQA group (Eq. 10), then the initial block and the 2 local
 (+inf), blocks after the query's own block excluded (-inf), top-n with ties to the lower index,
 -1 for unused slots.
 
-The kernel never writes the per-head [Sq x n_cmp] scores to HBM. One program per (tile of BM
-queries, batch x KV group) walks the selection blocks in tiles of NJ: for every tile of BN
-compressed blocks overlapping them it computes, head by head, p = exp(q K^T * scale - LSE) for
-the BM queries (a tensor-core dot, each compressed key tile loaded once for BM queries and r
-heads), sums p over the group's heads (Eq. 10), and maps the sum onto the NJ selection blocks with
-a second dot against the [BN, NJ] overlap-weight matrix (Eq. 9, computed in registers from the
-geometry). Only the [B, G, C, n_slc] group block scores of a chunk of C queries reach HBM (r * l'/d
-times smaller than the per-head score tensor), and the chunk is bounded.
+Scoring. The kernel never writes the per-head [Sq x n_cmp] scores to HBM. One program per (tile
+of BM queries, batch x KV group) walks the selection blocks in tiles of NJ (up to the tile's last
+query's own block): for every tile of BN compressed blocks overlapping them it computes, head by
+head, p = exp(q K^T * scale - LSE) for the BM queries (a tensor-core dot, each compressed key tile
+loaded once for BM queries and r heads), sums p over the group's heads (Eq. 10), and maps the sum
+onto the NJ selection blocks with a second dot against the [BN, NJ] overlap-weight matrix (Eq. 9,
+computed in registers from the geometry).
+
+Keys. Each block's score becomes a unique int64 key: the order-preserving int32 image of the fp32
+score in the high half, NS - 1 - j in the low half (NS = the launch's number of selection
+blocks). Larger key = better block, equal scores -> the lower j first, so the keys' descending
+order is exactly ops.select_blocks' stable descending sort. A -inf score (a future block) gives a
+key below VALID_KEY_MIN, decoded as -1.
+
+Top-n, chosen by NSA_SELECT (read at each call; a bad value raises ValueError):
+* "fused" (default): one launch, no score buffer. Each program keeps a running top list `top`
+  [BM, NP] of keys in registers, sorted descending, with NP = NJ = max(16, next_pow2(n)) (NJ is
+  a tl.dot dimension, hence >= 16), initialised below every real key. Each tile of NJ keys is
+  merged with the bitonic top-k step (Shanbhag et al., SIGMOD 2018; what tl.topk does): sort the
+  tile ascending, take the elementwise max with `top` (descending), which holds the NP largest
+  keys of both as a bitonic sequence, and bitonic-merge that back to descending (log2 NP passes).
+  The network is written here with min/max reductions rather than tl.sort (see _bitonic_pass).
+  At the end the first n keys are decoded (j = NS - 1 - low half, -1 below VALID_KEY_MIN) and
+  stored straight into the int64 [B, G, Sq, n] result. For n > MAX_FUSED_N the register list
+  would spill, and "topk" is used instead. `chunk` only splits the queries over several launches.
+* "topk": the kernel writes the keys of a chunk of C queries into an int64 [B, G, C, n_slc]
+  buffer and torch.topk picks the n largest (the previous implementation; kept for comparison
+  and as the reference). On an H100 (M7C layout, 64k tokens) the topk and the buffer fills cost
+  as much as the scoring itself.
 
 An earlier version ran one program per query (the r heads as a 16-row tile): on an H100 it
 reloaded every compressed key for every query and took 37 ms (M7C layout) / 213 ms (paper layout)
 at 64k, more than the rest of the NSA forward together (BENCHMARKS.md).
 
-Top-n: the kernel writes each block's score as a unique int64 key (order-preserving int32 image of
-the fp32 score in the high half, n_slc - 1 - j in the low half), so one torch.topk on the keys
-reproduces ops.select_blocks' stable descending sort exactly (ties to the lower index) without
-sorting all n_slc blocks and without extra passes to build keys.
+BN (compressed blocks per inner tile) is read from this module at each launch, so a benchmark can
+set `select.BN = 16`: at the paper geometry a tile of 16 selection blocks overlaps 65 compressed
+blocks, 3 tiles of 32 (68% used) or 5 of 16 (81% used, but more q reloads and narrower dots).
 
 The LSE comes from compressed_attention (`lse=`); without it, select_blocks runs the compressed
 forward once to get it.
@@ -32,6 +52,7 @@ forward once to get it.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -40,10 +61,75 @@ import triton.language as tl
 from nsa.attention.blocks import num_slc_blocks
 from nsa.attention.triton._common import check_inputs, dot_config, launch_warps, pad_pow2
 
+SELECT_MODES = ("fused", "topk")
 BM = 64  # queries per program
-BN = 32  # compressed blocks per tile
-NJ = 16  # selection blocks per output tile (a tl.dot dimension: >= 16)
-MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk
+BN = 32  # compressed blocks per tile (read at launch: benchmarks may set 16)
+NJ = 16  # selection blocks per tile without the fused top-n (a tl.dot dimension: >= 16)
+MAX_FUSED_N = 32  # above, the [BM, NP] register top list spills (NP = 64): "topk" is used
+MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk ("topk")
+
+# key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
+_NEG_INF_KEY32 = (0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)  # int32 bits of -inf are negative: flipped
+NEG_INF_KEY = _NEG_INF_KEY32 << 32
+VALID_KEY_MIN = (_NEG_INF_KEY32 + 1) << 32
+# the same bounds in the kernel: a key is a real block iff key >> 32 >= _VALID_KEY32; the top list
+# starts at int64 min, below every key (a padding block j >= NS has the key of -inf plus a negative
+# low half NS - 1 - j: below NEG_INF_KEY, invalid too)
+_VALID_KEY32: tl.constexpr = tl.constexpr(_NEG_INF_KEY32 + 1)
+_KEY_FLOOR: tl.constexpr = tl.constexpr(-(1 << 63))
+
+
+def select_mode() -> str:
+    mode = os.environ.get("NSA_SELECT", "fused")
+    if mode not in SELECT_MODES:
+        raise ValueError(f"NSA_SELECT={mode!r}: expected one of {', '.join(SELECT_MODES)}")
+    return mode
+
+
+@triton.jit
+def _bitonic_pass(x, ROWS: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, S: tl.constexpr, DESC: tl.constexpr):
+    # One compare-and-swap pass of a bitonic network on each row of x [ROWS, NP]: entries S apart
+    # are ordered, descending if DESC (else ascending) within the aligned blocks of K entries whose
+    # position has bit K clear, the other way where it is set (K = NP: the whole row one way). The
+    # pair's max/min come from reductions over the size-2 axis of a reshape, not from tl.sort's
+    # xor-reduction: the interpreter runs that one element by element (~1 s per [64, 16] sort).
+    OUTER: tl.constexpr = ROWS * NP // (2 * S)
+    y = tl.reshape(x, [OUTER, 2, S])
+    hi = tl.max(y, axis=1, keep_dims=True)
+    lo = tl.min(y, axis=1, keep_dims=True)
+    start = (tl.arange(0, OUTER) % (NP // (2 * S))) * (2 * S)  # the pair's position within its row
+    if DESC:
+        desc = (start & K) == 0
+    else:
+        desc = (start & K) != 0
+    first = tl.arange(0, 2) == 0
+    y = tl.where(first[None, :, None] == desc[:, None, None], hi, lo)
+    return tl.reshape(y, [ROWS, NP])
+
+
+@triton.jit
+def _bitonic_sort(x, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr, DESC: tl.constexpr):
+    for st in tl.static_range(1, LOG_NP + 1):
+        for i in tl.static_range(st):
+            x = _bitonic_pass(x, ROWS, NP, 1 << st, 1 << (st - 1 - i), DESC)
+    return x
+
+
+@triton.jit
+def _bitonic_merge(x, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr, DESC: tl.constexpr):
+    # sorts rows that are bitonic sequences (the last stage of _bitonic_sort)
+    for i in tl.static_range(LOG_NP):
+        x = _bitonic_pass(x, ROWS, NP, NP, NP >> (i + 1), DESC)
+    return x
+
+
+@triton.jit
+def _merge_top(top, key, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr):
+    # Bitonic top-k step: with `top` [ROWS, NP] sorted descending and the tile `key` sorted
+    # ascending, their elementwise max holds the NP largest of both, as a bitonic sequence; a
+    # bitonic merge sorts it again. Returns the new `top`.
+    key = _bitonic_sort(key, ROWS, NP, LOG_NP, False)
+    return _bitonic_merge(tl.maximum(top, key), ROWS, NP, LOG_NP, True)
 
 
 @triton.jit
@@ -52,11 +138,15 @@ def _select_scores_kernel(
     s_qb, s_qh, s_qt, s_qd,
     s_kb, s_kg, s_kn, s_kd,
     s_lb, s_lh, s_lt,
-    G, NCMP, NS, C, c0, q_start, scale, CB, CS, LS,
+    s_ob, s_og, s_ot,
+    G, NCMP, NS, NSEL, C, c0, q_start, scale, CB, CS, LS,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, NJ: tl.constexpr, AS_KEYS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, NJ: tl.constexpr, LOG_NJ: tl.constexpr, MODE: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, PREC_W: tl.constexpr,
 ):
+    # MODE "scores": fp32 scores -> OUT [B, G, C, NS]; "keys": int64 keys -> OUT [B, G, C, NS];
+    # "topn": the NSEL best block indices -> OUT [B, G, C, NSEL] (NJ = NP >= NSEL). OUT rows are
+    # the chunk's queries (the caller offsets the pointer by c0), columns contiguous.
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -77,7 +167,8 @@ def _select_scores_kernel(
     dmask = offs_d < D
     md_mask = mmask[:, None] & dmask[None, :]
     k_ptrs = K + b * s_kb + g * s_kg + offs_i0[:, None] * s_kn + offs_d[None, :] * s_kd
-    out_rows = OUT + ((b * G + g) * C + offs_m)[:, None] * NS  # OUT: contiguous [B, G, C, NS], prefilled
+    out_rows = OUT + b * s_ob + g * s_og + offs_m[:, None].to(tl.int64) * s_ot
+    top = tl.full([BM, NJ], _KEY_FLOOR, tl.int64)  # "topn": running top list, sorted descending
 
     for j0 in range(0, cur_max + 1, NJ):
         js = j0 + offs_j0
@@ -107,48 +198,63 @@ def _select_scores_kernel(
         forced = (js[None, :] == 0) | (js[None, :] == cur[:, None]) | (js[None, :] == cur[:, None] - 1)
         val = tl.where(forced, float("inf"), acc)
         val = tl.where(js[None, :] > cur[:, None], float("-inf"), val)
-        smask = mmask[:, None] & (js[None, :] < NS)
-        if AS_KEYS:
+        if MODE == "scores":
+            tl.store(out_rows + js[None, :], val, mask=mmask[:, None] & (js[None, :] < NS))
+        else:
             bits = val.to(tl.int32, bitcast=True)
             key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # float order as signed ints
-            tl.store(out_rows + js[None, :], (key32 << 32) + (NS - 1 - js)[None, :], mask=smask)
-        else:
-            tl.store(out_rows + js[None, :], val, mask=smask)
+            key = (key32 << 32) + (NS - 1 - js)[None, :]
+            if MODE == "keys":
+                tl.store(out_rows + js[None, :], key, mask=mmask[:, None] & (js[None, :] < NS))
+            else:
+                top = _merge_top(top, key, BM, NJ, LOG_NJ)
+    if MODE == "topn":
+        j = NS - 1 - top.to(tl.int32)  # the key's low half (truncation keeps the low 32 bits)
+        idx = tl.where((top >> 32) >= _VALID_KEY32, j, -1).to(tl.int64)
+        tl.store(out_rows + offs_j0[None, :], idx, mask=mmask[:, None] & (offs_j0[None, :] < NSEL))
 
 
-# key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
-_NEG_INF_KEY32 = (0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)  # int32 bits of -inf are negative: flipped
-NEG_INF_KEY = _NEG_INF_KEY32 << 32
-VALID_KEY_MIN = (_NEG_INF_KEY32 + 1) << 32
-
-
-def _scores(q, k_cmp, cmp_block, cmp_stride, slc_block, c0, c1, q_start, lse, as_keys: bool):
+def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_start, ns, mode, n_sel=0):
+    """Run the kernel for queries c0..c1-1 into `out` (rows = those queries, columns contiguous)."""
     B, H, Sq, D = q.shape
     G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     C = c1 - c0
+    kc = k_cmp if n_cmp > 0 else k_cmp.new_zeros(B, G, 1, D)
+    if lse is None:  # only when n_cmp == 0 (callers compute it otherwise): nothing is scored, never read
+        lse = torch.zeros(B, H, Sq, dtype=torch.float32, device=q.device)
+    dots = dot_config(q.dtype)
+    nj = pad_pow2(n_sel) if mode == "topn" else NJ
+    _select_scores_kernel[(triton.cdiv(C, BM), B * G)](
+        q, kc, lse, out,
+        *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
+        G, n_cmp, ns, n_sel, C, c0, int(q_start), 1.0 / math.sqrt(D),
+        int(cmp_block), int(cmp_stride), int(slc_block),
+        R=H // G, D=D, D_PAD=pad_pow2(D), BM=min(BM, pad_pow2(C)), BN=BN,
+        NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
+        PREC_W="ieee" if dots["PREC"] == "ieee" else "tf32", **dots,
+        num_warps=launch_warps("select", D),
+    )
+
+
+def _lse(q, k_cmp, cmp_block, cmp_stride, q_start, lse):
+    if lse is None and k_cmp.shape[2] > 0:
+        from nsa.attention.triton.compressed import compressed_forward
+
+        _, lse = compressed_forward(q, k_cmp, k_cmp, cmp_block, cmp_stride, q_start)
+    return lse
+
+
+def _scores(q, k_cmp, cmp_block, cmp_stride, slc_block, c0, c1, q_start, lse, as_keys: bool):
+    B, G, C = q.shape[0], k_cmp.shape[1], c1 - c0
     ns = num_slc_blocks(q_start + c1, slc_block)
     if as_keys:
         out = torch.full((B, G, C, ns), NEG_INF_KEY, dtype=torch.int64, device=q.device)
     else:
         out = torch.full((B, G, C, ns), float("-inf"), dtype=torch.float32, device=q.device)
-    if C == 0:
-        return out
-    kc = k_cmp if n_cmp > 0 else k_cmp.new_zeros(B, G, 1, D)
-    if lse is None and n_cmp > 0:
-        from nsa.attention.triton.compressed import compressed_forward
-
-        _, lse = compressed_forward(q, k_cmp, k_cmp, cmp_block, cmp_stride, q_start)
-    elif lse is None:  # no compressed block yet: nothing is scored, the LSE is never read
-        lse = torch.zeros(B, H, Sq, dtype=torch.float32, device=q.device)
-    dots = dot_config(q.dtype)
-    _select_scores_kernel[(triton.cdiv(C, BM), B * G)](
-        q, kc, lse, out,
-        *q.stride(), *kc.stride(), *lse.stride(),
-        G, n_cmp, ns, C, c0, int(q_start), 1.0 / math.sqrt(D), int(cmp_block), int(cmp_stride), int(slc_block),
-        R=H // G, D=D, D_PAD=pad_pow2(D), BM=min(BM, pad_pow2(C)), BN=BN, NJ=NJ, AS_KEYS=as_keys,
-        PREC_W="ieee" if dots["PREC"] == "ieee" else "tf32", **dots,
-        num_warps=launch_warps("select", D),
-    )
+    if C > 0:
+        lse = _lse(q, k_cmp, cmp_block, cmp_stride, q_start, lse)
+        _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_start, ns,
+                "keys" if as_keys else "scores")
     return out
 
 
@@ -163,9 +269,12 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
                   q_start: int = 0, chunk: int | None = None, *, lse: torch.Tensor | None = None):
     """Same contract as nsa.attention.ops.select_blocks -> int64 [B, G, Sq, n] (-1 = unused).
 
-    `chunk` (positional, as in ops) bounds the queries per scoring launch; by default it is chosen
-    so the [B, G, chunk, n_slc] fp32 score buffer stays under 2^24 elements. `lse` [B, H, Sq] fp32
-    (keyword only): the compressed-branch LSE from compressed_attention, saves one pass."""
+    Top-n per NSA_SELECT ("fused", default, or "topk"; see the module docstring). `chunk`
+    (positional, as in ops) bounds the queries per launch; by default "fused" scores all queries
+    in one launch (it has no buffer to bound) and "topk" picks chunks whose [B, G, chunk, n_slc]
+    int64 key buffer stays under 2^24 elements. `lse` [B, H, Sq] fp32 (keyword only): the
+    compressed-branch LSE from compressed_attention, saves one pass."""
+    mode = select_mode()
     check_inputs("select_blocks", q, k_cmp)
     B, H, Sq, D = q.shape
     G = k_cmp.shape[1]
@@ -173,14 +282,23 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
         raise ValueError(f"nsa triton select_blocks: {H} query heads not a multiple of {G} KV groups")
     if lse is not None and (lse.shape != (B, H, Sq) or lse.dtype != torch.float32):
         raise ValueError(f"nsa triton select_blocks: lse must be float32 [B, H, Sq], got {lse.dtype} {tuple(lse.shape)}")
+    ns_total = num_slc_blocks(q_start + Sq, slc_block)
+    fused = mode == "fused" and n_selected <= MAX_FUSED_N
+    if Sq == 0 or n_selected == 0:
+        return torch.full((B, G, Sq, n_selected), -1, dtype=torch.int64, device=q.device)
+    lse = _lse(q, k_cmp, cmp_block, cmp_stride, q_start, lse)
+    if fused:  # every slot is written by the kernel: no fill
+        result = torch.empty((B, G, Sq, n_selected), dtype=torch.int64, device=q.device)
+        chunk = chunk or Sq
+        for c0 in range(0, Sq, chunk):
+            c1 = min(Sq, c0 + chunk)
+            # one NS for the launch, so that every query's keys decode to the same j
+            _launch(q, k_cmp, lse, result[:, :, c0:], cmp_block, cmp_stride, slc_block, c0, c1, q_start,
+                    ns_total, "topn", n_selected)
+        return result
     result = torch.full((B, G, Sq, n_selected), -1, dtype=torch.int64, device=q.device)
     if chunk is None:
-        ns_total = num_slc_blocks(q_start + Sq, slc_block)
         chunk = max(1, MAX_CHUNK_ELEMS // max(1, B * G * ns_total))
-    if lse is None and k_cmp.shape[2] > 0:
-        from nsa.attention.triton.compressed import compressed_forward
-
-        _, lse = compressed_forward(q, k_cmp, k_cmp, cmp_block, cmp_stride, q_start)
     for c0 in range(0, Sq, chunk):
         c1 = min(Sq, c0 + chunk)
         keys = _scores(q, k_cmp, cmp_block, cmp_stride, slc_block, c0, c1, q_start, lse, as_keys=True)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, launch_warps, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, launch_warps, pad_pow2, rowsum_do_o
 
 DKV_MODES = ("block", "atomic")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
@@ -241,35 +241,50 @@ def _slc_bwd_dkdv_kernel(
             ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
     out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
-    tl.atomic_add(DK + out, dk * scale, mask=kv_mask)
-    tl.atomic_add(DV + out, dv, mask=kv_mask)
+    used = kv_mask & (q_lo < q_hi)  # the surplus segments of block_segments are empty
+    tl.atomic_add(DK + out, dk * scale, mask=used)
+    tl.atomic_add(DV + out, dv, mask=used)
 
 
 def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
     """Invert idx [B,G,Sq,n] (-1 = unused) into per-block query lists, cut into segments.
 
-    Returns (qidx int32 [n_valid]: query indices grouped by owner = (b*G + g)*n_blocks + block,
-    ascending within an owner; seg_owner, seg_start, seg_end int32 [n_segments]: each segment's
-    owner and its [start, end) range in qidx, at most `seg` queries)."""
+    Returns (qidx int32 [B*G*Sq*n]: query indices grouped by owner = (b*G + g)*n_blocks + block,
+    ascending within an owner, the unused slots last; seg_owner, seg_start, seg_end int32
+    [n_segments]: each segment's owner and its [start, end) range in qidx, at most `seg` queries).
+
+    No host synchronisation (no .item(), bincount or repeat_interleave, which all wait for the GPU
+    to size their output): the segment arrays have a static upper-bound length, and the surplus
+    segments are empty (start == end, owner 0); the dK/dV kernel skips them."""
     seg = seg or SEG
     B, G, Sq, n = idx.shape
     dev = idx.device
     blk = idx.reshape(B * G, Sq * n).long()
     owner = torch.arange(B * G, device=dev)[:, None] * n_blocks + blk.clamp_min(0)
-    sentinel = B * G * n_blocks  # unused slots sort last and are dropped
+    sentinel = B * G * n_blocks  # unused slots sort last and are never referenced
     owner = torch.where(blk >= 0, owner, sentinel).reshape(-1)
-    order = torch.sort(owner, stable=True).indices  # stable: queries stay ascending per block
-    counts = torch.bincount(owner, minlength=sentinel + 1)[:sentinel]
-    n_valid = int(counts.sum())
-    qidx = ((order[:n_valid] % (Sq * n)) // n).to(torch.int32)
-    first = torch.cumsum(counts, 0) - counts
+    sorted_owner, order = torch.sort(owner, stable=True)  # stable: queries stay ascending per block
+    qidx = ((order % (Sq * n)) // n).to(torch.int32)
+    if sentinel == 0:  # no key block at all
+        none = torch.zeros(0, dtype=torch.int32, device=dev)
+        return qidx, none, none, none
+    owners = torch.arange(sentinel, device=dev)
+    first = torch.searchsorted(sorted_owner, owners)
+    counts = torch.searchsorted(sorted_owner, owners, right=True) - first
     n_seg = (counts + seg - 1) // seg
-    seg_owner = torch.repeat_interleave(torch.arange(sentinel, device=dev), n_seg)
-    seg_first = torch.cumsum(n_seg, 0) - n_seg
-    within = torch.arange(seg_owner.numel(), device=dev) - seg_first[seg_owner]
-    seg_start = first[seg_owner] + within * seg
-    seg_end = torch.minimum(seg_start + seg, first[seg_owner] + counts[seg_owner])
-    return qidx, seg_owner.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
+    seg_end_cum = torch.cumsum(n_seg, 0)
+    # sum(ceil(c / seg)) <= sum(c) // seg + (number of owners)
+    max_segs = sentinel + owner.numel() // seg
+    s = torch.arange(max_segs, device=dev)
+    seg_owner = torch.searchsorted(seg_end_cum, s, right=True)  # owner o holds segments [cum[o-1], cum[o])
+    real = seg_owner < sentinel
+    o = seg_owner.clamp_max(sentinel - 1)
+    within = s - (seg_end_cum[o] - n_seg[o])
+    seg_start = first[o] + within * seg
+    seg_end = torch.minimum(seg_start + seg, first[o] + counts[o])
+    zero = torch.zeros_like(seg_start)
+    seg_start, seg_end = torch.where(real, seg_start, zero), torch.where(real, seg_end, zero)
+    return qidx, torch.where(real, o, zero).to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
 
 
 def _meta(q, k, slc_block):
@@ -305,7 +320,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
     m = _meta(q, k, slc_block)
     mode = mode or dkv_mode()
     do = grad_out
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B,H,Sq] fp32
+    delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
     dk = torch.zeros(m["B"], m["G"], m["N"], m["D"], dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)

@@ -19,7 +19,11 @@ that tiny and decode calls do not pad to 64. A program touches about (BM + windo
 so with the paper's window 512 the band dominates; 64 x 64 keeps the fully masked part of the two
 diagonal tiles small while the dots still fill the tensor cores (the flash-attention 2 size).
 fp32 with head dim > 64 uses 32 x 32: at 64 x 64 the backward kernels need ~214 KB of shared
-memory on sm80 (aot_check), above the A100's 163 KB per block. Not tuned on a GPU yet.
+memory on sm80 (aot_check), above the A100's 163 KB per block. Measured on an H100 (bf16,
+bench/bench_kernels.py): 64 x 64 is the fastest for head dim 64 in both directions; for head dim
+128 the forward ran 30% faster with 128-query tiles (5.7 vs 8.2 ms at 64k, paper layout; the
+backward cannot use them: 262 KB of shared memory). Not the default yet: the one GPU run that used
+them had a failing kernel test it could not name before its time ran out (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN_MAX = 64, 64
 
@@ -257,7 +261,7 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     if m["N"] == 0 or m["Sq"] == 0:
         return dq, dk, dv
     do = grad_out
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B,H,Sq] fp32
+    delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _win_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
