@@ -365,9 +365,11 @@ def test_select_blocks_bf16_near_identical(select_mode):
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("G,r,D", [(2, 6, 64), (1, 16, 128), (4, 1, 64)])
-def test_paper_geometry_cuda(dtype, G, r, D):
-    """Paper block sizes (l=32, d=16, l'=64, n=16) at S = 1000: all three kernels against ops."""
+@pytest.mark.parametrize("G,r,D,wide", [(2, 6, 64, False), (1, 16, 128, False), (1, 16, 128, True), (4, 1, 64, False)])
+def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide):
+    """Paper block sizes (l=32, d=16, l'=64, n=16) at S = 1000: all three kernels against ops
+    (wide: the candidate 128-key compressed dK/dV tile, compressed.WIDE_DKV_TILE)."""
+    monkeypatch.setattr(compressed, "WIDE_DKV_TILE", wide)
     B, S, l, d, lp, n = 2, 1000, 32, 16, 64, 16
     q = randn(B, G * r, S, D, dtype=dtype, seed=41, strided=True)
     k = randn(B, G, S, D, dtype=dtype, seed=42)

@@ -95,6 +95,9 @@ def test_window_attention_rejects_bad_inputs():
 
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
-@pytest.mark.parametrize("dtype,G,r,S,D", [(BF16, 2, 6, 2048, 64), (F32, 2, 6, 2048, 64), (BF16, 4, 16, 1024, 128)])
-def test_window_attention_realistic_cuda(dtype, G, r, S, D):
+@pytest.mark.parametrize("dtype,G,r,S,D,wide", [(BF16, 2, 6, 2048, 64, False), (F32, 2, 6, 2048, 64, False),
+                                                (BF16, 4, 16, 1024, 128, False), (BF16, 4, 16, 1024, 128, True)])
+def test_window_attention_realistic_cuda(monkeypatch, dtype, G, r, S, D, wide):
+    """wide: the candidate 128-query forward tile for head dim 128 (window.WIDE_FWD_TILE)."""
+    monkeypatch.setattr(win_mod, "WIDE_FWD_TILE", wide)
     run_parity(dtype, 1, G, r, S, 0, 0, S, D, 512, strided=True)

@@ -57,6 +57,14 @@ def launch_warps(kernel: str, head_dim: int) -> int:
     return num_warps(head_dim)
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """Environment variable `name`, one of `choices` (unset: the first); anything else is an error."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def check_inputs(name: str, *tensors: torch.Tensor) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
     if dtype not in SUPPORTED_DTYPES:

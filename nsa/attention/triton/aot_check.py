@@ -52,8 +52,9 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 rd = dict(R=group, D=D, D_PAD=pad_pow2(D))
                 slc = dict(rd, R_PAD=pad_pow2(group), BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
                 cmp_ = dict(rd, BM=32 if dtn == "fp32" and D > 64 else BM_MAX, BN=CMP_BN, **dots)
-                cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.dkdv_key_tile(D, 4 if dtn == "fp32" else 2))
-                win_bm, win_bn = win_tiles(4 if dtn == "fp32" else 2, D)
+                esize = 4 if dtn == "fp32" else 2
+                cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.dkdv_key_tile(D, esize))
+                win_bm, win_bn = win_tiles(esize, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
                     (selected._slc_fwd_kernel, dict(qkv, IDX="*i64", O=t, LSE=f), slc),
@@ -75,6 +76,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
                     (_common._delta_kernel, dict(DO=t, O=t, DELTA=f), dict(D=D, D_PAD=pad_pow2(D), BM=64)),
                 ]
+                if esize == 2 and D > 64:  # the candidate tiles (compressed.WIDE_DKV_TILE, window.WIDE_FWD_TILE)
+                    jobs.append((compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f),
+                                 dict(cmp_dkv, BN=2 * compressed.BN_DKV, ATOMIC=True)))
+                    jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
                 # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant
                 for mode, nj, bn in (("scores", SEL_NJ, SEL_BN), ("keys", SEL_NJ, SEL_BN), ("topn", 16, SEL_BN),

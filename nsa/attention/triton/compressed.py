@@ -37,6 +37,7 @@ from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pa
 BM_MAX, BN = 64, 32
 BM_DKV = 32  # dK/dV pass: queries per step
 BN_DKV = 64  # dK/dV pass: compressed keys per program (see dkdv_key_tile)
+WIDE_DKV_TILE = False  # candidate: 2 * BN_DKV keys for head dim > 64 (faster on an H100, GPU parity pending)
 QSEG = 4096  # most queries per dK/dV segment (a multiple of BM_DKV)
 MIN_SEG = 512  # fewest queries per dK/dV segment when splitting to fill the GPU
 
@@ -274,8 +275,11 @@ def dkdv_key_tile(head_dim: int, elem_bytes: int = 2) -> int:
     """Compressed keys per dK/dV program. On an H100 (bf16, 64k tokens) 64 was the fastest for head
     dim 64 (6.2 ms vs 6.5 at 128 and 8.9 at 32, M7C layout); for head dim 128, 128 keys were faster
     (64 ms vs 78 at 64, 128 at 32, paper layout), but the one GPU run that used them had a failing
-    kernel test it could not name before its time ran out, so 64 stays until a GPU confirms parity
-    (fp32 must stay at 64 anyway: 128 x 128 fp32 K/V tiles exceed an A100's shared memory)."""
+    kernel test it could not name before its time ran out: WIDE_DKV_TILE (off) switches them on for
+    head dim > 64 with 2-byte inputs, and the GPU tests run both (fp32 stays at 64 anyway: 128 x 128
+    fp32 K/V tiles exceed an A100's shared memory)."""
+    if WIDE_DKV_TILE and head_dim > 64 and elem_bytes == 2:
+        return 2 * BN_DKV
     return BN_DKV
 
 

@@ -52,14 +52,13 @@ forward once to get it.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from nsa.attention.blocks import num_slc_blocks
-from nsa.attention.triton._common import check_inputs, dot_config, launch_warps, pad_pow2
+from nsa.attention.triton._common import check_inputs, dot_config, env_choice, launch_warps, pad_pow2
 
 SELECT_MODES = ("fused", "topk")
 BM = 64  # queries per program
@@ -80,10 +79,7 @@ _KEY_FLOOR: tl.constexpr = tl.constexpr(-(1 << 63))
 
 
 def select_mode() -> str:
-    mode = os.environ.get("NSA_SELECT", "fused")
-    if mode not in SELECT_MODES:
-        raise ValueError(f"NSA_SELECT={mode!r}: expected one of {', '.join(SELECT_MODES)}")
-    return mode
+    return env_choice("NSA_SELECT", SELECT_MODES)
 
 
 @triton.jit

@@ -31,13 +31,12 @@ masked); head dim any size (padded likewise); r any positive integer.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, dot_config, launch_warps, pad_pow2, rowsum_do_o
+from nsa.attention.triton._common import check_inputs, dot_config, env_choice, launch_warps, pad_pow2, rowsum_do_o
 
 DKV_MODES = ("block", "atomic")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
@@ -45,10 +44,7 @@ BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
 
 
 def dkv_mode() -> str:
-    mode = os.environ.get("NSA_SLC_DKV", "block")
-    if mode not in DKV_MODES:
-        raise ValueError(f"NSA_SLC_DKV={mode!r}: expected one of {', '.join(DKV_MODES)}")
-    return mode
+    return env_choice("NSA_SLC_DKV", DKV_MODES)
 
 
 @triton.jit

@@ -22,8 +22,9 @@ fp32 with head dim > 64 uses 32 x 32: at 64 x 64 the backward kernels need ~214 
 memory on sm80 (aot_check), above the A100's 163 KB per block. Measured on an H100 (bf16,
 bench/bench_kernels.py): 64 x 64 is the fastest for head dim 64 in both directions; for head dim
 128 the forward ran 30% faster with 128-query tiles (5.7 vs 8.2 ms at 64k, paper layout; the
-backward cannot use them: 262 KB of shared memory). Not the default yet: the one GPU run that used
-them had a failing kernel test it could not name before its time ran out (BENCHMARKS.md).
+backward cannot use them: 262 KB of shared memory). Not the default yet (WIDE_FWD_TILE): the one GPU
+run that used them had a failing kernel test it could not name before its time ran out
+(BENCHMARKS.md); the GPU tests run both settings.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ import triton.language as tl
 from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN_MAX = 64, 64
+WIDE_FWD_TILE = False  # candidate: 2 x BM_MAX forward query tiles for head dim > 64 (GPU parity pending)
 
 
-def tile_sizes(elem_bytes: int, head_dim: int) -> tuple[int, int]:
+def tile_sizes(elem_bytes: int, head_dim: int, forward: bool = False) -> tuple[int, int]:
     """(BM, BN) caps before clamping to the problem size; see the module docstring."""
-    return (32, 32) if elem_bytes * pad_pow2(head_dim) > 256 else (BM_MAX, BN_MAX)
+    if elem_bytes * pad_pow2(head_dim) > 256:
+        return 32, 32
+    if forward and WIDE_FWD_TILE and pad_pow2(head_dim) > 64:
+        return min(2 * BM_MAX, 128), BN_MAX
+    return BM_MAX, BN_MAX
 
 
 @triton.jit
@@ -220,10 +226,10 @@ def _win_bwd_dkdv_kernel(
     tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-def _meta(q, k):
+def _meta(q, k, forward: bool = False):
     B, H, Sq, D = q.shape
     G, N = k.shape[1], k.shape[2]
-    bm, bn = tile_sizes(q.element_size(), D)
+    bm, bn = tile_sizes(q.element_size(), D, forward)
     return dict(B=B, H=H, Sq=Sq, D=D, G=G, N=N, R=H // G, D_PAD=pad_pow2(D),
                 BM=min(bm, pad_pow2(Sq)), BN=min(bn, pad_pow2(N)))
 
@@ -239,7 +245,7 @@ def _consts(m, dtype):
 
 def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0):
     """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32, -inf where a query has no key)."""
-    m = _meta(q, k)
+    m = _meta(q, k, forward=True)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
     if m["N"] == 0 or m["Sq"] == 0:
