@@ -14,7 +14,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8")
   slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
                         slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
-                        index, its sort included), with num_warps variants for the block kernels
+                        index, its sort included), with num_warps variants for the block kernels, vs
+                        "block_dq" (the block-centric kernel alone, adding dQ with atomics)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
@@ -131,6 +132,8 @@ def rows_for(layout: str, S: int, device: str):
         name = "block" if w is None else f"block_{kernel.rsplit('_', 1)[-1]}_w{w}"
         yield "slc_bwd", name, lambda kernel=kernel, w=w: tuned(kernel, w, lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block"))
+    yield "slc_bwd", "block_dq", lambda: bench(
+        lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block_dq"))
     yield "slc_bwd", "block_index_only", lambda: bench(
         lambda: selected.block_segments(idx, math.ceil(S / LP)))
 

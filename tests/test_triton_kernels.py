@@ -65,9 +65,11 @@ def test_selected_attention_parity(dtype, B, G, r, Sq, q_start, D, blk, n):
     check_grads(out, ref, (q, k, v), dtype)
 
 
-def test_selected_attention_unused_and_empty_slots():
+@pytest.mark.parametrize("mode", ["block", "block_dq"])
+def test_selected_attention_unused_and_empty_slots(monkeypatch, mode):
     """-1 slots are skipped; a query whose every slot is -1 (or whose blocks lie wholly after it)
     gets zero output and zero gradient, as in ops."""
+    monkeypatch.setenv("NSA_SLC_DKV", mode)
     B, G, r, S, D, blk = 1, 2, 2, 36, 16, 16
     q = randn(B, G * r, S, D, dtype=F32, seed=5, strided=True)
     k = randn(B, G, S, D, dtype=F32, seed=6, strided=True)
@@ -84,10 +86,12 @@ def test_selected_attention_unused_and_empty_slots():
     check_grads(out, ref, (q, k, v), F32)
 
 
-@pytest.mark.parametrize("mode,seg,dtype", [("atomic", None, F32), ("block", 3, F32), ("block", 5, BF16)])
+@pytest.mark.parametrize("mode,seg,dtype", [("atomic", None, F32), ("block", 3, F32), ("block", 5, BF16),
+                                            ("block_dq", 3, F32), ("block_dq", None, BF16)])
 def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype):
-    """Both dK/dV strategies match ops: the atomic one, and the block-centric one with segments so
-    short that every block's query list is split across several programs."""
+    """All backward strategies match ops: the atomic one, the block-centric one with segments so
+    short that every block's query list is split across several programs, and the block-centric
+    one that also adds dQ (no dQ kernel)."""
     if seg:
         monkeypatch.setattr(selected, "SEG", seg)
     monkeypatch.setenv("NSA_SLC_DKV", mode)

@@ -10,7 +10,8 @@ Forward: online softmax in fp32, writes O [B,H,Sq,D] (input dtype) and LSE [B,H,
 natural log of the scaled scores, -inf for a query with no valid key -> zero output).
 
 Backward (flash-attention style recompute): delta = rowsum(dO * O) in fp32; p = exp(s - lse),
-dp = dO V^T, ds = p (dp - delta). Two ways to get dK/dV, chosen by NSA_SLC_DKV (default "block"):
+dp = dO V^T, ds = p (dp - delta). Three ways to get the gradients, chosen by NSA_SLC_DKV (default
+"block"):
 * "block" (block-centric): dQ comes from the query-centric kernel (owned by its program, written
   once); dK/dV from a second kernel with one program per segment of the queries that selected a
   block. The (block -> queries) lists are the inverse of idx, built with one sort; each list is cut
@@ -21,8 +22,13 @@ dp = dO V^T, ds = p (dp - delta). Two ways to get dK/dV, chosen by NSA_SLC_DKV (
 * "atomic": one kernel; every (query, slot) adds its [l', D] contribution to fp32 dK/dV with
   `tl.atomic_add`: S*n*l'*D atomics per group, contended on the forced blocks. Kept as the simple
   reference and for benchmarking.
-With "atomic", and with "block" for blocks chosen by more than SEG queries (block 0 at least), the
-order of the fp32 additions is not fixed run to run, so the last bits of dK/dV vary.
+* "block_dq" (a candidate, not yet measured on a GPU): the block-centric kernel alone; it already
+  has ds for every (query, selected block) pair, so it also adds ds K to an fp32 dQ with atomics
+  (n adds per query row, from n different programs: little contention) and the dQ kernel, which
+  re-gathers every query's n blocks (a third of the selected branch's training time on an H100),
+  is skipped.
+With "atomic", with "block" for blocks chosen by more than SEG queries (block 0 at least) and with
+"block_dq" for dQ, the order of the fp32 additions is not fixed run to run, so the last bits vary.
 
 Block sizes: slc_block may be any size (the token tile is padded to a power of two >= 16 and
 masked); head dim any size (padded likewise); r any positive integer.
@@ -38,7 +44,7 @@ import triton.language as tl
 
 from nsa.attention.triton._common import check_inputs, dot_config, env_choice, launch_warps, pad_pow2, rowsum_do_o
 
-DKV_MODES = ("block", "atomic")
+DKV_MODES = ("block", "atomic", "block_dq")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
 BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
 
@@ -178,7 +184,7 @@ def _slc_bwd_kernel(
 
 @triton.jit
 def _slc_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, SEG_OWNER, SEG_START, SEG_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, QIDX, SEG_OWNER, SEG_START, SEG_END,
     s_qb, s_qh, s_qt, s_qd,
     s_kb, s_kg, s_kn, s_kd,
     s_vb, s_vg, s_vn, s_vd,
@@ -186,10 +192,11 @@ def _slc_bwd_dkdv_kernel(
     G, N, NB, Sq, q_start, scale,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLK: tl.constexpr, BLK_PAD: tl.constexpr, BM: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     """One program per segment of the queries that selected one block (block-centric dK/dV).
-    QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block."""
+    QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block. DQ_ATOMIC: also
+    add each query's dQ share from this block (ds K) into fp32 DQ [B,H,Sq,D] with atomics."""
     pid = tl.program_id(0)
     owner = tl.load(SEG_OWNER + pid).to(tl.int64)
     q_lo = tl.load(SEG_START + pid).to(tl.int64)
@@ -236,6 +243,9 @@ def _slc_bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+            if DQ_ATOMIC:  # a query selects a block once: its n blocks' programs add one share each
+                dq = tl.dot(ds, k, input_precision=PREC) * scale
+                tl.atomic_add(DQ + row[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
     used = kv_mask & (q_lo < q_hi)  # the surplus segments of block_segments are empty
     tl.atomic_add(DK + out, dk * scale, mask=used)
@@ -312,37 +322,42 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0):
 
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None):
-    """(dq, dk, dv); mode "block" or "atomic" (default: NSA_SLC_DKV, else "block")."""
+    """(dq, dk, dv); mode "block", "atomic" or "block_dq" (default: NSA_SLC_DKV, else "block")."""
     m = _meta(q, k, slc_block)
     mode = mode or dkv_mode()
     do = grad_out
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
-    dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
     dk = torch.zeros(m["B"], m["G"], m["N"], m["D"], dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
+    if mode == "block_dq":  # fp32 accumulator for the dK/dV kernel's atomic dQ shares
+        dq = torch.zeros(m["B"], m["H"], m["Sq"], m["D"], dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
     if m["Sq"] > 0:
         strides = (*q.stride(), *k.stride(), *v.stride())
         consts = dict(R=m["r"], D=m["D"], D_PAD=m["D_PAD"], BLK=int(slc_block), BLK_PAD=m["BLK_PAD"],
                       **dot_config(q.dtype))
         atomic = mode == "atomic"
-        _slc_bwd_kernel[(m["Sq"], m["B"] * m["G"])](
-            q, k, v, idx, do, lse, delta, dq, dk, dv,
-            *strides, *idx.stride(), *do.stride(),
-            m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
-            R_PAD=m["R_PAD"], DKV_ATOMIC=atomic, **consts,
-            num_warps=launch_warps("selected_bwd_atomic" if atomic else "selected_bwd_dq", m["D"]),
-        )
+        if mode != "block_dq":
+            _slc_bwd_kernel[(m["Sq"], m["B"] * m["G"])](
+                q, k, v, idx, do, lse, delta, dq, dk, dv,
+                *strides, *idx.stride(), *do.stride(),
+                m["G"], m["N"], idx.shape[-1], int(q_start), 1.0 / math.sqrt(m["D"]),
+                R_PAD=m["R_PAD"], DKV_ATOMIC=atomic, **consts,
+                num_warps=launch_warps("selected_bwd_atomic" if atomic else "selected_bwd_dq", m["D"]),
+            )
         if not atomic:
             n_blocks = triton.cdiv(m["N"], int(slc_block))
             qidx, seg_owner, seg_start, seg_end = block_segments(idx, n_blocks)
             if seg_owner.numel():
                 _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
-                    q, k, v, do, lse, delta, dk, dv, qidx, seg_owner, seg_start, seg_end,
+                    q, k, v, do, lse, delta, dk, dv, dq, qidx, seg_owner, seg_start, seg_end,
                     *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
-                    BM=BM_DKV, **consts, num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
+                    BM=BM_DKV, DQ_ATOMIC=mode == "block_dq", **consts,
+                    num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
                 )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class SelectedAttention(torch.autograd.Function):
