@@ -9,7 +9,7 @@
 # left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
 #   kernel_tests        120  pytest tests/test_triton_kernels.py tests/test_triton_window.py on the real
 #                            GPU (not the interpreter)
-#   kernels             100  bench_kernels: each Triton kernel alone with its variants (num_warps, the
+#   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
 #   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
 #                            core, 4k..64k, nsa vs full
@@ -204,7 +204,7 @@ if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
 step kernel_tests 120 - \
     "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
     tests/test_triton_window.py -k "not compile_for_sm90"
-step kernels 100 kernels \
+step kernels 130 kernels \
     "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
 step attention_paper 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
