@@ -58,7 +58,7 @@ def bench(fn) -> float:
 def rows_for(layout: str, S: int, device: str):
     """Yield one dict per (kernel, variant) measurement."""
     from nsa.attention import triton as tk
-    from nsa.attention.triton import _common, compressed, selected
+    from nsa.attention.triton import _common, compressed, select, selected
 
     HQ, G, D = LAYOUTS[layout]
     dt = torch.bfloat16
@@ -96,8 +96,6 @@ def rows_for(layout: str, S: int, device: str):
     for bn in (default_bn, *(b for b in (32, 64, 128) if b != default_bn)):  # default first
         yield "cmp_bwd", f"dkv_bn{bn}", lambda bn=bn: patched(compressed, "dkdv_key_tile", lambda *_: bn, lambda: bench(
             lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE)))
-    from nsa.attention.triton import select
-
     def with_env(name: str, value: str, fn):
         saved = os.environ.get(name)
         os.environ[name] = value
