@@ -62,7 +62,7 @@ import time
 import traceback
 import warnings
 
-from common import PeakMemory, device_name, profile_top, run_isolated, sync
+from common import PeakMemory, device_name, nsa_env, profile_top, run_isolated, sync
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -279,7 +279,7 @@ def base_fields(layout: str, device: str, dtype: str, batch: int) -> dict:
         "device": device_name(device), "dtype": dtype, "batch": batch,
         "dim": cfg.dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "nsa": {k: getattr(cfg.nsa, k) for k in ("cmp_block", "cmp_stride", "slc_block", "n_selected", "window")},
-        "torch": torch.__version__,
+        "torch": torch.__version__, "nsa_env": nsa_env(),
     }
 
 

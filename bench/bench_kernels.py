@@ -11,11 +11,16 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         top-n inside the scoring kernel; first checked bit-identical to "topk"),
                         "topk" (int64 score-key buffer + torch.topk), "fused_bn16" (compressed-block
                         tile BN=16 instead of 32)
-  slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8")
+  slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), and
+                        query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
+                        the union of their blocks; the union's construction included)
+  slc_lists             that union alone (selected.tile_lists); the variant names the mean number
+                        of distinct blocks per tile, e.g. "qt4_union26.1of64"
   slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
                         slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
                         index, its sort included), with num_warps variants for the block kernels, vs
-                        "block_dq" (the block-centric kernel alone, adding dQ with atomics)
+                        "block_dq" (the block-centric kernel alone, adding dQ with atomics), and
+                        "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
@@ -122,6 +127,17 @@ def rows_for(layout: str, S: int, device: str):
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):
         yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))
+    # query tiles (NSA_SLC_QTILE): qt queries per program walk the union of their blocks
+    qtiles = [qt for qt in (2, 4, 8) if qt * (HQ // G) <= selected.MAX_TILE_ROWS]
+    lists = {qt: selected.tile_lists(idx, qt) for qt in qtiles}
+    for qt in qtiles:
+        union = lists[qt][1].float().mean().item()
+        yield "slc_lists", f"qt{qt}_union{union:.1f}of{qt * N_SEL}", lambda qt=qt: bench(lambda: selected.tile_lists(idx, qt))
+        yield "slc_fwd", f"qt{qt}", lambda qt=qt: bench(lambda: selected.selected_forward(q, k, v, idx, LP, qt=qt))
+    if qtiles:
+        qt = qtiles[-1]
+        yield "slc_fwd", f"qt{qt}_w8", lambda qt=qt: tuned("selected_fwd", 8, lambda: selected.selected_forward(
+            q, k, v, idx, LP, qt=qt))
     o_slc, lse_slc = selected.selected_forward(q, k, v, idx, LP)
     yield "slc_bwd", "atomic", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="atomic"))
@@ -132,6 +148,9 @@ def rows_for(layout: str, S: int, device: str):
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block"))
     yield "slc_bwd", "block_dq", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block_dq"))
+    for qt in qtiles:  # the lists come from the forward in training: not timed here
+        yield "slc_bwd", f"block_qt{qt}", lambda qt=qt: bench(lambda: selected.selected_backward(
+            q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[qt]))
     yield "slc_bwd", "block_index_only", lambda: bench(
         lambda: selected.block_segments(idx, math.ceil(S / LP)))
 

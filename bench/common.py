@@ -22,6 +22,12 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
+def nsa_env() -> dict:
+    """The NSA_* kernel switches set in the environment (NSA_SLC_QTILE, NSA_SLC_DKV, ...), for the
+    rows: a measurement with a candidate switched on must say so."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NSA_")}
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

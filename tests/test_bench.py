@@ -119,7 +119,7 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0",
                    "bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0",
                    "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
-                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536"):
+                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536", "env NSA_SLC_QTILE=8"):
         assert needle in text, needle
     assert all("timeout" in line for line in dry)
 
@@ -147,7 +147,7 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    status = {line.split()[0]: line for line in summary.splitlines()[-12:]}
+    status = {line.split()[0]: line for line in summary.splitlines() if line.strip()}
     assert all(" ok " in status[s] for s in ("kernel_tests", "kernels", "attention_paper"))
     assert "FAILED (rc=3)" in status["attention_m7c"] and "TIMED OUT" in status["train_4096"]
     assert "skipped (budget" in status["decode"] and "skipped (budget" in status["attention_m7c_core"]

@@ -65,17 +65,19 @@ def test_selected_attention_parity(dtype, B, G, r, Sq, q_start, D, blk, n):
     check_grads(out, ref, (q, k, v), dtype)
 
 
-@pytest.mark.parametrize("mode", ["block", "block_dq"])
-def test_selected_attention_unused_and_empty_slots(monkeypatch, mode):
+@pytest.mark.parametrize("mode,qt", [("block", "1"), ("block_dq", "1"), ("block", "4")])
+def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
     """-1 slots are skipped; a query whose every slot is -1 (or whose blocks lie wholly after it)
-    gets zero output and zero gradient, as in ops."""
+    gets zero output and zero gradient, as in ops (also with query tiles: there the tile's union
+    holds blocks that such a query must still ignore)."""
     monkeypatch.setenv("NSA_SLC_DKV", mode)
+    monkeypatch.setenv("NSA_SLC_QTILE", qt)
     B, G, r, S, D, blk = 1, 2, 2, 36, 16, 16
     q = randn(B, G * r, S, D, dtype=F32, seed=5, strided=True)
     k = randn(B, G, S, D, dtype=F32, seed=6, strided=True)
     v = randn(B, G, S, D, dtype=F32, seed=7, strided=True)
     g = torch.Generator().manual_seed(8)
-    idx = torch.randint(0, 3, (B, G, S, 3), generator=g).to(DEVICE)  # may include future blocks
+    idx = torch.rand(B, G, S, 3, generator=g).argsort(-1).to(DEVICE)  # distinct; may include future blocks
     idx[torch.rand(idx.shape, generator=g).to(DEVICE) < 0.3] = -1
     idx[:, :, 5] = -1  # query 5: no slot at all
     idx[0, 1, 7] = torch.tensor([2, -1, 1])  # query 7 (block 0) only sees blocks after it
@@ -103,6 +105,57 @@ def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype):
     idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n)
     out = nsa_triton.selected_attention(q, k, v, idx, blk)
     check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("qt,mode,dtype,r,Sq,q_start", [(2, "block", F32, 3, 26, 0), (4, "block", BF16, 3, 26, 0),
+                                                        (3, "atomic", F32, 3, 26, 0), (8, "block", F32, 1, 21, 0),
+                                                        (4, "block", BF16, 6, 5, 40)])
+def test_selected_attention_query_tiles(monkeypatch, qt, mode, dtype, r, Sq, q_start):
+    """NSA_SLC_QTILE > 1: a program takes qt queries and walks the union of their blocks, each row
+    keeping only its own query's blocks; same result as ops (ragged last tile, decode, r = 1)."""
+    monkeypatch.setenv("NSA_SLC_QTILE", str(qt))
+    monkeypatch.setenv("NSA_SLC_DKV", mode)
+    B, G, D, blk, n = 1, 2, 16, 8, 3
+    N = q_start + Sq
+    q = randn(B, G * r, Sq, D, dtype=dtype, seed=35, strided=True)
+    k = randn(B, G, N, D, dtype=dtype, seed=36)
+    v = randn(B, G, N, D, dtype=dtype, seed=37)
+    k_cmp = randn(B, G, num_cmp_blocks(N, 8, 4), D, dtype=dtype, seed=38, grad=False)
+    idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n, q_start)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk, q_start)
+    ref = ops.selected_attention(q, k, v, idx, blk, q_start)
+    check("out", out, ref, dtype)
+    check_grads(out, ref, (q, k, v), dtype)
+
+
+def test_tile_lists_union_per_tile():
+    """tile_lists: each tile's distinct blocks ascending, then -1, and their count."""
+    g = torch.Generator().manual_seed(9)
+    idx = torch.randint(-1, 6, (2, 3, 11, 4), generator=g)
+    for qt in (1, 3, 4):
+        lst, cnt = selected.tile_lists(idx, qt)
+        assert lst.shape == (2, 3, -(-11 // qt), qt * 4) and lst.dtype == cnt.dtype == torch.int32
+        for b in range(2):
+            for gi in range(3):
+                for t in range(lst.shape[2]):
+                    want = sorted({int(j) for j in idx[b, gi, t * qt:(t + 1) * qt].flatten() if j >= 0})
+                    c = int(cnt[b, gi, t])
+                    assert c == len(want) and lst[b, gi, t, :c].tolist() == want
+                    assert (lst[b, gi, t, c:] == -1).all()
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "65"])
+def test_query_tile_validated(monkeypatch, value):
+    monkeypatch.setenv("NSA_SLC_QTILE", value)
+    with pytest.raises(ValueError, match="NSA_SLC_QTILE"):
+        selected.query_tile(100, 6, BF16)
+
+
+def test_query_tile_caps(monkeypatch):
+    monkeypatch.setenv("NSA_SLC_QTILE", "8")
+    assert selected.query_tile(100, 6, BF16) == 8  # 48 rows
+    assert selected.query_tile(100, 16, BF16) == 4 and selected.query_tile(100, 16, F32) == 1
+    assert selected.query_tile(3, 1, BF16) == 3 and selected.query_tile(100, 64, BF16) == 1
 
 
 def test_block_segments_invert_idx():
@@ -369,11 +422,14 @@ def test_select_blocks_bf16_near_identical(select_mode):
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("G,r,D,wide", [(2, 6, 64, False), (1, 16, 128, False), (1, 16, 128, True), (4, 1, 64, False)])
-def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide):
+@pytest.mark.parametrize("G,r,D,wide,qt", [(2, 6, 64, False, "1"), (1, 16, 128, False, "1"), (1, 16, 128, True, "1"),
+                                          (4, 1, 64, False, "1"), (2, 6, 64, False, "8"), (1, 16, 128, False, "4")])
+def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide, qt):
     """Paper block sizes (l=32, d=16, l'=64, n=16) at S = 1000: all three kernels against ops
-    (wide: the candidate 128-key compressed dK/dV tile, compressed.WIDE_DKV_TILE)."""
+    (wide: the candidate 128-key compressed dK/dV tile, compressed.WIDE_DKV_TILE; qt: queries
+    per selected-attention program, NSA_SLC_QTILE)."""
     monkeypatch.setattr(compressed, "WIDE_DKV_TILE", wide)
+    monkeypatch.setenv("NSA_SLC_QTILE", qt)
     B, S, l, d, lp, n = 2, 1000, 32, 16, 64, 16
     q = randn(B, G * r, S, D, dtype=dtype, seed=41, strided=True)
     k = randn(B, G, S, D, dtype=dtype, seed=42)

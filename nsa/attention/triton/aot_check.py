@@ -35,7 +35,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
 
     from nsa.attention.triton import compressed, select, selected, window
     from nsa.attention.triton import _common
-    from nsa.attention.triton._common import launch_warps, pad_pow2
+    from nsa.attention.triton._common import launch_warps, num_warps, pad_pow2
     from nsa.attention.triton.compressed import BM_DKV, BM_MAX, BN as CMP_BN
     from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
     from nsa.attention.triton.window import tile_sizes as win_tiles
@@ -50,22 +50,28 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 t, f = f"*{dtn}", "*fp32"
                 qkv = dict(Q=t, K=t, V=t)
                 rd = dict(R=group, D=D, D_PAD=pad_pow2(D))
-                slc = dict(rd, R_PAD=pad_pow2(group), BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
+                slc = dict(rd, BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
+                # selected fwd / dQ: one query per program (LST = CNT = idx), and the largest query tile
+                # selected.query_tile allows (NSA_SLC_QTILE)
+                max_rows = selected.MAX_TILE_ROWS // (4 if dtn == "fp32" else 1)
+                slc_tiles = [(dict(slc, QT=qt, ROWS_PAD=pad_pow2(qt * group), NSEL_PAD=16),
+                              dict(IDX="*i64", LST="*i64" if qt == 1 else "*i32", CNT="*i64" if qt == 1 else "*i32"))
+                             for qt in (1, max_rows // group)]
                 cmp_ = dict(rd, BM=32 if dtn == "fp32" and D > 64 else BM_MAX, BN=CMP_BN, **dots)
                 esize = 4 if dtn == "fp32" else 2
                 cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.dkdv_key_tile(D, esize))
                 win_bm, win_bn = win_tiles(esize, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
-                    (selected._slc_fwd_kernel, dict(qkv, IDX="*i64", O=t, LSE=f), slc),
-                    (selected._slc_bwd_kernel, dict(qkv, IDX="*i64", DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
-                     dict(slc, DKV_ATOMIC=True)),
-                    (selected._slc_bwd_kernel, dict(qkv, IDX="*i64", DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
-                     dict(slc, DKV_ATOMIC=False)),
+                    *((selected._slc_fwd_kernel, dict(qkv, **lists, O=t, LSE=f), consts)
+                      for consts, lists in slc_tiles),
+                    *((selected._slc_bwd_kernel, dict(qkv, **lists, DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
+                       dict(consts, DKV_ATOMIC=atomic))
+                      for consts, lists in slc_tiles for atomic in (False, True) if consts["QT"] == 1 or not atomic),
                     *((selected._slc_bwd_dkdv_kernel,
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, DQ=f, QIDX="*i32", SEG_OWNER="*i32",
                             SEG_START="*i32", SEG_END="*i32"),
-                       dict({k: v for k, v in slc.items() if k != "R_PAD"}, BM=selected.BM_DKV, DQ_ATOMIC=dq))
+                       dict(slc, BM=selected.BM_DKV, DQ_ATOMIC=dq))
                       for dq in (False, True)),
                     (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
                     (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
@@ -92,6 +98,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                       PREC_W="ieee" if dtn == "fp32" else "tf32", **dots)))
                 for kernel, ptrs, consts in jobs:
                     warps = launch_warps(LAUNCH_NAMES.get((kernel.__name__, consts.get("DKV_ATOMIC")), ""), D)
+                    if consts.get("QT", 1) > 1:  # as selected._warps
+                        warps = num_warps(D)
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
                            for name in kernel.arg_names}
                     t0 = time.time()
@@ -106,6 +114,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     ok &= good
                     if verbose or not good:
                         tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN") if "MODE" in consts)
+                        tag += f" QT={consts['QT']}" if "QT" in consts else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok
