@@ -24,6 +24,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
+  combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
+                        triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
 
@@ -176,6 +178,20 @@ def rows_for(layout: str, S: int, device: str):
             if bm == 64 or D <= 64:
                 yield "win_bwd", f"triton_bm{bm}_bn{bn}", lambda tiles=tiles, qg=qg, kg=kg, vg=vg: tiles(
                     lambda: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go))
+
+    # gate-and-combine: the fused kernel vs the PyTorch gated sum + transpose (NSA_COMBINE=torch)
+    from nsa.attention.triton.combine import gate_combine
+
+    logits = rnd(1, S, 3 * HQ).requires_grad_()
+    outs = [rnd(1, HQ, S, D).requires_grad_() for _ in range(3)]
+
+    def torch_combine(lg, *os_):
+        g = torch.sigmoid(lg.float()).view(1, S, HQ, 3).transpose(1, 2).to(dt)
+        return sum(g[..., i:i + 1] * o for i, o in enumerate(os_)).transpose(1, 2).reshape(1, S, HQ * D)
+
+    for name, fn in (("triton", gate_combine), ("torch", torch_combine)):
+        yield "combine_fwd", name, lambda fn=fn: bench(lambda: fn(logits, *outs))
+        yield "combine_bwd", name, lambda fn=fn: _bwd_time(fn(logits, *outs), (logits, *outs), rnd(1, S, HQ * D))
 
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
 

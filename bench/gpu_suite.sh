@@ -20,6 +20,8 @@
 #   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   train_4096_candidates 90 train_4096 for NSA with the candidate switches on (NSA_SLC_QTILE=8,
 #                            NSA_SLC_DKV=block_dq)
+#   trainer             200  bench_trainer: the shipped trainer (python -m nsa.train, M7C 80G config, synthetic
+#                            tokens, 65k tokens/step), NSA, eager and runtime.compile=true
 #   decode               60  bench_decode: 8k..64k
 #   attention_fla       120  bench_attention: paper layout core, nsa vs fla-core's parallel_nsa (when
 #                            importable); its own step because fla's first backward at 8k ran for over
@@ -189,7 +191,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_candidates,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
+STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_candidates,trainer,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -226,6 +228,9 @@ step train_4096_candidates 90 train \
     env NSA_SLC_QTILE=8 NSA_SLC_DKV=block_dq \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
     --attention nsa --profile 15
+step trainer 200 train \
+    "$PY" bench/bench_trainer.py --config configs/m7c_125m_80g.yaml --steps 20 --batch-tokens 65536 --compile 0,1 \
+    --attention nsa --timeout 150
 step decode 60 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --steps 20
 step attention_fla 120 attention \

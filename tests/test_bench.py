@@ -1,5 +1,5 @@
-"""The benchmark tooling on CPU: bench/bench_attention.py (rows, table, fla skip rows, the issue's checks)
-and bench/gpu_suite.sh (syntax, dry run, and a real run of its step machinery with a fake interpreter:
+"""The benchmark tooling on CPU: bench/bench_attention.py (rows, table, fla skip rows, the issue's checks),
+bench/bench_trainer.py (the real trainer, a failing run) and bench/gpu_suite.sh (syntax, dry run, and a real run of its step machinery with a fake interpreter:
 timeouts, failures, budget, JSON-line collection, summary). No GPU needed; ~25 s on 2 cores."""
 
 from __future__ import annotations
@@ -119,9 +119,30 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0",
                    "bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0",
                    "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
-                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536", "env NSA_SLC_QTILE=8"):
+                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536", "env NSA_SLC_QTILE=8",
+                   "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml"):
         assert needle in text, needle
     assert all("timeout" in line for line in dry)
+
+
+def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
+    """bench_trainer.py: the shipped trainer on synthetic tokens gives one row with medians from its
+    training.csv; a trainer that fails (here: a bad override) gives a row with its error and exit 1."""
+    script = os.path.join(BENCH, "bench_trainer.py")
+    env = dict(offline_env(), NSA_SLC_QTILE="2")
+    proc = subprocess.run([sys.executable, script, "--config", "configs/smoke.yaml", "--device", "cpu", "--steps", "4",
+                           "--compile", "0", "--attention", "nsa", "--skip-logs", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert (row["bench"], row["attention"], row["compile"], row["rc"], row["logged_steps"]) == ("trainer", "nsa", False, 0, 4)
+    assert row["toks_per_s"] > 0 and row["step_ms"] > 0 and row["seq_len"] == 64 and "error" not in row
+    assert row["nsa_env"] == {"NSA_SLC_QTILE": "2"}  # the switches a row ran with are on the row
+    bad = subprocess.run([sys.executable, script, "--config", "configs/smoke.yaml", "--device", "cpu", "--steps", "2",
+                          "--compile", "0", "--attention", "dense"],
+                         cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    (row,) = [json.loads(line) for line in bad.stdout.splitlines()]
+    assert bad.returncode == 1 and row["rc"] == 2 and "model.attention" in row["error"], row
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -47,6 +47,6 @@ def train(branches: str, steps: int = 200, seed: int = 0) -> float:
 
 def test_nsa_beats_window_only_on_long_range_copy():
     nsa_acc = train("cmp,slc,win")
-    window_acc = train("win")
+    window_acc = train("win", steps=100)  # the key is out of its reach however long it trains
     assert window_acc < 0.2  # chance is 1/16: the key is always outside the window
     assert nsa_acc > 0.6 and nsa_acc > window_acc + 0.4, (nsa_acc, window_acc)

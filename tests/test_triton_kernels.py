@@ -419,6 +419,32 @@ def test_select_blocks_bf16_near_identical(select_mode):
                         assert ref[b, g, t, j].item() >= weakest - 2e-2 * r
 
 
+# ----------------------------------------------------------------------------- gate-and-combine
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gate_combine_matches_torch(dtype):
+    """The fused gate-and-combine kernel equals sigmoid-gated sum + transpose, forward and the
+    gradients of the logits and of all three branch outputs (strided outputs, ragged token tile,
+    head dim 24 padded to 32)."""
+    from nsa.attention.triton.combine import gate_combine
+
+    B, H, S, D = 2, 3, 70, 24
+    logits = randn(B, S, 3 * H, dtype=dtype, seed=51)
+    outs = [randn(B, H, S, D, dtype=dtype, seed=52 + i, strided=i == 1) for i in range(3)]
+    y = gate_combine(logits, *outs)
+    g = torch.sigmoid(logits.float()).view(B, S, H, 3).transpose(1, 2)
+    ref = sum(g[..., i:i + 1] * outs[i].float() for i in range(3)).transpose(1, 2).reshape(B, S, H * D)
+    assert y.shape == (B, S, H * D) and y.dtype == dtype
+    check("y", y, ref, dtype)
+    dy = randn(B, S, H * D, dtype=dtype, seed=60, grad=False)
+    got = torch.autograd.grad(y, [logits, *outs], dy)
+    want = torch.autograd.grad(ref, [logits, *outs], dy.float())
+    for name, a, b in zip(("d logits", "d o_cmp", "d o_slc", "d o_win"), got, want):
+        assert a.dtype == dtype
+        check(name, a, b, dtype)
+    with pytest.raises(ValueError, match="logits must be"):
+        gate_combine(logits[:, :, :3], *outs)
+
+
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -176,11 +176,27 @@ class NSAttention(nn.Module):
         return (o_cmp, o_slc, o_win), idx
 
     def combine(self, x, outs) -> torch.Tensor:
+        """Gated sum of the branch outputs (Eq. 5), then the output projection. With the Triton kernels
+        (eager, all three branches on) one fused kernel each way (triton/combine.py); under
+        torch.compile Inductor fuses the PyTorch version itself."""
         B, S, _ = x.shape
+        tk = self._fused_combine(outs)
+        if tk is not None:
+            logits = self.gate(x)
+            with torch.no_grad():
+                self.last_gate_mean = torch.sigmoid(logits.float()).view(-1, 3).mean(0)
+            return self.wo(tk.gate_combine(logits, *outs))
         dtype = next(o for o in outs if o is not None).dtype
         g = self.gates(x).to(dtype)
         o = sum(g[..., i : i + 1] * out for i, out in enumerate(outs) if out is not None)
         return self.wo(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def _fused_combine(self, outs):
+        """The kernel module for the fused gate-and-combine, or None (PyTorch): NSA_COMBINE=torch,
+        an ablated branch, torch.compile tracing, or no kernels for these tensors."""
+        if combine_impl() == "torch" or any(o is None for o in outs) or torch.compiler.is_compiling():
+            return None
+        return self.kernels(outs[0])
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache=None) -> torch.Tensor:
         q, (k_cr, v_cr), slc_kv, win_kv = self.project(x, rope)
@@ -251,6 +267,15 @@ def window_impl() -> str:
     impl = os.environ.get("NSA_WINDOW", "triton")
     if impl not in ("triton", "sdpa"):
         raise UserError(f"NSA_WINDOW={impl!r}: expected triton or sdpa")
+    return impl
+
+
+def combine_impl() -> str:
+    """NSA_COMBINE: "triton" (default; the fused gate-and-combine kernel whenever the NSA kernels are in
+    use) or "torch" (the PyTorch gated sum, for comparison)."""
+    impl = os.environ.get("NSA_COMBINE", "triton")
+    if impl not in ("triton", "torch"):
+        raise UserError(f"NSA_COMBINE={impl!r}: expected triton or torch")
     return impl
 
 

@@ -13,6 +13,8 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
 * select_blocks(q, k_cmp, cmp_block, cmp_stride, slc_block, n_selected, q_start=0, chunk=None,
   *, lse=None) -> int64 [B,G,Sq,n], identical to ops.select_blocks; the top-n is picked inside
   the scoring kernel (NSA_SELECT=fused, default) or from a score buffer by torch.topk (topk);
+* gate_combine(logits, o_cmp, o_slc, o_win) -> [B,S,H*D]: the gated sum of the three branch
+  outputs (Eq. 5) in the output projection's layout, from the gate MLP's logits [B,S,3H];
 * available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
 
 `chunk` is accepted for signature compatibility with ops (ignored by the attention kernels).
@@ -30,7 +32,8 @@ import os
 
 import torch
 
-__all__ = ["available", "selected_attention", "compressed_attention", "window_attention", "select_blocks"]
+__all__ = ["available", "selected_attention", "compressed_attention", "window_attention", "select_blocks",
+           "gate_combine"]
 
 
 def available() -> bool:
@@ -57,6 +60,9 @@ def __getattr__(name):  # lazy: importing this package never requires triton
     if name == "window_attention":
         from nsa.attention.triton.window import window_attention
         return window_attention
+    if name == "gate_combine":
+        from nsa.attention.triton.combine import gate_combine
+        return gate_combine
     if name == "select_blocks":
         from nsa.attention.triton.select import select_blocks
         return select_blocks

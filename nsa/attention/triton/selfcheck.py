@@ -2,7 +2,7 @@
 
 The kernels are tested in CI through the interpreter, but a new GPU, driver or Triton build can
 still miscompile. Before the first NSA forward on a device, `kernels_ok(device, dtype)` runs the
-kernels (compressed, selection, selected, window) on small random inputs against the PyTorch
+kernels (compressed, selection, selected, window, gate-and-combine) on small random inputs against the PyTorch
 branches (nsa.attention.ops), forward and gradients, and remembers the verdict for the process. The layer falls back to PyTorch (with a
 warning) when it fails, so `model.nsa.impl: auto` is never silently wrong.
 """
@@ -43,8 +43,17 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
     s_r = ops.selected_attention(q, k, v, idx_r, lp)
     w_t = tk.window_attention(q, k, v, 40)
     w_r = ops.window_attention(q, k, v, 40)
+    logits = rnd(B, S, 3 * G * r)
+    c_t = tk.gate_combine(logits, o_t, s_t, w_t)
+    gates = torch.sigmoid(logits.float()).view(B, S, G * r, 3).transpose(1, 2)
+    c_r = sum(gates[..., i:i + 1] * o.float() for i, o in enumerate((o_r, s_r, w_r)))
+    c_r = c_r.transpose(1, 2).reshape(B, S, G * r * D)
     go = torch.randn(o_r.shape, generator=g).to(device=device, dtype=dtype)
-    checks = [("compressed forward", o_t, o_r), ("selected forward", s_t, s_r), ("window forward", w_t, w_r)]
+    checks = [("compressed forward", o_t, o_r), ("selected forward", s_t, s_r), ("window forward", w_t, w_r),
+              ("gate-and-combine forward", c_t, c_r)]
+    gc = torch.randn(c_r.shape, generator=g).to(device=device, dtype=dtype)
+    (dl_t,), (dl_r,) = (torch.autograd.grad(c, logits, dc, retain_graph=True) for c, dc in ((c_t, gc), (c_r, gc.float())))
+    checks.append(("gate-and-combine logits grad", dl_t, dl_r))
     for name, out_t, out_r, inputs in (("compressed", o_t, o_r, (q, kc, vc)), ("selected", s_t, s_r, (q, k, v)),
                                        ("window", w_t, w_r, (q, k, v))):
         for i, (a, b) in enumerate(zip(torch.autograd.grad(out_t, inputs, go), torch.autograd.grad(out_r, inputs, go))):

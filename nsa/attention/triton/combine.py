@@ -1,0 +1,144 @@
+"""Gate-and-combine (NSA Eq. 5) in Triton, forward and backward, one kernel each.
+
+    y[b, t, h*D + d] = sum_c sigmoid(logits[b, t, 3h + c]) * o_c[b, h, t, d],   c = cmp, slc, win
+
+logits [B, S, 3H] come from the gate MLP (any float dtype), the branch outputs o_c [B, H, S, D] from
+the attention kernels; y [B, S, H*D] is written directly in the layout of the output projection.
+The PyTorch version (NSAttention.combine) takes ~10 kernels forward (fp32 cast, sigmoid, cast back,
+three products, two sums, the transpose copy) and ~15 backward, each a pass over [B, H, S, D]; here
+it is one read of the three outputs and one write (forward), and one read of dy and the outputs and
+one write of the three output gradients plus the logits' gradient (backward):
+    d o_c = g_c * dy,    d logits_c = g_c (1 - g_c) * sum_d (dy * o_c).
+Gates and sums are fp32; the results are rounded once to the output dtype (the PyTorch path rounds
+the gates and every partial product to bf16, so the two agree to bf16 precision, not bitwise).
+
+One program per (tile of BT tokens, batch x head).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.attention.triton._common import check_inputs, pad_pow2
+
+BT = 64  # tokens per program
+
+
+@triton.jit
+def _gates(LG, b, h, offs_t, tmask, s_lb, s_lt, s_lc):
+    base = LG + b * s_lb + offs_t * s_lt + (3 * h) * s_lc
+    g0 = tl.sigmoid(tl.load(base, mask=tmask, other=0.0).to(tl.float32))
+    g1 = tl.sigmoid(tl.load(base + s_lc, mask=tmask, other=0.0).to(tl.float32))
+    g2 = tl.sigmoid(tl.load(base + 2 * s_lc, mask=tmask, other=0.0).to(tl.float32))
+    return g0, g1, g2
+
+
+@triton.jit
+def _combine_fwd_kernel(
+    LG, O0, O1, O2, Y,
+    s_lb, s_lt, s_lc,
+    s_ob, s_oh, s_ot, s_od,
+    s_yb, s_yt, s_yc,
+    H, S,
+    D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, D_PAD)
+    tmask = offs_t < S
+    mask = tmask[:, None] & (offs_d < D)[None, :]
+    g0, g1, g2 = _gates(LG, b, h, offs_t, tmask, s_lb, s_lt, s_lc)
+    o_off = b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_d[None, :] * s_od
+    y = g0[:, None] * tl.load(O0 + o_off, mask=mask, other=0.0).to(tl.float32)
+    y += g1[:, None] * tl.load(O1 + o_off, mask=mask, other=0.0).to(tl.float32)
+    y += g2[:, None] * tl.load(O2 + o_off, mask=mask, other=0.0).to(tl.float32)
+    y_off = b * s_yb + offs_t[:, None] * s_yt + (h * D + offs_d[None, :]) * s_yc
+    tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_bwd_kernel(
+    LG, O0, O1, O2, DY, DLG, DO0, DO1, DO2,
+    s_lb, s_lt, s_lc,
+    s_ob, s_oh, s_ot, s_od,
+    s_yb, s_yt, s_yc,
+    H, S,
+    D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr,
+):
+    """DLG has LG's strides; DO0..2 are contiguous [B, H, S, D]."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, D_PAD)
+    tmask = offs_t < S
+    mask = tmask[:, None] & (offs_d < D)[None, :]
+    g0, g1, g2 = _gates(LG, b, h, offs_t, tmask, s_lb, s_lt, s_lc)
+    dy = tl.load(DY + b * s_yb + offs_t[:, None] * s_yt + (h * D + offs_d[None, :]) * s_yc,
+                 mask=mask, other=0.0).to(tl.float32)
+    o_off = b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_d[None, :] * s_od
+    do_off = ((b * H + h) * S + offs_t[:, None]) * D + offs_d[None, :]
+    dlg = DLG + b * s_lb + offs_t * s_lt + (3 * h) * s_lc
+    o = tl.load(O0 + o_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DO0 + do_off, (g0[:, None] * dy).to(DO0.dtype.element_ty), mask=mask)
+    tl.store(dlg, (g0 * (1.0 - g0) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
+    o = tl.load(O1 + o_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DO1 + do_off, (g1[:, None] * dy).to(DO1.dtype.element_ty), mask=mask)
+    tl.store(dlg + s_lc, (g1 * (1.0 - g1) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
+    o = tl.load(O2 + o_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DO2 + do_off, (g2[:, None] * dy).to(DO2.dtype.element_ty), mask=mask)
+    tl.store(dlg + 2 * s_lc, (g2 * (1.0 - g2) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
+
+
+def _grid(B, H, S):
+    return (triton.cdiv(S, BT), B * H)
+
+
+class GateCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, o0, o1, o2):
+        logits = logits.contiguous()  # the backward writes d logits with these strides
+        if not o0.stride() == o1.stride() == o2.stride():  # the kernels index all three with one set of strides
+            o0, o1, o2 = o0.contiguous(), o1.contiguous(), o2.contiguous()
+        B, H, S, D = o0.shape
+        y = torch.empty(B, S, H * D, dtype=o0.dtype, device=o0.device)
+        if y.numel():
+            _combine_fwd_kernel[_grid(B, H, S)](
+                logits, o0, o1, o2, y, *logits.stride(), *o0.stride(), *y.stride(), H, S,
+                D=D, D_PAD=pad_pow2(D), BT=BT, num_warps=4)
+        ctx.save_for_backward(logits, o0, o1, o2)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        logits, o0, o1, o2 = ctx.saved_tensors
+        B, H, S, D = o0.shape
+        dlg = torch.empty_like(logits)
+        do = [torch.empty(B, H, S, D, dtype=o0.dtype, device=o0.device) for _ in range(3)]
+        if dy.numel():
+            _combine_bwd_kernel[_grid(B, H, S)](
+                logits, o0, o1, o2, dy, dlg, *do, *logits.stride(), *o0.stride(), *dy.stride(), H, S,
+                D=D, D_PAD=pad_pow2(D), BT=BT, num_warps=4)
+        return dlg, *do
+
+
+def gate_combine(logits: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
+    """sum_c sigmoid(logits[..., 3h + c]) * o_c, as y [B, S, H*D] in the branch outputs' dtype.
+
+    logits [B, S, 3H] (gate MLP output, any float dtype, e.g. fp32 outside autocast); o_* [B, H, S, D]
+    of one shape, dtype and device (any strides). Same value as NSAttention's PyTorch combine."""
+    check_inputs("gate_combine", o_cmp, o_slc, o_win)
+    B, H, S, D = o_cmp.shape
+    if o_slc.shape != o_cmp.shape or o_win.shape != o_cmp.shape:
+        raise ValueError(f"nsa triton gate_combine: branch outputs differ in shape: {tuple(o_cmp.shape)}, "
+                         f"{tuple(o_slc.shape)}, {tuple(o_win.shape)}")
+    if logits.shape != (B, S, 3 * H) or logits.device != o_cmp.device or not logits.is_floating_point():
+        raise ValueError(f"nsa triton gate_combine: logits must be a float [B, S, 3H] = {(B, S, 3 * H)} tensor on "
+                         f"{o_cmp.device}, got {logits.dtype} {tuple(logits.shape)} on {logits.device}")
+    return GateCombine.apply(logits, o_cmp, o_slc, o_win)
