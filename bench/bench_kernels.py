@@ -26,6 +26,7 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
   combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
                         triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
+  rope_fwd / rope_bwd    RoPE of the queries: "triton" (triton/rope.py) vs "torch" (NSA_ROPE=torch)
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
 
@@ -192,6 +193,18 @@ def rows_for(layout: str, S: int, device: str):
     for name, fn in (("triton", gate_combine), ("torch", torch_combine)):
         yield "combine_fwd", name, lambda fn=fn: bench(lambda: fn(logits, *outs))
         yield "combine_bwd", name, lambda fn=fn: _bwd_time(fn(logits, *outs), (logits, *outs), rnd(1, S, HQ * D))
+
+    # RoPE on the queries: the Triton kernel vs the PyTorch rotation (NSA_ROPE=torch)
+    from nsa.attention.rope import RotaryEmbedding
+    from nsa.attention.triton.rope import apply_rope
+
+    rope = RotaryEmbedding(D).to(device)
+    pos = torch.arange(S, device=device)
+    cos, sin = rope.tables(S, torch.device(device), torch.float32)
+    qr = q.detach().requires_grad_()
+    for name, fn in (("triton", apply_rope), ("torch", rope.rotate)):
+        yield "rope_fwd", name, lambda fn=fn: bench(lambda: fn(q, pos, cos, sin))
+        yield "rope_bwd", name, lambda fn=fn: _bwd_time(fn(qr, pos, cos, sin), (qr,), go)
 
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
 

@@ -445,6 +445,27 @@ def test_gate_combine_matches_torch(dtype):
         gate_combine(logits[:, :, :3], *outs)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rope_matches_torch(dtype):
+    """The Triton RoPE kernel equals RotaryEmbedding's PyTorch rotation, forward and gradient, on a
+    strided [B, S, H, D].transpose(1, 2) input at scattered positions (compressed keys' block ends)."""
+    from nsa.attention.rope import RotaryEmbedding
+    from nsa.attention.triton.rope import apply_rope
+
+    B, H, P, D = 2, 3, 70, 24
+    x = randn(B, H, P, D, dtype=dtype, seed=71, strided=True)
+    pos = torch.arange(P, device=DEVICE) * 4 + 7
+    rope = RotaryEmbedding(D).to(DEVICE)
+    cos, sin = rope.tables(int(pos[-1]) + 1, torch.device(DEVICE), torch.float32)
+    y, ref = apply_rope(x, pos, cos, sin), rope.rotate(x, pos, cos, sin)
+    assert y.shape == ref.shape and y.dtype == dtype
+    check("y", y, ref, dtype)
+    dy = randn(B, H, P, D, dtype=dtype, seed=72, grad=False)
+    check("dx", torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0], dtype)
+    with pytest.raises(ValueError, match="D even"):
+        apply_rope(x[..., :5], pos, cos, sin)
+
+
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -473,6 +494,24 @@ def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide, qt):
     ref = ops.selected_attention(q, k, v, idx, lp)
     check("slc out", out, ref, dtype)
     check_grads(out, ref, (q, k, v), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton RoPE dispatch is CUDA-only")
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rope_dispatch_cuda(monkeypatch, dtype):
+    """RotaryEmbedding on CUDA takes the kernel (NSA_ROPE=triton, default) and equals NSA_ROPE=torch."""
+    from nsa.attention.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(64).to(DEVICE)
+    x = randn(4, 12, 3000, 64, dtype=dtype, seed=81, strided=True)
+    pos = torch.arange(100, 3100, device=DEVICE)
+    y = rope(x, pos, 3100)
+    assert y.grad_fn is not None and "Rope" in type(y.grad_fn).__name__
+    monkeypatch.setenv("NSA_ROPE", "torch")
+    ref = rope(x, pos, 3100)
+    check("rope", y, ref, dtype)
+    dy = randn(*y.shape, dtype=dtype, seed=82, grad=False)
+    check("rope grad", torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0], dtype)
 
 
 # ------------------------------------------------- CUDA compilation, no GPU needed (ptxas only)

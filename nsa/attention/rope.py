@@ -1,11 +1,53 @@
 """Rotary position embedding (RoPE), "rotate-half" convention as in LLaMA.
 
-Tables are built lazily and grown on demand, so any sequence length works."""
+Tables are built lazily and grown on demand, so any sequence length works. On CUDA (eager) the
+rotation runs as one Triton kernel each way (nsa/attention/triton/rope.py) instead of ~9 PyTorch
+kernels over an fp32 copy; NSA_ROPE=torch keeps the PyTorch version, which is also the reference,
+the CPU path and what torch.compile traces (Inductor fuses it itself)."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from torch import nn
+
+_TRITON_OK: dict[tuple, bool] = {}
+
+
+def rope_impl() -> str:
+    impl = os.environ.get("NSA_ROPE", "triton")
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"NSA_ROPE={impl!r}: expected triton or torch")
+    return impl
+
+
+def _triton_rope_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """One check per (device, dtype) that the kernel matches the PyTorch rotation here (a new GPU or
+    Triton build can miscompile); on failure the PyTorch path is used, with a warning."""
+    key = (device.type, device.index, dtype)
+    if key not in _TRITON_OK:
+        from nsa.attention import triton as tk
+
+        ok, why = tk.available(), "triton unavailable"
+        if ok:
+            try:
+                from nsa.attention.triton.rope import apply_rope
+
+                rope = RotaryEmbedding(64).to(device)
+                x = torch.randn(2, 3, 100, 64, device=device).to(dtype)
+                pos = torch.arange(7, 107, device=device)
+                cos, sin = rope.tables(107, device, torch.float32)
+                err = (apply_rope(x, pos, cos, sin).float() - rope.rotate(x, pos, cos, sin).float()).abs().max().item()
+                ok, why = err <= 2e-2, f"max error {err:.2e}"
+            except Exception as e:  # noqa: BLE001 - any failure (compile, launch) means "don't use it"
+                ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok and why != "triton unavailable":
+            print(f"[nsa] WARNING: the Triton RoPE kernel failed its self-check on {device} {dtype} ({why[:200]}); "
+                  "using the PyTorch rotation.", file=sys.stderr, flush=True)
+        _TRITON_OK[key] = ok
+    return _TRITON_OK[key]
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,8 +79,18 @@ class RotaryEmbedding(nn.Module):
         # rotate in >= fp32: bf16 angles at position ~1e4 would be off by whole radians
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self.tables(bound, x.device, work)
+        if (x.is_cuda and x.dim() == 4 and work == torch.float32 and not torch.compiler.is_compiling()
+                and rope_impl() == "triton" and _triton_rope_ok(x.device, x.dtype)):
+            from nsa.attention.triton.rope import apply_rope
+
+            return apply_rope(x, positions, cos, sin)
+        return self.rotate(x, positions, cos, sin)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The PyTorch rotation with full tables cos/sin [L, head_dim] in the working dtype."""
         cos, sin = cos[positions], sin[positions]
-        xw = x.to(work)
+        xw = x.to(cos.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-xw[..., half:], xw[..., :half]], dim=-1)
         return (xw * cos + rotated * sin).to(x.dtype)

@@ -33,7 +33,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nsa.attention.triton import combine, compressed, select, selected, window
+    from nsa.attention.triton import combine, compressed, rope, select, selected, window
     from nsa.attention.triton import _common
     from nsa.attention.triton._common import launch_warps, num_warps, pad_pow2
     from nsa.attention.triton.compressed import BM_DKV, BM_MAX, BN as CMP_BN
@@ -83,6 +83,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), win),
                     (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
                     (_common._delta_kernel, dict(DO=t, O=t, DELTA=f), dict(D=D, D_PAD=pad_pow2(D), BM=64)),
+                    *((rope._rope_kernel, dict(X=t, Y=t, POS="*i64", COS=f, SIN=f),
+                       dict(HALF=D // 2, HALF_PAD=pad_pow2(D // 2, 1), BP=rope.BP, SIGN=sign)) for sign in (1, -1)),
                     (combine._combine_fwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, Y=t),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                     (combine._combine_bwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t),
