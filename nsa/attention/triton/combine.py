@@ -27,12 +27,21 @@ BT = 64  # tokens per program
 
 
 @triton.jit
-def _gates(LG, b, h, offs_t, tmask, s_lb, s_lt, s_lc):
+def _program_tile(LG, s_lb, s_lt, s_lc, H, S, D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr):
+    """This program's (batch, head), token and dim offsets, masks and the three fp32 gates [BT]."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, D_PAD)
+    tmask = offs_t < S
+    mask = tmask[:, None] & (offs_d < D)[None, :]
     base = LG + b * s_lb + offs_t * s_lt + (3 * h) * s_lc
     g0 = tl.sigmoid(tl.load(base, mask=tmask, other=0.0).to(tl.float32))
     g1 = tl.sigmoid(tl.load(base + s_lc, mask=tmask, other=0.0).to(tl.float32))
     g2 = tl.sigmoid(tl.load(base + 2 * s_lc, mask=tmask, other=0.0).to(tl.float32))
-    return g0, g1, g2
+    return b, h, offs_t, offs_d, tmask, mask, g0, g1, g2
 
 
 @triton.jit
@@ -44,15 +53,7 @@ def _combine_fwd_kernel(
     H, S,
     D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, D_PAD)
-    tmask = offs_t < S
-    mask = tmask[:, None] & (offs_d < D)[None, :]
-    g0, g1, g2 = _gates(LG, b, h, offs_t, tmask, s_lb, s_lt, s_lc)
+    b, h, offs_t, offs_d, tmask, mask, g0, g1, g2 = _program_tile(LG, s_lb, s_lt, s_lc, H, S, D, D_PAD, BT)
     o_off = b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_d[None, :] * s_od
     y = g0[:, None] * tl.load(O0 + o_off, mask=mask, other=0.0).to(tl.float32)
     y += g1[:, None] * tl.load(O1 + o_off, mask=mask, other=0.0).to(tl.float32)
@@ -71,15 +72,7 @@ def _combine_bwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr,
 ):
     """DLG has LG's strides; DO0..2 are contiguous [B, H, S, D]."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, D_PAD)
-    tmask = offs_t < S
-    mask = tmask[:, None] & (offs_d < D)[None, :]
-    g0, g1, g2 = _gates(LG, b, h, offs_t, tmask, s_lb, s_lt, s_lc)
+    b, h, offs_t, offs_d, tmask, mask, g0, g1, g2 = _program_tile(LG, s_lb, s_lt, s_lc, H, S, D, D_PAD, BT)
     dy = tl.load(DY + b * s_yb + offs_t[:, None] * s_yt + (h * D + offs_d[None, :]) * s_yc,
                  mask=mask, other=0.0).to(tl.float32)
     o_off = b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_d[None, :] * s_od
