@@ -22,10 +22,14 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
+# the environment switches that pick kernel paths (nsa/attention/triton, layer.py, rope.py)
+KERNEL_SWITCHES = ("NSA_COMBINE", "NSA_ROPE", "NSA_SELECT", "NSA_SLC_DKV", "NSA_SLC_QTILE", "NSA_WINDOW")
+
+
 def nsa_env() -> dict:
-    """The NSA_* kernel switches set in the environment (NSA_SLC_QTILE, NSA_SLC_DKV, ...), for the
-    rows: a measurement with a candidate switched on must say so."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NSA_")}
+    """The kernel switches set in the environment, for the rows: a measurement with a candidate
+    switched on must say so."""
+    return {k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ}
 
 
 def sync(device: str) -> None:
