@@ -466,6 +466,19 @@ def test_rope_matches_torch(dtype):
         apply_rope(x[..., :5], pos, cos, sin)
 
 
+def test_rope_device_check(monkeypatch, capsys):
+    """The one-time RoPE check passes with the real kernel and fails, with a warning, with a broken one."""
+    from nsa.attention import rope as rope_mod
+    from nsa.attention.triton import rope as triton_rope
+
+    monkeypatch.setattr(rope_mod, "_TRITON_OK", {})
+    assert rope_mod._triton_rope_ok(torch.device(DEVICE), F32)
+    monkeypatch.setattr(rope_mod, "_TRITON_OK", {})
+    monkeypatch.setattr(triton_rope, "apply_rope", lambda x, *a: x)  # no rotation at all
+    assert not rope_mod._triton_rope_ok(torch.device(DEVICE), F32)
+    assert "Triton RoPE kernel failed its self-check" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -2,9 +2,10 @@
 
 The kernels are tested in CI through the interpreter, but a new GPU, driver or Triton build can
 still miscompile. Before the first NSA forward on a device, `kernels_ok(device, dtype)` runs the
-kernels (compressed, selection, selected, window, gate-and-combine) on small random inputs against the PyTorch
-branches (nsa.attention.ops), forward and gradients, and remembers the verdict for the process. The layer falls back to PyTorch (with a
-warning) when it fails, so `model.nsa.impl: auto` is never silently wrong.
+kernels (compressed, selection, selected, window, gate-and-combine) on small random inputs against
+the PyTorch branches (nsa.attention.ops), forward and gradients, and remembers the verdict for the
+process. The layer falls back to PyTorch (with a warning) when it fails, so `model.nsa.impl: auto`
+is never silently wrong.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
     checks = [("compressed forward", o_t, o_r), ("selected forward", s_t, s_r), ("window forward", w_t, w_r),
               ("gate-and-combine forward", c_t, c_r)]
     gc = torch.randn(c_r.shape, generator=g).to(device=device, dtype=dtype)
-    (dl_t,), (dl_r,) = (torch.autograd.grad(c, logits, dc, retain_graph=True) for c, dc in ((c_t, gc), (c_r, gc.float())))
+    (dl_t,), (dl_r,) = (torch.autograd.grad(c, logits, dc, retain_graph=True)
+                        for c, dc in ((c_t, gc), (c_r, gc.float())))
     checks.append(("gate-and-combine logits grad", dl_t, dl_r))
     for name, out_t, out_r, inputs in (("compressed", o_t, o_r, (q, kc, vc)), ("selected", s_t, s_r, (q, k, v)),
                                        ("window", w_t, w_r, (q, k, v))):
