@@ -20,7 +20,9 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
                         index, its sort included), with num_warps variants for the block kernels, vs
                         "block_dq" (the block-centric kernel alone, adding dQ with atomics), and
-                        "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward)
+                        "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward), and
+                        "block_rows64" / "block_dq_rows64" (the dK/dV kernel on 64-row (query, head)
+                        tiles, selected.DKV_HEAD_ROWS)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
@@ -151,6 +153,9 @@ def rows_for(layout: str, S: int, device: str):
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block"))
     yield "slc_bwd", "block_dq", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block_dq"))
+    for mode in ("block", "block_dq"):  # the dK/dV kernel on 64-row (query, head) tiles
+        yield "slc_bwd", f"{mode}_rows64", lambda mode=mode: patched(selected, "DKV_HEAD_ROWS", 64, lambda: bench(
+            lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode=mode)))
     for qt in qtiles:  # the lists come from the forward in training: not timed here
         yield "slc_bwd", f"block_qt{qt}", lambda qt=qt: bench(lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[qt]))

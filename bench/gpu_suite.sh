@@ -19,7 +19,7 @@
 #                            (tokens/s, MFU, peak memory, profile of one step's 15 costliest kernels)
 #   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   train_4096_candidates 90 train_4096 for NSA with the candidate switches on (NSA_SLC_QTILE=8,
-#                            NSA_SLC_DKV=block_dq)
+#                            NSA_SLC_DKV=block_dq, NSA_SLC_DKV_ROWS=64)
 #   trainer             200  bench_trainer: the shipped trainer (python -m nsa.train, M7C 80G config, synthetic
 #                            tokens, 65k tokens/step), NSA, eager and runtime.compile=true
 #   decode               60  bench_decode: 8k..64k
@@ -223,9 +223,10 @@ step train_16384 90 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
     --profile 15
 # the candidates (off by default until measured) switched on together, NSA only: query tiles of 8
-# for the selected forward / dQ, the block-centric dK/dV kernel adding dQ (rows carry "nsa_env")
+# for the selected forward / dQ, the block-centric dK/dV kernel adding dQ, on 64-row (query, head)
+# tiles (rows carry "nsa_env")
 step train_4096_candidates 90 train \
-    env NSA_SLC_QTILE=8 NSA_SLC_DKV=block_dq \
+    env NSA_SLC_QTILE=8 NSA_SLC_DKV=block_dq NSA_SLC_DKV_ROWS=64 \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
     --attention nsa --profile 15
 step trainer 200 train \

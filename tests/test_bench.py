@@ -120,7 +120,7 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0",
                    "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
                    "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536", "env NSA_SLC_QTILE=8",
-                   "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml"):
+                   "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml", "NSA_SLC_DKV_ROWS=64"):
         assert needle in text, needle
     assert all("timeout" in line for line in dry)
 

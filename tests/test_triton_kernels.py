@@ -88,12 +88,15 @@ def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
     check_grads(out, ref, (q, k, v), F32)
 
 
-@pytest.mark.parametrize("mode,seg,dtype", [("atomic", None, F32), ("block", 3, F32), ("block", 5, BF16),
-                                            ("block_dq", 3, F32), ("block_dq", None, BF16)])
-def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype):
+@pytest.mark.parametrize("mode,seg,dtype,rows", [("atomic", None, F32, 0), ("block", 3, F32, 0), ("block", 5, BF16, 0),
+                                                 ("block_dq", 3, F32, 0), ("block_dq", None, BF16, 0),
+                                                 ("block", 5, F32, 16), ("block_dq", None, BF16, 64)])
+def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows):
     """All backward strategies match ops: the atomic one, the block-centric one with segments so
     short that every block's query list is split across several programs, and the block-centric
-    one that also adds dQ (no dQ kernel)."""
+    one that also adds dQ (no dQ kernel); rows > 0: the dK/dV kernel's (query, head) row tiles
+    (selected.DKV_HEAD_ROWS)."""
+    monkeypatch.setattr(selected, "DKV_HEAD_ROWS", rows)
     if seg:
         monkeypatch.setattr(selected, "SEG", seg)
     monkeypatch.setenv("NSA_SLC_DKV", mode)
@@ -149,6 +152,10 @@ def test_query_tile_validated(monkeypatch, value):
     monkeypatch.setenv("NSA_SLC_QTILE", value)
     with pytest.raises(ValueError, match="NSA_SLC_QTILE"):
         selected.query_tile(100, 6, BF16)
+    if value != "0":  # 0 is valid there: head by head
+        monkeypatch.setenv("NSA_SLC_DKV_ROWS", value)
+        with pytest.raises(ValueError, match="NSA_SLC_DKV_ROWS"):
+            selected.dkdv_queries_per_step(6, BF16)
 
 
 def test_query_tile_caps(monkeypatch):
@@ -156,6 +163,9 @@ def test_query_tile_caps(monkeypatch):
     assert selected.query_tile(100, 6, BF16) == 8  # 48 rows
     assert selected.query_tile(100, 16, BF16) == 4 and selected.query_tile(100, 16, F32) == 1
     assert selected.query_tile(3, 1, BF16) == 3 and selected.query_tile(100, 64, BF16) == 1
+    monkeypatch.setenv("NSA_SLC_DKV_ROWS", "64")
+    assert selected.dkdv_queries_per_step(6, BF16) == 10 and selected.dkdv_queries_per_step(6, F32) == 2
+    assert selected.dkdv_queries_per_step(32, F32) == 0  # 16 fp32 rows cannot hold one query's 32 heads
 
 
 def test_block_segments_invert_idx():
@@ -487,9 +497,11 @@ def test_rope_device_check(monkeypatch, capsys):
 def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide, qt):
     """Paper block sizes (l=32, d=16, l'=64, n=16) at S = 1000: all three kernels against ops
     (wide: the candidate 128-key compressed dK/dV tile, compressed.WIDE_DKV_TILE; qt: queries
-    per selected-attention program, NSA_SLC_QTILE)."""
+    per selected-attention program, NSA_SLC_QTILE, with the dK/dV kernel's 64-row (query, head)
+    tiles, selected.DKV_HEAD_ROWS, on those cases)."""
     monkeypatch.setattr(compressed, "WIDE_DKV_TILE", wide)
     monkeypatch.setenv("NSA_SLC_QTILE", qt)
+    monkeypatch.setattr(selected, "DKV_HEAD_ROWS", 64 if qt != "1" else 0)
     B, S, l, d, lp, n = 2, 1000, 32, 16, 64, 16
     q = randn(B, G * r, S, D, dtype=dtype, seed=41, strided=True)
     k = randn(B, G, S, D, dtype=dtype, seed=42)

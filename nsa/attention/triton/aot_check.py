@@ -71,8 +71,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     *((selected._slc_bwd_dkdv_kernel,
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, DQ=f, QIDX="*i32", SEG_OWNER="*i32",
                             SEG_START="*i32", SEG_END="*i32"),
-                       dict(slc, BM=selected.BM_DKV, DQ_ATOMIC=dq))
-                      for dq in (False, True)),
+                       dict(slc, BM=selected.BM_DKV, DQ_ATOMIC=dq, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * group)))
+                      for dq in (False, True) for qpr in (0, max_rows // group)),
                     (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
                     (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
                     (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
@@ -121,6 +121,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     if verbose or not good:
                         tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN") if "MODE" in consts)
                         tag += f" QT={consts['QT']}" if "QT" in consts else ""
+                        tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok

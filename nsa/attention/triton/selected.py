@@ -14,7 +14,9 @@ its idx row in registers), so every row's result is exactly the per-query one. N
 queries share most blocks (the forced initial and local ones always): on random inputs at 4k
 tokens a tile of 4 queries walks 26 distinct blocks instead of 4 x 16, and a tile of 8 walks 31
 instead of 128, so K/V loads fall 2.5-4x and the dots grow from r = 6 useful rows of 16 to 48 of
-64. With r = 16 (paper layout) the gain is the shared loads only. The dK/dV kernels are unchanged.
+64. With r = 16 (paper layout) the gain is the shared loads only. The block-centric dK/dV kernel
+has the same option for its rows (NSA_SLC_DKV_ROWS, default DKV_HEAD_ROWS = 0, a candidate): all r heads of a few
+queries as one tile of up to 64 (query, head) rows instead of 32 queries head by head.
 
 Forward: online softmax in fp32, writes O [B,H,Sq,D] (input dtype) and LSE [B,H,Sq] (fp32,
 natural log of the scaled scores, -inf for a query with no valid key -> zero output).
@@ -62,6 +64,9 @@ DKV_MODES = ("block", "atomic", "block_dq")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
 BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
 MAX_TILE_ROWS = 64  # (query, head) rows of a query tile (NSA_SLC_QTILE), bf16/fp16; 16 in fp32
+# candidate (GPU timing pending): the dK/dV kernel takes all r heads of a few queries as one tile of
+# up to this many (query, head) rows instead of BM_DKV queries head by head; 0 = off
+DKV_HEAD_ROWS = 0
 
 
 def dkv_mode() -> str:
@@ -225,6 +230,33 @@ def _slc_bwd_kernel(
 
 
 @triton.jit
+def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, rmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start, scale,
+               s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
+               D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """One step of the block-centric dK/dV: rows (query tq, head h) against this block's k, v."""
+    valid = rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])
+    md_mask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=md_mask, other=0.0).to(DOT_T)
+    do = tl.load(DO + b * s_db + h[:, None] * s_dh + tq[:, None] * s_dt + offs_d[None, :] * s_dd,
+                 mask=md_mask, other=0.0).to(DOT_T)
+    row = (b * H + h) * Sq + tq
+    lse = tl.load(LSE + row, mask=rmask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
+    dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+    dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    if DQ_ATOMIC:  # a query selects a block once: its n blocks' programs add one share each
+        dq = tl.dot(ds, k, input_precision=PREC) * scale
+        tl.atomic_add(DQ + row[:, None] * D + offs_d[None, :], dq, mask=md_mask)
+    return dk, dv
+
+
+@triton.jit
 def _slc_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, QIDX, SEG_OWNER, SEG_START, SEG_END,
     s_qb, s_qh, s_qt, s_qd,
@@ -235,10 +267,14 @@ def _slc_bwd_dkdv_kernel(
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLK: tl.constexpr, BLK_PAD: tl.constexpr, BM: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    QPR: tl.constexpr, ROWS_PAD: tl.constexpr,
 ):
     """One program per segment of the queries that selected one block (block-centric dK/dV).
     QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block. DQ_ATOMIC: also
-    add each query's dQ share from this block (ds K) into fp32 DQ [B,H,Sq,D] with atomics."""
+    add each query's dQ share from this block (ds K) into fp32 DQ [B,H,Sq,D] with atomics.
+    QPR = 0: BM queries per step, one head at a time (R dots of BM rows each). QPR > 0: QPR queries
+    per step with all R heads at once, as QPR*R (query, head) rows padded to ROWS_PAD (one dot of
+    up to 64 rows: the size Hopper's wgmma needs), the candidate DKV_HEAD_ROWS."""
     pid = tl.program_id(0)
     owner = tl.load(SEG_OWNER + pid).to(tl.int64)
     q_lo = tl.load(SEG_START + pid).to(tl.int64)
@@ -264,30 +300,22 @@ def _slc_bwd_dkdv_kernel(
     dk = tl.zeros([BLK_PAD, D_PAD], tl.float32)
     dv = tl.zeros([BLK_PAD, D_PAD], tl.float32)
     H = G * R
-    for m0 in range(q_lo, q_hi, BM):
-        mmask = m0 + offs_m < q_hi
-        tq = tl.load(QIDX + m0 + offs_m, mask=mmask, other=0).to(tl.int64)  # [BM] query indices
-        valid = mmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])  # [BM, BLK_PAD]
-        md_mask = mmask[:, None] & dmask[None, :]
-        for hh in range(0, R):
-            h = g * R + hh
-            q = tl.load(Q + b * s_qb + h * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
-                        mask=md_mask, other=0.0).to(DOT_T)
-            do = tl.load(DO + b * s_db + h * s_dh + tq[:, None] * s_dt + offs_d[None, :] * s_dd,
-                         mask=md_mask, other=0.0).to(DOT_T)
-            row = (b * H + h) * Sq + tq
-            lse = tl.load(LSE + row, mask=mmask, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + row, mask=mmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [BM, BLK_PAD]
-            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
-            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-            if DQ_ATOMIC:  # a query selects a block once: its n blocks' programs add one share each
-                dq = tl.dot(ds, k, input_precision=PREC) * scale
-                tl.atomic_add(DQ + row[:, None] * D + offs_d[None, :], dq, mask=md_mask)
+    if QPR > 0:
+        offs_r = tl.arange(0, ROWS_PAD)
+        for m0 in range(q_lo, q_hi, QPR):
+            rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
+            tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)  # [ROWS_PAD]
+            dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, rmask, tok, nmask,
+                                offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
+                                D, IN_T, DOT_T, PREC, DQ_ATOMIC)
+    else:  # BM queries per step, head by head
+        for m0 in range(q_lo, q_hi, BM):
+            mmask = m0 + offs_m < q_hi
+            tq = tl.load(QIDX + m0 + offs_m, mask=mmask, other=0).to(tl.int64)  # [BM] query indices
+            for hh in range(0, R):
+                dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + hh + 0 * offs_m, mmask, tok,
+                                    nmask, offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd,
+                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_ATOMIC)
     out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
     used = kv_mask & (q_lo < q_hi)  # the surplus segments of block_segments are empty
     tl.atomic_add(DK + out, dk * scale, mask=used)
@@ -333,6 +361,18 @@ def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
     zero = torch.zeros_like(seg_start)
     seg_start, seg_end = torch.where(real, seg_start, zero), torch.where(real, seg_end, zero)
     return qidx, torch.where(real, o, zero).to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
+
+
+def dkdv_queries_per_step(r: int, dtype: torch.dtype) -> int:
+    """Queries per step of the block-centric dK/dV kernel with all r heads as one row tile of at
+    most NSA_SLC_DKV_ROWS (default DKV_HEAD_ROWS) rows (a quarter in fp32), or 0: BM_DKV queries,
+    one head at a time."""
+    raw = os.environ.get("NSA_SLC_DKV_ROWS", str(DKV_HEAD_ROWS))
+    if not (raw.isdigit() and int(raw) <= 64):
+        raise ValueError(f"NSA_SLC_DKV_ROWS={raw!r}: expected an integer 0..64 ((query, head) rows per step of the "
+                         "selected dK/dV kernel; 0 = one head at a time)")
+    rows = int(raw) // 4 if dtype == torch.float32 else int(raw)
+    return rows // r if rows >= r else 0
 
 
 def query_tile(Sq: int, r: int, dtype: torch.dtype) -> int:
@@ -446,12 +486,13 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             qidx, seg_owner, seg_start, seg_end = block_segments(idx, n_blocks)
             if seg_owner.numel():
                 consts = {k_: v_ for k_, v_ in m["consts"].items() if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD")}
+                qpr = dkdv_queries_per_step(m["r"], q.dtype)
                 _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
                     q, k, v, do, lse, delta, dk, dv, dq, qidx, seg_owner, seg_start, seg_end,
                     *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
-                    BM=BM_DKV, DQ_ATOMIC=mode == "block_dq", **consts,
-                    num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
+                    BM=BM_DKV, DQ_ATOMIC=mode == "block_dq", QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]),
+                    **consts, num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
                 )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
