@@ -65,6 +65,14 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_int(name: str, default: int, lo: int, hi: int, meaning: str) -> int:
+    """Environment variable `name` as an integer in [lo, hi] (unset: default); anything else is an error."""
+    raw = os.environ.get(name, str(default))
+    if not (raw.isdigit() and lo <= int(raw) <= hi):
+        raise ValueError(f"{name}={raw!r}: expected an integer {lo}..{hi} ({meaning})")
+    return int(raw)
+
+
 def check_inputs(name: str, *tensors: torch.Tensor) -> None:
     dtype, device = tensors[0].dtype, tensors[0].device
     if dtype not in SUPPORTED_DTYPES:

@@ -28,6 +28,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check: unset TRITON_INTERPRET (the compiler cannot run in interpreter mode)")
+    import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -53,7 +54,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 slc = dict(rd, BLK=slc_block, BLK_PAD=pad_pow2(slc_block), **dots)
                 # selected fwd / dQ: one query per program (LST = CNT = idx), and the largest query tile
                 # selected.query_tile allows (NSA_SLC_QTILE)
-                max_rows = selected.MAX_TILE_ROWS // (4 if dtn == "fp32" else 1)
+                max_rows = selected.row_cap(selected.MAX_TILE_ROWS, torch.float32 if dtn == "fp32" else torch.bfloat16)
                 slc_tiles = [(dict(slc, QT=qt, ROWS_PAD=pad_pow2(qt * group), NSEL_PAD=16),
                               dict(IDX="*i64", LST="*i64" if qt == 1 else "*i32", CNT="*i64" if qt == 1 else "*i32"))
                              for qt in (1, max_rows // group)]

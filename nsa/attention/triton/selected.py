@@ -49,7 +49,6 @@ masked); head dim any size (padded likewise); r any positive integer.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,7 @@ import triton
 import triton.language as tl
 
 from nsa.attention.triton._common import (
-    TUNING, check_inputs, dot_config, env_choice, launch_warps, num_warps, pad_pow2, rowsum_do_o,
+    TUNING, check_inputs, dot_config, env_choice, env_int, launch_warps, num_warps, pad_pow2, rowsum_do_o,
 )
 
 DKV_MODES = ("block", "atomic", "block_dq")
@@ -363,27 +362,24 @@ def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
     return qidx, torch.where(real, o, zero).to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
 
 
+def row_cap(rows: int, dtype: torch.dtype) -> int:
+    """(query, head) rows a tile may hold: `rows` for bf16/fp16, a quarter in fp32 (A100 shared memory)."""
+    return rows // 4 if dtype == torch.float32 else rows
+
+
 def dkdv_queries_per_step(r: int, dtype: torch.dtype) -> int:
     """Queries per step of the block-centric dK/dV kernel with all r heads as one row tile of at
-    most NSA_SLC_DKV_ROWS (default DKV_HEAD_ROWS) rows (a quarter in fp32), or 0: BM_DKV queries,
-    one head at a time."""
-    raw = os.environ.get("NSA_SLC_DKV_ROWS", str(DKV_HEAD_ROWS))
-    if not (raw.isdigit() and int(raw) <= 64):
-        raise ValueError(f"NSA_SLC_DKV_ROWS={raw!r}: expected an integer 0..64 ((query, head) rows per step of the "
-                         "selected dK/dV kernel; 0 = one head at a time)")
-    rows = int(raw) // 4 if dtype == torch.float32 else int(raw)
+    most NSA_SLC_DKV_ROWS (default DKV_HEAD_ROWS) rows, or 0: BM_DKV queries, one head at a time."""
+    rows = row_cap(env_int("NSA_SLC_DKV_ROWS", DKV_HEAD_ROWS, 0, 64,
+                            "(query, head) rows per step of the selected dK/dV kernel; 0 = one head at a time"), dtype)
     return rows // r if rows >= r else 0
 
 
 def query_tile(Sq: int, r: int, dtype: torch.dtype) -> int:
     """Queries per program of the forward and dQ kernels: NSA_SLC_QTILE (default 1), at most Sq,
-    and at most MAX_TILE_ROWS (query, head) rows (16 in fp32: shared memory on an A100)."""
-    raw = os.environ.get("NSA_SLC_QTILE", "1")
-    if not (raw.isdigit() and 1 <= int(raw) <= 64):
-        raise ValueError(f"NSA_SLC_QTILE={raw!r}: expected an integer 1..64 (queries per selected-attention "
-                         "program; 1 = one query per program)")
-    max_rows = MAX_TILE_ROWS // 4 if dtype == torch.float32 else MAX_TILE_ROWS
-    return max(1, min(int(raw), Sq, max_rows // r))
+    and at most MAX_TILE_ROWS (query, head) rows."""
+    qt = env_int("NSA_SLC_QTILE", 1, 1, 64, "queries per selected-attention program; 1 = one query per program")
+    return max(1, min(qt, Sq, row_cap(MAX_TILE_ROWS, dtype) // r))
 
 
 def tile_lists(idx: torch.Tensor, qt: int):
