@@ -62,7 +62,7 @@ import time
 import traceback
 import warnings
 
-from common import PeakMemory, device_name, nsa_env, profile_top, run_isolated, sync
+from common import PeakMemory, device_name, nsa_env, profile_top, run_isolated, sync, tuned
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -269,7 +269,7 @@ def measure(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device
     return {
         "impl": impl, "layout": layout, "scope": scope, "seq_len": seq_len, "pass": pass_,
         "ms": round(statistics.median(times), 3), "peak_mem_mb": round(mem.mib, 1),
-        **base_fields(layout, device, dtype, batch), **extra,
+        **base_fields(layout, device, dtype, batch), "tuned": tuned(), **extra,
     }
 
 

@@ -22,7 +22,7 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         "block_dq" (the block-centric kernel alone, adding dQ with atomics), and
                         "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward), and
                         "block_rows64" / "block_dq_rows64" (the dK/dV kernel on 64-row (query, head)
-                        tiles, selected.DKV_HEAD_ROWS)
+                        tiles, rows=64)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
@@ -35,7 +35,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
 One JSON line per measurement: kernel, variant, layout, seq_len, ms, device, dtype, plus "error" when
 it failed (an out-of-memory or compile failure is a row, not a crash). Then a table: one line per
 kernel, the fastest variant first. Which variant is fastest feeds the defaults in
-nsa/attention/triton (num_warps, NSA_SLC_DKV) and BENCHMARKS.md.
+nsa/attention/triton (num_warps, tile sizes) and BENCHMARKS.md; the selected-attention query tiles and
+dK/dV forms are also chosen by the layer itself at run time (triton/tune.py).
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def rows_for(layout: str, S: int, device: str):
     yield "slc_bwd", "block_dq", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block_dq"))
     for mode in ("block", "block_dq"):  # the dK/dV kernel on 64-row (query, head) tiles
-        yield "slc_bwd", f"{mode}_rows64", lambda mode=mode: patched(selected, "DKV_HEAD_ROWS", 64, lambda: bench(
-            lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode=mode)))
+        yield "slc_bwd", f"{mode}_rows64", lambda mode=mode: bench(
+            lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode=mode, rows=64))
     for qt in qtiles:  # the lists come from the forward in training: not timed here
         yield "slc_bwd", f"block_qt{qt}", lambda qt=qt: bench(lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[qt]))
@@ -242,6 +243,7 @@ def main() -> int:
     ap.add_argument("--seq-lens", default="16384,65536")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
+    os.environ["NSA_TUNE"] = "off"  # each variant is timed here by name; the layer's tuning would mix them
     if args.device != "cuda" or not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels' CPU interpreter is for correctness only)", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import json
 import time
 import traceback
 
-from common import PeakMemory, device_name, nsa_env, profile_top, run_isolated, sync
+from common import PeakMemory, device_name, nsa_env, profile_top, run_isolated, sync, tuned
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -61,7 +61,7 @@ def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: in
         "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_mem_gb": round(mem.mib / 1024, 3), "step_ms": round(elapsed / steps * 1e3, 1),
         "num_params": model.num_params(), "device": device_name(device),
-        "dtype": "bf16" if device == "cuda" else "fp32", "torch": torch.__version__, "nsa_env": nsa_env(), **extra,
+        "dtype": "bf16" if device == "cuda" else "fp32", "torch": torch.__version__, "nsa_env": nsa_env(), "tuned": tuned(), **extra,
     }
 
 

@@ -64,6 +64,11 @@ def run_trainer(config: str, attention: str, compile_: bool, device: str, steps:
             info = json.load(f)
     except (OSError, json.JSONDecodeError):
         logs, info = [], {}
+    try:  # what the trainer's kernel tuning chose (nsa/attention/triton/tune.py)
+        with open(os.path.join(out_dir, "kernel_tuning.json")) as f:
+            row["tuned"] = {k: v["choice"] for k, v in json.load(f)["choices"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        row["tuned"] = {}
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     cfg = info.get("config", {}) if isinstance(info, dict) else {}

@@ -24,13 +24,20 @@ def device_name(device: str) -> str:
 
 # the environment switches that pick kernel paths (nsa/attention/triton, layer.py, rope.py)
 KERNEL_SWITCHES = ("NSA_COMBINE", "NSA_ROPE", "NSA_SELECT", "NSA_SLC_DKV", "NSA_SLC_DKV_ROWS", "NSA_SLC_QTILE",
-                   "NSA_WINDOW")
+                   "NSA_TUNE", "NSA_WINDOW")
 
 
 def nsa_env() -> dict:
     """The kernel switches set in the environment, for the rows: a measurement with a candidate
     switched on must say so."""
     return {k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ}
+
+
+def tuned() -> dict:
+    """The kernel variants the layer's tuning chose in this process (nsa/attention/triton/tune.py)."""
+    from nsa.attention.triton import tune
+
+    return tune.choices()
 
 
 def sync(device: str) -> None:

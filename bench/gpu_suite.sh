@@ -7,8 +7,8 @@
 # keeps going after a failure and ends with a summary of what ran / failed / timed out / was skipped).
 # The number is each step's cap in seconds; together they exceed the budget on purpose: whatever is
 # left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
-#   kernel_tests        120  pytest tests/test_triton_kernels.py tests/test_triton_window.py on the real
-#                            GPU (not the interpreter)
+#   kernel_tests        120  pytest tests/test_triton_kernels.py tests/test_triton_window.py
+#                            tests/test_triton_tune.py on the real GPU (not the interpreter)
 #   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
 #   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
@@ -18,8 +18,9 @@
 #   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full
 #                            (tokens/s, MFU, peak memory, profile of one step's 15 costliest kernels)
 #   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
-#   train_4096_candidates 90 train_4096 for NSA with the candidate switches on (NSA_SLC_QTILE=8,
-#                            NSA_SLC_DKV=block_dq, NSA_SLC_DKV_ROWS=64)
+#   train_4096_untuned   90  train_4096 for NSA with the kernel tuning off (NSA_TUNE=off: one query per
+#                            selected-attention program, block-centric dK/dV head by head), to show
+#                            what tuning gains
 #   trainer             200  bench_trainer: the shipped trainer (python -m nsa.train, M7C 80G config, synthetic
 #                            tokens, 65k tokens/step), NSA, eager and runtime.compile=true
 #   decode               60  bench_decode: 8k..64k
@@ -191,7 +192,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_candidates,trainer,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
+STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -207,7 +208,7 @@ XDIST=()
 if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
 step kernel_tests 120 - \
     "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
-    tests/test_triton_window.py -k "not compile_for_sm90"
+    tests/test_triton_window.py tests/test_triton_tune.py -k "not compile_for_sm90"
 step kernels 130 kernels \
     "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
 step attention_paper 90 attention \
@@ -222,11 +223,9 @@ step train_4096 90 train \
 step train_16384 90 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
     --profile 15
-# the candidates (off by default until measured) switched on together, NSA only: query tiles of 8
-# for the selected forward / dQ, the block-centric dK/dV kernel adding dQ, on 64-row (query, head)
-# tiles (rows carry "nsa_env")
-step train_4096_candidates 90 train \
-    env NSA_SLC_QTILE=8 NSA_SLC_DKV=block_dq NSA_SLC_DKV_ROWS=64 \
+# the reference kernel variants, untuned (rows carry "nsa_env"; the tuned rows above carry "tuned")
+step train_4096_untuned 90 train \
+    env NSA_TUNE=off \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
     --attention nsa --profile 15
 step trainer 200 train \

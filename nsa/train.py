@@ -22,7 +22,8 @@ Exit codes:
 
 Outputs (rank 0, in train.out_dir): training.csv, val.csv, metrics.json, tb/, config.yaml (resolved),
 checkpoint_step{N}.pt (last train.keep_last_k kept), best-model.safetensors/.json, final-model.safetensors/.json,
-heartbeat.json (see nsa/watchdog.py; in $NSA_WATCH_DIR instead when the runner sets it).
+heartbeat.json (see nsa/watchdog.py; in $NSA_WATCH_DIR instead when the runner sets it), kernel_tuning.json
+(on CUDA: the Triton kernel variants the first steps timed and chose, reused on resume; nsa/attention/triton/tune.py).
 
 Time and money: metrics.json, the progress line and TensorBoard (run/*) report elapsed time (summed over
 resumes), the ETA to train.steps from the measured step time (eval/checkpoint overhead included) and,
@@ -62,6 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 from nsa import checkpoint as ckpt  # noqa: E402
 from nsa import distributed as dist_utils  # noqa: E402
 from nsa import hardware  # noqa: E402
+from nsa.attention.triton import tune as kernel_tuning  # noqa: E402  (no triton import: the package is lazy)
 from nsa.config import Config, load_config, parse_faults, save_config  # noqa: E402
 from nsa.errors import UserError  # noqa: E402
 from nsa.metrics import (TRAIN_COLUMNS, VAL_COLUMNS, CSVLog, MetricsJSON, TensorBoard, Throughput,  # noqa: E402
@@ -289,6 +291,8 @@ class Trainer:
             self._lock_out_dir()
             ckpt.clean_temp_files(self.out_dir)
         dist_utils.barrier()
+        if info.is_main or os.path.isdir(self.out_dir):  # a resumed run reuses the kernels its first launch chose
+            kernel_tuning.use_cache_file(os.path.join(self.out_dir, "kernel_tuning.json"))
         self.heartbeat.beat("startup", 0)
         if self.faults and os.path.exists(self.faults_fired_path):
             with open(self.faults_fired_path) as f:

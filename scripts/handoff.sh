@@ -60,6 +60,8 @@ if [[ -d $run_dir/stalls ]]; then  # the watchdog's stack dumps, when a stall wa
     find "$run_dir/stalls" -maxdepth 1 -type f -name 'stall_*' -exec cp -p {} "$stage/stalls/" \;
 fi
 for f in training.csv val.csv metrics.json config.yaml best-model.json final-model.json; do take "$out_dir/$f"; done
+# which Triton kernel variants the run chose (only on CUDA, so not listed as missing)
+if [[ -f $out_dir/kernel_tuning.json ]]; then take "$out_dir/kernel_tuning.json"; fi
 if (( with_models )); then for f in best-model.safetensors final-model.safetensors; do take "$out_dir/$f"; done; fi
 if (( with_ckpt )); then
     ckpt=$(latest_checkpoint "$out_dir")

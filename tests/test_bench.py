@@ -119,8 +119,8 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0",
                    "bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0",
                    "--compile 1", "bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536",
-                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536", "env NSA_SLC_QTILE=8",
-                   "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml", "NSA_SLC_DKV_ROWS=64"):
+                   "scripts/demo_64k.py --device cuda", "4096,8192,16384,32768,65536", "env NSA_TUNE=off",
+                   "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml"):
         assert needle in text, needle
     assert all("timeout" in line for line in dry)
 
@@ -138,6 +138,7 @@ def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
     assert (row["bench"], row["attention"], row["compile"], row["rc"], row["logged_steps"]) == ("trainer", "nsa", False, 0, 4)
     assert row["toks_per_s"] > 0 and row["step_ms"] > 0 and row["seq_len"] == 64 and "error" not in row
     assert row["nsa_env"] == {"NSA_SLC_QTILE": "2"}  # the switches a row ran with are on the row
+    assert row["tuned"] == {}  # kernel tuning (the run's kernel_tuning.json) happens on CUDA only
     bad = subprocess.run([sys.executable, script, "--config", "configs/smoke.yaml", "--device", "cpu", "--steps", "2",
                           "--compile", "0", "--attention", "dense"],
                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)

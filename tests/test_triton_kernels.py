@@ -498,7 +498,9 @@ def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide, qt):
     """Paper block sizes (l=32, d=16, l'=64, n=16) at S = 1000: all three kernels against ops
     (wide: the candidate 128-key compressed dK/dV tile, compressed.WIDE_DKV_TILE; qt: queries
     per selected-attention program, NSA_SLC_QTILE, with the dK/dV kernel's 64-row (query, head)
-    tiles, selected.DKV_HEAD_ROWS, on those cases)."""
+    tiles, selected.DKV_HEAD_ROWS, on those cases). Tuning off: these settings, not the tuned ones
+    (tests/test_triton_tune.py tests tuning on the GPU)."""
+    monkeypatch.setenv("NSA_TUNE", "off")
     monkeypatch.setattr(compressed, "WIDE_DKV_TILE", wide)
     monkeypatch.setenv("NSA_SLC_QTILE", qt)
     monkeypatch.setattr(selected, "DKV_HEAD_ROWS", 64 if qt != "1" else 0)

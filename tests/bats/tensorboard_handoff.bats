@@ -39,6 +39,7 @@ make_run() {  # a complete run through the runner with the fake trainer
     make_run
     # a stall dump as the watchdog writes them (the fake runner never stalls)
     mkdir -p "$(run_dir)/stalls" && printf 'Thread 0x1 (most recent call first):\n' >"$(run_dir)/stalls/stall_20260101-000000.txt"
+    echo '{"choices": {}}' >"$OUT_DIR/kernel_tuning.json"   # what a GPU run's kernel tuning writes
     run bash "$REPO/scripts/handoff.sh" --out "$T/bundle.tar.gz"
     [ "$status" -eq 0 ]
     [ -s "$T/bundle.tar.gz" ]
@@ -46,7 +47,8 @@ make_run() {  # a complete run through the runner with the fake trainer
     d="$T/x/handoff_$(basename "$(run_dir)")"
     for f in run.info smoke.log train.log runner.log training.csv val.csv metrics.json env.txt \
              report/report.md report/loss.png report/val_loss.png report/throughput.png \
-             stalls/stall_20260101-000000.txt SHA256SUMS checkpoints/checkpoint_step20.pt final-model.json; do
+             stalls/stall_20260101-000000.txt SHA256SUMS checkpoints/checkpoint_step20.pt final-model.json \
+             kernel_tuning.json; do
         [ -s "$d/$f" ] || { echo "missing $f"; ls -R "$T/x"; false; }
     done
     ! grep -q -e report "$d/MISSING.txt"      # (the fake trainer writes no config.yaml)
@@ -79,6 +81,7 @@ make_run() {  # a complete run through the runner with the fake trainer
     [ ! -e "$d/report" ]
     grep -q '^report/ (report.md and PNGs: no training.csv)$' "$d/MISSING.txt"
     grep -q 'training.csv$' "$d/MISSING.txt"
+    ! grep -q kernel_tuning "$d/MISSING.txt"   # CPU runs write none: not "missing"
     [[ $output == *"not in the bundle (missing)"*"report/"* ]]
     echo "step,loss,lr,toks_per_s" >"$OUT_DIR/training.csv"
     run bash "$REPO/scripts/handoff.sh" --no-checkpoint --out "$T/b2.tar.gz"

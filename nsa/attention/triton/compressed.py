@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa.attention.blocks import num_cmp_blocks
+from nsa.attention.triton import tune
 from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN = 64, 32
@@ -244,7 +246,9 @@ def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 
     return out, lse
 
 
-def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int = 0):
+def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int = 0,
+                        key_tile: int | None = None):
+    """(dq, dk, dv); key_tile: compressed keys per dK/dV program (default dkdv_key_tile)."""
     m = _meta(q, k_cmp)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
@@ -259,7 +263,7 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
     _cmp_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
-    bm, bn = min(BM_DKV, m["BM"]), dkdv_key_tile(m["D"], q.element_size())
+    bm, bn = min(BM_DKV, m["BM"]), key_tile or dkdv_key_tile(m["D"], q.element_size())
     key_tiles = triton.cdiv(m["NCMP"], bn) * m["B"] * m["G"]
     qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
     atomic = n_seg > 1
@@ -277,7 +281,8 @@ def dkdv_key_tile(head_dim: int, elem_bytes: int = 2) -> int:
     (64 ms vs 78 at 64, 128 at 32, paper layout), but the one GPU run that used them had a failing
     kernel test it could not name before its time ran out: WIDE_DKV_TILE (off) switches them on for
     head dim > 64 with 2-byte inputs, and the GPU tests run both (fp32 stays at 64 anyway: 128 x 128
-    fp32 K/V tiles exceed an A100's shared memory)."""
+    fp32 K/V tiles exceed an A100's shared memory). With tuning (tune.py) the backward times both
+    where both apply (backward_key_tile)."""
     if WIDE_DKV_TILE and head_dim > 64 and elem_bytes == 2:
         return 2 * BN_DKV
     return BN_DKV
@@ -299,6 +304,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def backward_key_tile(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int) -> int | None:
+    """The dK/dV key tile for this backward: tuned between BN_DKV and 2 * BN_DKV where both apply
+    (head dim > 64, 2-byte inputs) and tuning is on, else None (dkdv_key_tile's default)."""
+    if not (q.shape[-1] > 64 and q.element_size() == 2 and tune.wanted(q)):
+        return None
+    s = tune.slice_len(q)
+    qs, outs, lses, gos = tune.prefix(s, q, out, lse, grad_out)
+    n_vis = min(k_cmp.shape[2], num_cmp_blocks(q_start + s, block, stride))
+    ks, vs = k_cmp[:1, :, :n_vis], v_cmp[:1, :, :n_vis]
+    variants = {f"bn{bn}": (lambda bn=bn: compressed_backward(qs, ks, vs, outs, lses, gos, block, stride, q_start, bn))
+                for bn in (BN_DKV, 2 * BN_DKV)}
+    key = tune.shape_key("compressed_bwd", q, k_cmp, f"l{block}", f"d{stride}")
+    return int(tune.pick(key, variants, tune.differs, q.device)[2:])
+
+
 class CompressedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, block: int, stride: int, q_start: int):
@@ -313,7 +333,8 @@ class CompressedAttention(torch.autograd.Function):
         q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None, None
-        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
+        key_tile = backward_key_tile(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
+        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom, key_tile=key_tile)
         return dq, dk, dv, None, None, None
 
 

@@ -49,12 +49,14 @@ masked); head dim any size (padded likewise); r any positive integer.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
     TUNING, check_inputs, dot_config, env_choice, env_int, launch_warps, num_warps, pad_pow2, rowsum_do_o,
 )
@@ -367,18 +369,24 @@ def row_cap(rows: int, dtype: torch.dtype) -> int:
     return rows // 4 if dtype == torch.float32 else rows
 
 
-def dkdv_queries_per_step(r: int, dtype: torch.dtype) -> int:
+def dkv_rows() -> int:
+    return env_int("NSA_SLC_DKV_ROWS", DKV_HEAD_ROWS, 0, 64,
+                   "(query, head) rows per step of the selected dK/dV kernel; 0 = one head at a time")
+
+
+def dkdv_queries_per_step(r: int, dtype: torch.dtype, rows: int | None = None) -> int:
     """Queries per step of the block-centric dK/dV kernel with all r heads as one row tile of at
-    most NSA_SLC_DKV_ROWS (default DKV_HEAD_ROWS) rows, or 0: BM_DKV queries, one head at a time."""
-    rows = row_cap(env_int("NSA_SLC_DKV_ROWS", DKV_HEAD_ROWS, 0, 64,
-                            "(query, head) rows per step of the selected dK/dV kernel; 0 = one head at a time"), dtype)
+    most `rows` (default NSA_SLC_DKV_ROWS, else DKV_HEAD_ROWS) rows, or 0: BM_DKV queries, one head
+    at a time."""
+    rows = row_cap(dkv_rows() if rows is None else rows, dtype)
     return rows // r if rows >= r else 0
 
 
-def query_tile(Sq: int, r: int, dtype: torch.dtype) -> int:
-    """Queries per program of the forward and dQ kernels: NSA_SLC_QTILE (default 1), at most Sq,
-    and at most MAX_TILE_ROWS (query, head) rows."""
-    qt = env_int("NSA_SLC_QTILE", 1, 1, 64, "queries per selected-attention program; 1 = one query per program")
+def query_tile(Sq: int, r: int, dtype: torch.dtype, qt: int | None = None) -> int:
+    """Queries per program of the forward and dQ kernels: `qt` (default NSA_SLC_QTILE, else 1), at
+    most Sq, and at most MAX_TILE_ROWS (query, head) rows."""
+    if qt is None:
+        qt = env_int("NSA_SLC_QTILE", 1, 1, 64, "queries per selected-attention program; 1 = one query per program")
     return max(1, min(qt, Sq, row_cap(MAX_TILE_ROWS, dtype) // r))
 
 
@@ -450,9 +458,10 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1
 
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
-                      qt: int = 1, lists=None):
+                      qt: int = 1, lists=None, rows: int | None = None):
     """(dq, dk, dv); mode "block", "atomic" or "block_dq" (default: NSA_SLC_DKV, else "block");
-    qt / lists as in selected_forward (for the dQ kernel)."""
+    qt / lists as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row tile (see
+    dkdv_queries_per_step)."""
     m = _meta(q, k, idx, slc_block, qt)
     mode = mode or dkv_mode()
     do = grad_out
@@ -482,7 +491,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             qidx, seg_owner, seg_start, seg_end = block_segments(idx, n_blocks)
             if seg_owner.numel():
                 consts = {k_: v_ for k_, v_ in m["consts"].items() if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD")}
-                qpr = dkdv_queries_per_step(m["r"], q.dtype)
+                qpr = dkdv_queries_per_step(m["r"], q.dtype, rows)
                 _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
                     q, k, v, do, lse, delta, dk, dv, dq, qidx, seg_owner, seg_start, seg_end,
                     *strides, *do.stride(),
@@ -493,13 +502,64 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+# Tuning (tune.py): on its first call for a shape the layer times these variants on a slice of its
+# real inputs and keeps the fastest that agrees with the reference (the first listed: one query per
+# program; block-centric dK/dV head by head).
+QTILE_CANDIDATES = (1, 2, 4, 8)
+DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64))
+
+
+def _tune_inputs(k, v, q_start, *per_query):
+    """The tuning slice: per-query tensors cut by tune.prefix, k/v to the keys those queries see."""
+    s = tune.slice_len(per_query[0])
+    n_keys = min(k.shape[2], q_start + s)
+    return k[:1, :, :n_keys], v[:1, :, :n_keys], tune.prefix(s, *per_query)
+
+
+def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> int:
+    """Queries per program for this forward (and its dQ): NSA_SLC_QTILE when set, else the tuned
+    fastest of QTILE_CANDIDATES when tuning, else 1."""
+    Sq, r = q.shape[2], q.shape[1] // k.shape[1]
+    if "NSA_SLC_QTILE" in os.environ or not tune.wanted(q):
+        return query_tile(Sq, r, q.dtype)
+    ks, vs, (qs, ids) = _tune_inputs(k, v, q_start, q, idx)
+    options = sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})
+    # compared on the output (the LSE comes out of the same pass)
+    variants = {f"qt{qt}": (lambda qt=qt: selected_forward(qs, ks, vs, ids, slc_block, q_start, qt)[:1]) for qt in options}
+    key = tune.shape_key("selected_fwd", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
+    return int(tune.pick(key, variants, tune.differs, q.device)[2:])
+
+
+def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int, qt: int) -> tuple[str, int | None]:
+    """(dK/dV mode, rows) for this backward: NSA_SLC_DKV / NSA_SLC_DKV_ROWS pin theirs; the rest is
+    tuned over DKV_CANDIDATES when tuning, else the defaults."""
+    pinned_mode = os.environ.get("NSA_SLC_DKV") and dkv_mode()
+    pinned_rows = dkv_rows() if "NSA_SLC_DKV_ROWS" in os.environ else None
+    if not tune.wanted(q) or pinned_mode == "atomic":
+        return pinned_mode or dkv_mode(), pinned_rows
+    options = list(dict.fromkeys((m, rows) for m, rows in DKV_CANDIDATES
+                                 if pinned_mode in (None, m) and pinned_rows in (None, rows)))
+    if not options:  # both pinned, to a pair not in the list
+        return pinned_mode, pinned_rows
+    if len(options) == 1:
+        return options[0]
+    ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
+    lists = tile_lists(ids, qt) if qt > 1 else None
+    variants = {f"{m}/rows{rows}": (lambda m=m, rows=rows: selected_backward(
+        qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows))
+        for m, rows in options}
+    key = tune.shape_key(f"selected_bwd_qt{qt}", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
+    m, rows = tune.pick(key, variants, tune.differs, q.device).split("/rows")
+    return m, int(rows)
+
+
 class SelectedAttention(torch.autograd.Function):
     """Triton selected attention; saves q, k, v, idx, out, the fp32 LSE and the query tiles'
     block lists for the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, slc_block: int, q_start: int):
-        qt = query_tile(q.shape[2], q.shape[1] // k.shape[1], q.dtype)
+        qt = forward_tile(q, k, v, idx, slc_block, q_start)
         lists = tile_lists(idx, qt) if qt > 1 else (idx, idx)
         out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists)
         ctx.save_for_backward(q, k, v, idx, out, lse, *lists)
@@ -509,8 +569,9 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, idx, out, lse, lst, cnt = ctx.saved_tensors
+        mode, rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.qt)
         dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
-                                       qt=ctx.qt, lists=(lst, cnt))
+                                       mode=mode, qt=ctx.qt, lists=(lst, cnt), rows=rows)
         return dq, dk, dv, None, None, None
 
 

@@ -35,17 +35,24 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa.attention.triton import tune
 from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN_MAX = 64, 64
 WIDE_FWD_TILE = False  # candidate: 2 x BM_MAX forward query tiles for head dim > 64 (GPU parity pending)
 
 
-def tile_sizes(elem_bytes: int, head_dim: int, forward: bool = False) -> tuple[int, int]:
-    """(BM, BN) caps before clamping to the problem size; see the module docstring."""
+def wide_applies(elem_bytes: int, head_dim: int) -> bool:
+    """Can the forward use 2 x BM_MAX query tiles here (head dim > 64, not the small fp32 tiles)?"""
+    return elem_bytes * pad_pow2(head_dim) <= 256 and pad_pow2(head_dim) > 64
+
+
+def tile_sizes(elem_bytes: int, head_dim: int, forward: bool = False, wide: bool | None = None) -> tuple[int, int]:
+    """(BM, BN) caps before clamping to the problem size; see the module docstring. wide: the
+    forward's 128-query tiles where they apply (default WIDE_FWD_TILE)."""
     if elem_bytes * pad_pow2(head_dim) > 256:
         return 32, 32
-    if forward and WIDE_FWD_TILE and pad_pow2(head_dim) > 64:
+    if forward and (WIDE_FWD_TILE if wide is None else wide) and wide_applies(elem_bytes, head_dim):
         return min(2 * BM_MAX, 128), BN_MAX
     return BM_MAX, BN_MAX
 
@@ -226,10 +233,10 @@ def _win_bwd_dkdv_kernel(
     tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-def _meta(q, k, forward: bool = False):
+def _meta(q, k, forward: bool = False, wide: bool | None = None):
     B, H, Sq, D = q.shape
     G, N = k.shape[1], k.shape[2]
-    bm, bn = tile_sizes(q.element_size(), D, forward)
+    bm, bn = tile_sizes(q.element_size(), D, forward, wide)
     return dict(B=B, H=H, Sq=Sq, D=D, G=G, N=N, R=H // G, D_PAD=pad_pow2(D),
                 BM=min(bm, pad_pow2(Sq)), BN=min(bn, pad_pow2(N)))
 
@@ -243,9 +250,9 @@ def _consts(m, dtype):
                 num_warps=num_warps(m["D"]))
 
 
-def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0):
-    """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32, -inf where a query has no key)."""
-    m = _meta(q, k, forward=True)
+def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0, wide: bool | None = None):
+    """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32, -inf where a query has no key); wide: see tile_sizes."""
+    m = _meta(q, k, forward=True, wide=wide)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
     if m["N"] == 0 or m["Sq"] == 0:
@@ -277,12 +284,27 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     return dq, dk, dv
 
 
+def forward_wide_tile(q, k, v, window: int, q_start: int, k_start: int) -> bool | None:
+    """Wide forward tiles or not: tuned where they apply and tuning is on, else None (the default)."""
+    if not (wide_applies(q.element_size(), q.shape[-1]) and tune.wanted(q)):
+        return None
+    s = tune.slice_len(q)
+    (qs,) = tune.prefix(s, q)
+    n_keys = max(0, min(k.shape[2], q_start + s - k_start))
+    ks, vs = k[:1, :, :n_keys], v[:1, :, :n_keys]
+    variants = {f"bm{bm}": (lambda wide=wide: window_forward(qs, ks, vs, window, q_start, k_start, wide)[:1])
+                for bm, wide in ((BM_MAX, False), (2 * BM_MAX, True))}
+    key = tune.shape_key("window_fwd", q, k, f"w{window}")
+    return tune.pick(key, variants, tune.differs, q.device) == f"bm{2 * BM_MAX}"
+
+
 class WindowAttention(torch.autograd.Function):
     """Triton sliding-window attention; saves q, k, v, out and the fp32 LSE for the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, window: int, q_start: int, k_start: int):
-        out, lse = window_forward(q, k, v, window, q_start, k_start)
+        wide = forward_wide_tile(q, k, v, window, q_start, k_start)
+        out, lse = window_forward(q, k, v, window, q_start, k_start, wide)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.geom = (window, q_start, k_start)
         return out

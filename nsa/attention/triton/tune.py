@@ -1,0 +1,212 @@
+"""Pick the fastest correct variant of a kernel step on this device by timing the variants on real inputs.
+
+Some steps have several Triton variants that compute the same result: the selected-attention forward
+and dQ with query tiles of 1, 2, 4 or 8 queries, its dK/dV with one head or all heads per row tile,
+with or without dQ folded in; for head dim > 64, the compressed dK/dV with 64 or 128 keys per program
+and the window forward with 64 or 128 queries per program. Which is fastest depends on the GPU, the
+head layout and the sequence length, so the first call for a shape times them on a slice of its real
+inputs (batch element 0, the first SLICE_QUERIES queries and the keys they see: bounded scratch
+memory) and the process keeps the fastest:
+
+* once per key: step, device name, dtype, head layout, sequence length rounded up to a power of two;
+  inputs of fewer than MIN_QUERIES queries (decode, tests) keep the reference: too little to gain;
+* every variant's result is compared with the reference variant's (the first, the long-standing
+  default, which the device self-check and the GPU tests verify against PyTorch); a variant that
+  differs or raises is dropped with a warning and never chosen;
+* timing: a warm-up call each (compiles), then `REPS` rounds calling every variant once per round,
+  CUDA events around each call; the median decides;
+* NSA_TUNE=auto (default) tunes on CUDA only, on: everywhere (tests, through the interpreter),
+  off: the reference variants. An explicit switch (NSA_SLC_QTILE, NSA_SLC_DKV, NSA_SLC_DKV_ROWS)
+  pins its own dimension;
+* a cache file (NSA_TUNE_CACHE=<file.json>, else use_cache_file()'s): choices are read from and added
+  to it. The trainer uses <out_dir>/kernel_tuning.json, so a resumed run uses the kernels its first
+  launch chose (same numerics) without timing them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+REPS = 7
+MIN_QUERIES = 512
+SLICE_QUERIES = 8192
+# tests replace this: (variant name, fn) -> milliseconds
+TIMER: Callable[[str, Callable[[], Any]], float] | None = None
+
+_CHOICES: dict[str, str] = {}  # key -> chosen variant, this process
+_CACHE_LOADED: set[str] = set()
+_DEFAULT_CACHE: list[str | None] = [None]
+
+
+def mode() -> str:
+    value = os.environ.get("NSA_TUNE", "auto")
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"NSA_TUNE={value!r}: expected auto, on or off")
+    return value
+
+
+def enabled(device: torch.device) -> bool:
+    m = mode()
+    return m == "on" or (m == "auto" and device.type == "cuda")
+
+
+def wanted(q: torch.Tensor) -> bool:
+    """Tune for these queries [B, H, Sq, D]?"""
+    return q.shape[2] >= MIN_QUERIES and enabled(q.device)
+
+
+def slice_len(q: torch.Tensor) -> int:
+    return min(q.shape[2], SLICE_QUERIES)
+
+
+def prefix(s: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Batch element 0 and the first s positions (dim 2) of each tensor: the tuning slice."""
+    return [t[:1, :, :s] for t in tensors]
+
+
+def shape_key(step: str, q: torch.Tensor, k: torch.Tensor, *extra) -> str:
+    """Key of a tuning decision for queries q [B, H, Sq, D] over keys k [B, G, N, D]."""
+    return make_key(step, q.device, str(q.dtype).replace("torch.", ""), f"H{q.shape[1]}", f"G{k.shape[1]}",
+                    f"D{q.shape[-1]}", *extra, f"S{1 << max(slice_len(q) - 1, 0).bit_length()}")
+
+
+def differs(got, want) -> str | None:
+    """None when each tensor of `got` matches `want`'s within the device self-check's tolerance."""
+    from nsa.attention.triton.selfcheck import TOL
+
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+        if not err <= TOL[b.dtype]:
+            return f"output {i} differs from the reference variant's by {err:.2e} (relative)"
+    return None
+
+
+def choices() -> dict[str, str]:
+    """Every choice made (or loaded) in this process: key -> variant (for benchmark rows and logs)."""
+    return dict(_CHOICES)
+
+
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def make_key(step: str, device: torch.device, *fields) -> str:
+    """"step|device name|field|...": a choice holds for one GPU model and shape class."""
+    if device not in _DEVICE_NAMES:
+        _DEVICE_NAMES[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return "|".join([step, _DEVICE_NAMES[device], *(str(f) for f in fields)])
+
+
+def use_cache_file(path: str | None) -> None:
+    """The cache file when NSA_TUNE_CACHE is not set (the trainer: <out_dir>/kernel_tuning.json)."""
+    _DEFAULT_CACHE[0] = path
+
+
+def _cache_file() -> str | None:
+    return os.environ.get("NSA_TUNE_CACHE") or _DEFAULT_CACHE[0]
+
+
+def _load_cache() -> None:
+    path = _cache_file()
+    if not path or path in _CACHE_LOADED:
+        return
+    _CACHE_LOADED.add(path)
+    try:
+        with open(path) as f:
+            stored = json.load(f).get("choices", {})
+        for key, entry in stored.items():
+            _CHOICES.setdefault(key, entry["choice"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a bad cache only costs a re-tune
+        print(f"[nsa] WARNING: ignoring kernel tuning cache {path} ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def _save_cache(key: str, choice: str, times: dict[str, float]) -> None:
+    path = _cache_file()
+    if not path:
+        return
+    from nsa.checkpoint import atomic_write_text
+
+    try:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            data.setdefault("choices", {})
+        except (OSError, ValueError):
+            data = {"choices": {}}
+        data["choices"][key] = {"choice": choice, "ms": {k: round(v, 4) for k, v in times.items()}}
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    except OSError as e:  # tuning still holds for this process
+        print(f"[nsa] WARNING: could not write kernel tuning cache {path} ({e})", file=sys.stderr)
+
+
+def _measure(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def pick(key: str, variants: dict[str, Callable[[], Any]], differs: Callable[[Any, Any], str | None],
+         device: torch.device) -> str:
+    """The name of the fastest variant whose result matches the first's (the reference).
+
+    variants: name -> fn() returning the result (run on the same inputs each call, no side effects
+    the caller keeps); differs(result, reference_result) -> None when they agree, else why not."""
+    names = list(variants)
+    if len(names) == 1:
+        return names[0]
+    _load_cache()
+    if _CHOICES.get(key) in variants:
+        return _CHOICES[key]
+    reference = variants[names[0]]()
+    valid = [names[0]]
+    for name in names[1:]:
+        try:
+            problem = differs(variants[name](), reference)
+        except Exception as e:  # noqa: BLE001 - a variant that cannot run here is simply not a candidate
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        if problem:
+            print(f"[nsa] WARNING: kernel variant {name} of {key.split('|')[0]} dropped: {problem}",
+                  file=sys.stderr, flush=True)
+        else:
+            valid.append(name)
+    del reference
+    timer = TIMER or (lambda _name, fn: _measure(fn, device))
+    samples: dict[str, list[float]] = {name: [] for name in valid}
+    try:
+        for _ in range(REPS):  # round robin: a clock or thermal drift hits every variant alike
+            for name in valid:
+                samples[name].append(timer(name, variants[name]))
+    except Exception as e:  # noqa: BLE001 - timing is an optimisation: never let it stop the run
+        print(f"[nsa] WARNING: kernel tuning of {key} failed ({type(e).__name__}: {str(e)[:200]}); "
+              f"using {names[0]}", file=sys.stderr, flush=True)
+        _CHOICES[key] = names[0]  # for this process; not stored, so a later run tries again
+        return names[0]
+    times = {name: statistics.median(s) for name, s in samples.items()}
+    best = min(valid, key=lambda name: times[name])
+    _CHOICES[key] = best
+    _save_cache(key, best, times)
+    ranked = " · ".join(f"{n} {times[n]:.3f}" for n in sorted(valid, key=times.get))
+    print(f"[nsa] kernel tuning {key}: {best} (ms: {ranked})", file=sys.stderr, flush=True)
+    return best
+
+
+def reset() -> None:
+    """Forget every choice and the default cache file (tests)."""
+    _CHOICES.clear()
+    _CACHE_LOADED.clear()
+    _DEFAULT_CACHE[0] = None

@@ -1,0 +1,210 @@
+"""Kernel variant tuning (nsa/attention/triton/tune.py): the choice logic with a fake clock, the cache
+file, and selected attention tuned through the interpreter (whatever variant wins, the result is the
+PyTorch path's)."""
+
+import json
+
+import pytest
+import torch
+
+from nsa.attention.triton import tune
+from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter on before triton loads)
+    BF16, DEVICE, F32, check, check_grads, interpreter, needs_kernels, nsa_triton, randn,
+)
+
+from nsa.attention import ops  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_tuning(monkeypatch):
+    tune.reset()
+    monkeypatch.delenv("NSA_TUNE_CACHE", raising=False)
+    yield
+    tune.reset()
+
+
+def fake_clock(monkeypatch, ms: dict):
+    """TIMER returning fixed times; records how often each variant was timed."""
+    timed = {}
+
+    def timer(name, fn):
+        timed[name] = timed.get(name, 0) + 1
+        return ms[name]
+
+    monkeypatch.setattr(tune, "TIMER", timer)
+    return timed
+
+
+def same_or_why(got, want):
+    return None if got == want else f"{got} != {want}"
+
+
+def test_pick_fastest_agreeing_variant(monkeypatch, capsys):
+    timed = fake_clock(monkeypatch, {"ref": 3.0, "fast_wrong": 0.5, "fast": 1.0, "slow": 2.0, "broken": 0.1})
+    calls = {}
+
+    def variant(name, result):
+        def fn():
+            calls[name] = calls.get(name, 0) + 1
+            if result is None:
+                raise RuntimeError("out of shared memory")
+            return result
+        return fn
+
+    variants = {"ref": variant("ref", 42), "fast_wrong": variant("fast_wrong", 41), "fast": variant("fast", 42),
+                "slow": variant("slow", 42), "broken": variant("broken", None)}
+    assert tune.pick("step|cpu|x", variants, same_or_why, CPU) == "fast"
+    err = capsys.readouterr().err
+    assert "fast_wrong of step dropped: 41 != 42" in err and "broken of step dropped: RuntimeError" in err
+    assert "kernel tuning step|cpu|x: fast" in err
+    assert set(timed) == {"ref", "fast", "slow"} and all(n == tune.REPS for n in timed.values())
+    assert tune.choices() == {"step|cpu|x": "fast"}
+    before = dict(calls)
+    assert tune.pick("step|cpu|x", variants, same_or_why, CPU) == "fast"  # remembered: nothing runs again
+    assert calls == before
+    assert tune.pick("step|cpu|y", {"only": variant("only", 1)}, same_or_why, CPU) == "only"  # nothing to tune
+    assert "step|cpu|y" not in tune.choices()
+
+
+def test_cache_file_round_trip_and_corrupt_file(monkeypatch, tmp_path, capsys):
+    path = tmp_path / "kernel_tuning.json"
+    tune.use_cache_file(str(path))
+    fake_clock(monkeypatch, {"a": 2.0, "b": 1.0})
+    assert tune.pick("k1", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "b"
+    stored = json.loads(path.read_text())["choices"]
+    assert stored["k1"] == {"choice": "b", "ms": {"a": 2.0, "b": 1.0}}
+
+    tune.reset()  # a new process (a resumed run) with the same cache: no variant may run
+    monkeypatch.setenv("NSA_TUNE_CACHE", str(path))
+
+    def must_not_run():
+        raise AssertionError("re-tuned despite the cache")
+
+    assert tune.pick("k1", {"a": must_not_run, "b": must_not_run}, same_or_why, CPU) == "b"
+    # a cached name this code no longer has is tuned again
+    fake_clock(monkeypatch, {"a": 2.0, "c": 1.0})
+    assert tune.pick("k1", {"a": lambda: 1, "c": lambda: 1}, same_or_why, CPU) == "c"
+    assert json.loads(path.read_text())["choices"]["k1"]["choice"] == "c"
+
+    tune.reset()
+    path.write_text("{not json")
+    monkeypatch.setenv("NSA_TUNE_CACHE", str(path))
+    assert tune.pick("k2", {"a": lambda: 1, "c": lambda: 1}, same_or_why, CPU) == "c"
+    assert "ignoring kernel tuning cache" in capsys.readouterr().err
+    assert json.loads(path.read_text())["choices"]["k2"]["choice"] == "c"  # rewritten whole
+
+
+def test_mode_and_enabled(monkeypatch):
+    monkeypatch.delenv("NSA_TUNE", raising=False)
+    assert not tune.enabled(CPU)  # auto: CUDA only
+    monkeypatch.setenv("NSA_TUNE", "on")
+    assert tune.enabled(CPU)
+    monkeypatch.setenv("NSA_TUNE", "off")
+    assert not tune.enabled(torch.device("cuda"))
+    monkeypatch.setenv("NSA_TUNE", "fast")
+    with pytest.raises(ValueError, match="NSA_TUNE='fast'"):
+        tune.mode()
+
+
+@needs_kernels
+@pytest.mark.parametrize("pins,want", [
+    ({}, {"selected_fwd": "qt4", "selected_bwd_qt4": "block_dq/rows64"}),
+    ({"NSA_SLC_QTILE": "2", "NSA_SLC_DKV": "block"}, {"selected_bwd_qt2": "block/rows64"}),
+])
+def test_selected_attention_tuned(monkeypatch, pins, want):
+    """Tuning on a slice (batch 0, first 24 of 40 queries) picks what the fake clock favours, an
+    explicit switch pins its dimension, and the result equals the PyTorch path's."""
+
+    monkeypatch.setenv("NSA_TUNE", "on")
+    for k_, v_ in pins.items():
+        monkeypatch.setenv(k_, v_)
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "SLICE_QUERIES", 24)
+    monkeypatch.setattr(tune, "REPS", 1)
+    ms = {"qt1": 4.0, "qt2": 3.0, "qt4": 1.0, "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 2.0,
+          "block_dq/rows64": 1.0}
+    timed = fake_clock(monkeypatch, ms)
+    B, G, r, S, D, blk, n = 2, 1, 4, 40, 16, 8, 3  # r = 4: qt 8 exceeds the fp32 row cap (16 rows)
+    q = randn(B, G * r, S, D, dtype=F32, seed=1, strided=True)
+    k, v = randn(B, G, S, D, dtype=F32, seed=2), randn(B, G, S, D, dtype=F32, seed=3)
+    k_cmp = randn(B, G, 9, D, dtype=F32, seed=4, grad=False)
+    idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk)
+    ref = ops.selected_attention(q, k, v, idx, blk)
+    check("out", out, ref, F32)
+    check_grads(out, ref, (q, k, v), F32)
+    got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
+    assert got == want
+    if not pins:
+        assert {"qt1", "qt2", "qt4"} <= set(timed) and "qt8" not in timed
+
+
+def test_timing_failure_falls_back_to_the_reference(monkeypatch, tmp_path, capsys):
+    """A failure while timing (e.g. out of memory) never stops the run: the reference variant is
+    used for the rest of the process and nothing is written to the cache."""
+    tune.use_cache_file(str(tmp_path / "kernel_tuning.json"))
+
+    def timer(name, fn):
+        if name == "b":
+            raise RuntimeError("CUDA out of memory")
+        return 1.0
+
+    monkeypatch.setattr(tune, "TIMER", timer)
+    assert tune.pick("k", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "a"
+    assert "kernel tuning of k failed (RuntimeError: CUDA out of memory); using a" in capsys.readouterr().err
+    assert tune.choices() == {"k": "a"} and not (tmp_path / "kernel_tuning.json").exists()
+
+
+@needs_kernels
+def test_compressed_and_window_tiles_tuned(monkeypatch):
+    """Head dim > 64, bf16: the compressed dK/dV key tile (64 / 128) and the window forward query
+    tile (64 / 128) are tuned; with the wide ones chosen the results still equal the PyTorch path's."""
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "REPS", 1)
+    fake_clock(monkeypatch, {"bn64": 2.0, "bn128": 1.0, "bm64": 2.0, "bm128": 1.0})
+    B, G, r, S, D, l, d, w = 1, 1, 2, 40, 128, 8, 4, 16
+    q = randn(B, G * r, S, D, dtype=BF16, seed=1)
+    k, v = randn(B, G, S, D, dtype=BF16, seed=2), randn(B, G, S, D, dtype=BF16, seed=3)
+    kc, vc = randn(B, G, (S - l) // d + 1, D, dtype=BF16, seed=4), randn(B, G, (S - l) // d + 1, D, dtype=BF16, seed=5)
+    out, _ = nsa_triton.compressed_attention(q, kc, vc, l, d)
+    ref = ops.compressed_attention(q, kc, vc, l, d)
+    check("cmp out", out, ref, BF16)
+    check_grads(out, ref, (q, kc, vc), BF16)
+    out = nsa_triton.window_attention(q, k, v, w)
+    ref = ops.window_attention(q, k, v, w)
+    check("win out", out, ref, BF16)
+    check_grads(out, ref, (q, k, v), BF16)
+    got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
+    assert got == {"compressed_bwd": "bn128", "window_fwd": "bm128"}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times real kernels: GPU only")
+@pytest.mark.parametrize("G,r,D", [(2, 6, 64), (1, 16, 128)])
+def test_tuning_on_the_gpu(monkeypatch, G, r, D):
+    """Real tuning (CUDA events) at the M7C and paper head layouts: every tuned step makes a choice
+    among its variants and the branches still equal the PyTorch path."""
+    monkeypatch.setenv("NSA_TUNE", "auto")
+    for name in ("NSA_SLC_QTILE", "NSA_SLC_DKV", "NSA_SLC_DKV_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    B, S, l, d, lp, n, w = 2, 2048, 32, 16, 64, 16, 512
+    q = randn(B, G * r, S, D, dtype=BF16, seed=1, strided=True)
+    k, v = randn(B, G, S, D, dtype=BF16, seed=2), randn(B, G, S, D, dtype=BF16, seed=3)
+    kc = randn(B, G, (S - l) // d + 1, D, dtype=BF16, seed=4)
+    vc = randn(B, G, (S - l) // d + 1, D, dtype=BF16, seed=5)
+    out, lse = nsa_triton.compressed_attention(q, kc, vc, l, d)
+    check_grads(out, ops.compressed_attention(q, kc, vc, l, d), (q, kc, vc), BF16)
+    idx = nsa_triton.select_blocks(q.detach(), kc.detach(), l, d, lp, n, lse=lse)
+    out = nsa_triton.selected_attention(q, k, v, idx, lp)
+    ref = ops.selected_attention(q, k, v, idx, lp)
+    check("slc out", out, ref, BF16)
+    check_grads(out, ref, (q, k, v), BF16)
+    out = nsa_triton.window_attention(q, k, v, w)
+    check_grads(out, ops.window_attention(q, k, v, w), (q, k, v), BF16)
+    got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
+    assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8"}
+    assert got[f"selected_bwd_{got['selected_fwd']}"] in {
+        "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64"}
+    assert ("compressed_bwd" in got and "window_fwd" in got) == (D > 64)
