@@ -40,6 +40,10 @@ n_heads, n_kv_heads, head_dim, nsa (block sizes), torch; "skipped": reason or "e
 (CUDA out of memory is an error row, not a crash). Then, unless --json-only, one table per
 (layout, scope) with speedups (other_ms / nsa_ms: > 1 means NSA is faster) and the checks of the
 issue "GPU speed" (fwd+bwd at 64k >= 6x vs full, break-even <= 8k, no slower than fla).
+--cuda-graph (CUDA) adds "graph_ms": the same pass captured as one CUDA graph and replayed, i.e. the
+GPU's time without Python launching each kernel. Eager "ms" is what a training step pays; at short
+sequences and batch 1 it is mostly launch cost (NSA launches several times more kernels than flash
+attention), which "graph_ms" separates from the kernels' own speed. Both get a table and the checks.
 Exit status 1 if any measurement failed with an error other than out-of-memory.
 
 Peak memory: on CUDA from torch.cuda.max_memory_allocated; on CPU each measurement runs in a
@@ -236,8 +240,34 @@ def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: 
     return forward, ctx, params, inputs, out_shape, extra
 
 
+def graph_ms(run, repeats: int) -> float:
+    """Median milliseconds per replay of `run` captured as one CUDA graph: the GPU's time for the pass
+    without Python issuing its kernels (what a launch-bound short sequence would cost with CUDA graphs,
+    and the kernel-only time the NSA paper compares). Warm-up (compiles, tuning) happened before."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs a warm-up on a side stream
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
 def measure(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: str, dtype: str, batch: int,
-            repeats: int, sdpa: str = "flash", profile: int = 0) -> dict:
+            repeats: int, sdpa: str = "flash", profile: int = 0, cuda_graph: bool = False) -> dict:
     torch.manual_seed(0)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     forward, ctx, params, inputs, out_shape, extra = setup(impl, layout, scope, seq_len, pass_, device, dt, batch, sdpa)
@@ -264,6 +294,11 @@ def measure(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device
             run()
             sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
+    if cuda_graph and device == "cuda":
+        try:
+            extra["graph_ms"] = round(graph_ms(run, repeats), 3)
+        except Exception as e:  # noqa: BLE001 - e.g. an op that cannot be captured: a field, not a lost row
+            extra["graph_error"] = f"{type(e).__name__}: {e}"[:300]
     if profile:  # after the timed runs, so the profiler's overhead is not in "ms"
         extra["profile"] = profile_top(run, device, profile)
     return {
@@ -306,6 +341,9 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also run each measurement once under torch.profiler and add its N most expensive "
                          "kernels (CPU: operators), launch count and busy time to the row as \"profile\"")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA: also time each pass replayed as one CUDA graph (\"graph_ms\": GPU time without "
+                         "Python's launch cost)")
     ap.add_argument("--json-only", action="store_true")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: impl:seq:pass:layout:scope
     args = ap.parse_args()
@@ -359,7 +397,7 @@ def one_row(impl, layout, scope, seq, pass_, args, dtype, repeats) -> dict:
     if cuda:
         try:
             return measure(impl, layout, scope, seq, pass_, args.device, dtype, args.batch, repeats, args.sdpa,
-                           args.profile)
+                           args.profile, args.cuda_graph)
         except torch.OutOfMemoryError:
             return no_result(*common, error="out of memory")
         except Exception as e:  # keep measuring the rest; the traceback goes to stderr
@@ -428,12 +466,20 @@ def print_table(rows: list[dict]) -> None:
         for note in notes:
             print(f"  * {note}")
         print_checks(by, sorted({s for s, _ in keys}), r0["device"])
+        if any(r.get("graph_ms") for r in rs):
+            print("CUDA graph replay (GPU time, no launch cost), ms:")
+            print(f"{'seq_len':>8} {'pass':>8} {'nsa':>10} {'full':>10} {'full/nsa':>9}")
+            for seq, pass_ in keys:
+                n = by.get(("nsa", seq, pass_), {}).get("graph_ms")
+                f = by.get(("full", seq, pass_), {}).get("graph_ms")
+                print(f"{seq:>8} {pass_:>8} {_fmt(n, '.2f', 10)} {_fmt(f, '.2f', 10)} {_fmt(ratio(f, n), '.2f', 9)}")
+            print_checks(by, sorted({s for s, _ in keys}), r0["device"], "graph_ms")
 
 
-def print_checks(by: dict, seq_lens: list[int], device: str) -> None:
-    """The issue's targets, from the fwd+bwd rows of one block."""
+def print_checks(by: dict, seq_lens: list[int], device: str, field: str = "ms") -> None:
+    """The issue's targets, from the fwd+bwd rows of one block (field "graph_ms": on the CUDA-graph times)."""
     def ms(impl, seq):
-        return by.get((impl, seq, "fwd_bwd"), {}).get("ms")
+        return by.get((impl, seq, "fwd_bwd"), {}).get(field)
 
     both = [s for s in seq_lens if ms("nsa", s) and ms("full", s)]
     lines = []
@@ -457,7 +503,8 @@ def print_checks(by: dict, seq_lens: list[int], device: str) -> None:
                      + ", ".join(f"{s}: {r:.2f}x" for s, r in ratios.items())
                      + f": {'met' if all(r >= 1.0 for r in ratios.values()) else 'NOT met'}")
     if lines:
-        print(f"checks (issue 'GPU speed'; targets are for an H100, this is {device}):")
+        what = " on CUDA-graph replay times" if field == "graph_ms" else ""
+        print(f"checks{what} (issue 'GPU speed'; targets are for an H100, this is {device}):")
         for line in lines:
             print(f"  {line}")
 

@@ -1,13 +1,18 @@
 """Per-step decode latency and tokens read: one attention layer at M7C dims, NSA vs full attention
 with a KV cache, at several context lengths.
 
-    python bench/bench_decode.py                          # CPU: 8k,16k,32k,64k
-    python bench/bench_decode.py --contexts 65536 --json-only
+    python bench/bench_decode.py                          # CPU: 8k,16k,32k,64k, batch 1
+    python bench/bench_decode.py --contexts 65536 --batches 1,32 --json-only
 
 The caches are filled with random keys/values of the right shapes (decode cost depends only on
-cache sizes, so no 64k prefill is needed). One JSON line per measurement: impl, context,
-ms_per_step (median), tokens_read (NSA: compressed + selected blocks * l' + window; full: all),
-paper_tokens (floor((S - l)/d) + n*l' + w), device. Then a table with ratios.
+cache sizes, so no 64k prefill is needed). One JSON line per measurement: impl, context, batch,
+ms_per_step (median), tokens_read (per sequence; NSA: compressed + selected blocks * l' + window;
+full: all), paper_tokens (floor((S - l)/d) + n*l' + w), device. Then a table with ratios.
+
+Batch matters for what the latency shows. At batch 1 one layer's step reads little (full attention
+at 64k: 33 MB of bf16 K/V in M7C's layout, ~11 us of HBM time on an H100), so both are bound by
+issuing their kernels and NSA, with more of them, cannot win on latency; reading 11x fewer tokens
+pays off once the reads dominate, i.e. with many sequences decoding together (--batches 1,32).
 """
 
 from __future__ import annotations
@@ -28,12 +33,12 @@ from nsa.attention.rope import RotaryEmbedding  # noqa: E402
 from nsa.config import ModelConfig  # noqa: E402
 
 
-def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype):
-    """A cache holding `context` tokens of random keys/values (batch 1)."""
+def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype, batch: int = 1):
+    """A cache holding `context` tokens of random keys/values for `batch` sequences."""
     G, D, n = cfg.n_kv_heads, cfg.head_dim, cfg.nsa
 
     def rnd(length):
-        return torch.randn(1, G, length, D, device=device, dtype=dtype)
+        return torch.randn(batch, G, length, D, device=device, dtype=dtype)
 
     if impl == "full":
         cache = KVCache()
@@ -46,13 +51,13 @@ def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype):
     return cache
 
 
-def measure(impl: str, context: int, device: str, dtype, steps: int) -> dict:
+def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int = 1) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({"attention": impl})
     layer = build_attention(cfg).to(device=device, dtype=dtype).eval()
     rope = RotaryEmbedding(cfg.head_dim)
-    cache = filled_cache(impl, cfg, context, device, dtype)
-    x = torch.randn(1, 1, cfg.dim, device=device, dtype=dtype)
+    cache = filled_cache(impl, cfg, context, device, dtype, batch)
+    x = torch.randn(batch, 1, cfg.dim, device=device, dtype=dtype)
     times = []
     for i in range(steps + 1):
         sync(device)
@@ -65,7 +70,7 @@ def measure(impl: str, context: int, device: str, dtype, steps: int) -> dict:
     S = cache.length
     reads = cache.tokens_read["total"] if impl == "nsa" else cache.tokens_read
     return {
-        "impl": impl, "context": context, "ms_per_step": round(statistics.median(times), 3),
+        "impl": impl, "context": context, "batch": batch, "ms_per_step": round(statistics.median(times), 3),
         "tokens_read": reads,
         "paper_tokens": (S - n.cmp_block) // n.cmp_stride + n.n_selected * n.slc_block + n.window,
         "device": device_name(device),
@@ -77,24 +82,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--contexts", default="8192,16384,32768,65536")
+    ap.add_argument("--batches", default="1", help="comma-separated sequences decoding together, e.g. 1,32")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rows = []
-    for context in (int(c) for c in args.contexts.split(",")):
-        for impl in ("nsa", "full"):
-            row = measure(impl, context, args.device, dtype, args.steps)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            for impl in ("nsa", "full"):
+                try:
+                    row = measure(impl, context, args.device, dtype, args.steps, batch)
+                except torch.OutOfMemoryError as e:  # a big batch x context: a row, not a crash
+                    row = {"impl": impl, "context": context, "batch": batch, "ms_per_step": None,
+                           "error": f"out of memory: {str(e)[:200]}", "device": device_name(args.device)}
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if not args.json_only:
-        by = {(r["impl"], r["context"]): r for r in rows}
-        print(f"\n{'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} {'nsa reads':>10} {'paper':>8} {'full reads':>11} {'read ratio':>11}")
-        for (impl, ctx), r in by.items():
-            if impl == "nsa":
-                f = by[("full", ctx)]
-                print(f"{ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} {f['ms_per_step'] / r['ms_per_step']:>9.2f} "
-                      f"{r['tokens_read']:>10} {r['paper_tokens']:>8} {f['tokens_read']:>11} {f['tokens_read'] / r['tokens_read']:>11.1f}")
+        by = {(r["impl"], r["context"], r["batch"]): r for r in rows}
+        print(f"\n{'batch':>5} {'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} {'nsa reads':>10} {'paper':>8} "
+              f"{'full reads':>11} {'read ratio':>11}")
+        for (impl, ctx, batch), r in by.items():
+            f = by.get(("full", ctx, batch))
+            if impl != "nsa" or f is None or r["ms_per_step"] is None or f["ms_per_step"] is None:
+                continue
+            print(f"{batch:>5} {ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} "
+                  f"{f['ms_per_step'] / r['ms_per_step']:>9.2f} {r['tokens_read']:>10} {r['paper_tokens']:>8} "
+                  f"{f['tokens_read']:>11} {f['tokens_read'] / r['tokens_read']:>11.1f}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@
 #   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
 #   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
-#                            core, 4k..64k, nsa vs full
+#                            core, 4k..64k, nsa vs full, eager and replayed as CUDA graphs
 #   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full,
-#                            each with a profile of its 12 costliest kernels (--profile)
+#                            each with a profile of its 12 costliest kernels (--profile) and a CUDA-graph time
 #   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full
 #                            (tokens/s, MFU, peak memory, profile of one step's 15 costliest kernels)
 #   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
@@ -23,7 +23,7 @@
 #                            what tuning gains
 #   trainer             200  bench_trainer: the shipped trainer (python -m nsa.train, M7C 80G config, synthetic
 #                            tokens, 65k tokens/step), NSA, eager and runtime.compile=true
-#   decode               60  bench_decode: 8k..64k
+#   decode               60  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound)
 #   attention_fla       120  bench_attention: paper layout core, nsa vs fla-core's parallel_nsa (when
 #                            importable); its own step because fla's first backward at 8k ran for over
 #                            100 s on an H100 (autotuning) and took the paper rows down with it
@@ -213,10 +213,10 @@ step kernels 130 kernels \
     "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
 step attention_paper 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
-    --impls nsa,full
+    --impls nsa,full --cuda-graph
 step attention_m7c 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS" \
-    --profile 12
+    --profile 12 --cuda-graph
 step train_4096 90 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
     --profile 15
@@ -232,7 +232,7 @@ step trainer 200 train \
     "$PY" bench/bench_trainer.py --config configs/m7c_125m_80g.yaml --steps 20 --batch-tokens 65536 --compile 0,1 \
     --attention nsa --timeout 150
 step decode 60 decode \
-    "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --steps 20
+    "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
 step attention_fla 120 attention \
     "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
     --impls nsa,fla

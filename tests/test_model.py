@@ -105,6 +105,27 @@ def test_decode_tokens_read_per_step():
     assert dc[0].tokens_read == 41
 
 
+def test_cache_buffer_slides_like_a_list():
+    """The decode caches' buffer (appends at the end, drops at the front without copying) holds
+    exactly what a plain list would through growth and in-place compaction, at any drop size."""
+    from nsa.attention.cache import _Buffer
+
+    g = torch.Generator().manual_seed(0)
+    buf, ref = _Buffer(torch.arange(5.0).view(1, 1, 5, 1)), list(range(5))
+    nxt = 5
+    for _ in range(300):
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        buf.append(torch.arange(nxt, nxt + n, dtype=torch.float32).view(1, 1, n, 1))
+        ref += list(range(nxt, nxt + n))
+        nxt += n
+        if len(ref) > 12:  # a sliding window of 12, as the window branch keeps
+            drop = len(ref) - 12
+            buf.drop_front(drop)
+            ref = ref[drop:]
+        assert buf.view().flatten().tolist() == [float(x) for x in ref]
+    assert buf.data.shape[2] <= 64  # compaction reuses the allocation: no unbounded growth
+
+
 def test_flops_per_token_counts_sparse_attention():
     with torch.device("meta"):  # M7C dims, paper NSA defaults
         nsa, full = build_model({}), build_model({"attention": "full"})

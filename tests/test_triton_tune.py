@@ -142,8 +142,8 @@ def test_selected_attention_tuned(monkeypatch, pins, want):
 
 
 def test_timing_failure_falls_back_to_the_reference(monkeypatch, tmp_path, capsys):
-    """A failure while timing (e.g. out of memory) never stops the run: the reference variant is
-    used for the rest of the process and nothing is written to the cache."""
+    """A failure while timing or while running the reference (e.g. out of memory) never stops the
+    run: the reference variant is used for the rest of the process and nothing is written to the cache."""
     tune.use_cache_file(str(tmp_path / "kernel_tuning.json"))
 
     def timer(name, fn):
@@ -155,6 +155,12 @@ def test_timing_failure_falls_back_to_the_reference(monkeypatch, tmp_path, capsy
     assert tune.pick("k", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "a"
     assert "kernel tuning of k failed (RuntimeError: CUDA out of memory); using a" in capsys.readouterr().err
     assert tune.choices() == {"k": "a"} and not (tmp_path / "kernel_tuning.json").exists()
+
+    def oom():
+        raise RuntimeError("CUDA out of memory")
+
+    assert tune.pick("k2", {"a": oom, "b": lambda: 1}, same_or_why, CPU) == "a"  # even the reference failed
+    assert "kernel tuning of k2 skipped (RuntimeError: CUDA out of memory); using a" in capsys.readouterr().err
 
 
 @needs_kernels

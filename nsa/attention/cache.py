@@ -16,34 +16,46 @@ import torch
 
 
 class _Buffer:
-    """A [B, G, T, D] tensor that grows along T with amortised O(1) appends (capacity doubling)."""
+    """A [B, G, T, D] window of a tensor along T: appends at the end and drops at the front in
+    amortised O(1) (the live part [start, start + len) of a larger allocation; it is moved or grown
+    only when the end is reached, so a sliding window of w tokens copies itself once every ~w steps
+    instead of on every decode step)."""
 
     def __init__(self, x: torch.Tensor):
-        self.data, self.len = x.clone(), x.shape[2]
+        self.data, self.start, self.len = x.clone(), 0, x.shape[2]
 
     def append(self, x: torch.Tensor) -> None:
-        need = self.len + x.shape[2]
-        if need > self.data.shape[2]:
-            grown = self.data.new_empty(*self.data.shape[:2], max(need, 2 * self.data.shape[2], 16), self.data.shape[3])
-            grown[:, :, : self.len] = self.data[:, :, : self.len]
-            self.data = grown
-        self.data[:, :, self.len : need] = x
-        self.len = need
+        n = x.shape[2]
+        if self.start + self.len + n > self.data.shape[2]:
+            cap = max(self.len + n, 2 * self.len, 16)
+            if cap > self.data.shape[2] or self.start == 0:
+                fresh = self.data.new_empty(*self.data.shape[:2], max(cap, 2 * self.data.shape[2]), self.data.shape[3])
+            else:  # room enough once the dropped front is reclaimed
+                fresh = self.data
+            live = self.view()
+            if fresh is self.data:
+                live = live.clone()  # source and destination overlap
+            fresh[:, :, : self.len] = live
+            self.data, self.start = fresh, 0
+        end = self.start + self.len
+        self.data[:, :, end : end + n] = x
+        self.len += n
 
     def drop_front(self, n: int) -> None:
-        """Forget the first n entries (kept compact by copying; n is small and amortised)."""
-        self.data = self.data[:, :, n : self.len].clone()
+        """Forget the first n entries (no copy)."""
+        n = min(n, self.len)
+        self.start += n
         self.len -= n
 
     def view(self) -> torch.Tensor:
-        return self.data[:, :, : self.len]
+        return self.data[:, :, self.start : self.start + self.len]
 
 
 class NSACache:
     def __init__(self, window: int, cmp_block: int, cmp_stride: int, slc_block: int):
         self.window, self.cmp_block, self.cmp_stride, self.slc_block = window, cmp_block, cmp_stride, slc_block
         self.length = 0
-        self.tokens_read: dict[str, int] = {}
+        self._reads = None  # (idx, compressed tokens, window tokens) of the last step
 
     def fill(self, k_raw, v_raw, cmp_kv, slc_kv, win_kv) -> None:
         """Prefill from the projections of a full forward over S tokens."""
@@ -92,14 +104,19 @@ class NSACache:
         return self.win_k.view(), self.win_v.view()
 
     def count_reads(self, idx: torch.Tensor, nsa) -> None:
-        """Tokens read by the step that just ran (per KV group; groups read alike in count)."""
+        """Remember what the step that just ran read; counted only when tokens_read is asked for
+        (counting the selected blocks waits for the GPU, which a decode loop should not do per step)."""
+        self._reads = (idx, self.cmp_k.len, self.win_k.len)
+
+    @property
+    def tokens_read(self) -> dict[str, int]:
+        """Tokens read by the last step (per KV group; groups read alike in count), by branch and total."""
+        if self._reads is None:
+            return {}
+        idx, n_cmp, n_win = self._reads
         selected = 0 if idx is None else int((idx[0, 0, -1] >= 0).sum().item())
-        self.tokens_read = {
-            "cmp": self.cmp_k.len,
-            "slc": selected * self.slc_block,
-            "win": self.win_k.len,
-        }
-        self.tokens_read["total"] = sum(self.tokens_read.values())
+        reads = {"cmp": n_cmp, "slc": selected * self.slc_block, "win": n_win}
+        return {**reads, "total": sum(reads.values())}
 
 
 class KVCache:

@@ -31,8 +31,15 @@ def f32dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
+# Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are constexpr functions whose JIT
+# wrapper costs ~3 us a call, and the wrappers make dozens of calls per layer (host overhead matters:
+# short sequences and decode are launch-bound).
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
 def pad_pow2(x: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(max(int(x), 1)))
+    return max(minimum, 1 << (max(int(x), 1) - 1).bit_length())
 
 
 def num_warps(head_dim: int) -> int:
@@ -71,6 +78,12 @@ def env_int(name: str, default: int, lo: int, hi: int, meaning: str) -> int:
     if not (raw.isdigit() and lo <= int(raw) <= hi):
         raise ValueError(f"{name}={raw!r}: expected an integer {lo}..{hi} ({meaning})")
     return int(raw)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Does this call need the autograd.Function? Without it (decode, eval) the wrappers call the
+    forward directly: Function.apply costs ~20 us of host time per call even under no_grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def check_inputs(name: str, *tensors: torch.Tensor) -> None:
@@ -117,7 +130,7 @@ def rowsum_do_o(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     res = torch.empty(B, H, Sq, dtype=torch.float32, device=out.device)
     if res.numel():
         bm = 64
-        _delta_kernel[(triton.cdiv(Sq, bm), B * H)](
+        _delta_kernel[(cdiv(Sq, bm), B * H)](
             grad_out, out, res, *grad_out.stride(), *out.stride(), H, Sq, D=D, D_PAD=pad_pow2(D), BM=bm,
             num_warps=num_warps(D))
     return res

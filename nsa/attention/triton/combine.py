@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import check_inputs, pad_pow2
+from nsa.attention.triton._common import cdiv, check_inputs, needs_grad, pad_pow2
 
 BT = 64  # tokens per program
 
@@ -90,22 +90,28 @@ def _combine_bwd_kernel(
 
 
 def _grid(B, H, S):
-    return (triton.cdiv(S, BT), B * H)
+    return (cdiv(S, BT), B * H)
+
+
+def _combine_forward(logits, o0, o1, o2):
+    """(y, the inputs as the kernels read them: logits contiguous, o_* with one set of strides)."""
+    logits = logits.contiguous()  # the backward writes d logits with these strides
+    if not o0.stride() == o1.stride() == o2.stride():  # the kernels index all three with one set of strides
+        o0, o1, o2 = o0.contiguous(), o1.contiguous(), o2.contiguous()
+    B, H, S, D = o0.shape
+    y = torch.empty(B, S, H * D, dtype=o0.dtype, device=o0.device)
+    if y.numel():
+        _combine_fwd_kernel[_grid(B, H, S)](
+            logits, o0, o1, o2, y, *logits.stride(), *o0.stride(), *y.stride(), H, S,
+            D=D, D_PAD=pad_pow2(D), BT=BT, num_warps=4)
+    return y, (logits, o0, o1, o2)
 
 
 class GateCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, o0, o1, o2):
-        logits = logits.contiguous()  # the backward writes d logits with these strides
-        if not o0.stride() == o1.stride() == o2.stride():  # the kernels index all three with one set of strides
-            o0, o1, o2 = o0.contiguous(), o1.contiguous(), o2.contiguous()
-        B, H, S, D = o0.shape
-        y = torch.empty(B, S, H * D, dtype=o0.dtype, device=o0.device)
-        if y.numel():
-            _combine_fwd_kernel[_grid(B, H, S)](
-                logits, o0, o1, o2, y, *logits.stride(), *o0.stride(), *y.stride(), H, S,
-                D=D, D_PAD=pad_pow2(D), BT=BT, num_warps=4)
-        ctx.save_for_backward(logits, o0, o1, o2)
+        y, saved = _combine_forward(logits, o0, o1, o2)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
@@ -134,4 +140,6 @@ def gate_combine(logits: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
     if logits.shape != (B, S, 3 * H) or logits.device != o_cmp.device or not logits.is_floating_point():
         raise ValueError(f"nsa triton gate_combine: logits must be a float [B, S, 3H] = {(B, S, 3 * H)} tensor on "
                          f"{o_cmp.device}, got {logits.dtype} {tuple(logits.shape)} on {logits.device}")
+    if not needs_grad(logits, o_cmp, o_slc, o_win):
+        return _combine_forward(logits, o_cmp, o_slc, o_win)[0]
     return GateCombine.apply(logits, o_cmp, o_slc, o_win)

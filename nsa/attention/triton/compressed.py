@@ -34,7 +34,7 @@ import triton.language as tl
 
 from nsa.attention.blocks import num_cmp_blocks
 from nsa.attention.triton import tune
-from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
+from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN = 64, 32
 BM_DKV = 32  # dK/dV pass: queries per step
@@ -235,7 +235,7 @@ def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
     if m["NCMP"] == 0 or m["Sq"] == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    grid = (triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
+    grid = (cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
     _cmp_fwd_kernel[grid](
         q, k_cmp, v_cmp, out, lse,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(),
@@ -261,16 +261,16 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype),
                   num_warps=num_warps(m["D"]))
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
-    _cmp_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
+    _cmp_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
     bm, bn = min(BM_DKV, m["BM"]), key_tile or dkdv_key_tile(m["D"], q.element_size())
-    key_tiles = triton.cdiv(m["NCMP"], bn) * m["B"] * m["G"]
+    key_tiles = cdiv(m["NCMP"], bn) * m["B"] * m["G"]
     qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
     atomic = n_seg > 1
     if atomic:
         dk, dv = dk.float(), dv.float()
     consts.update(BM=bm, BN=bn)
-    _cmp_bwd_dkdv_kernel[(triton.cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
+    _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic, **consts)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
@@ -292,10 +292,10 @@ def dkdv_segments(sq: int, bm: int, key_tiles: int, sms: int) -> tuple[int, int]
     """(queries per segment, number of segments) for the dK/dV pass: at least ~4 programs per SM
     where the sequence allows (segments of >= MIN_SEG queries), segments of at most QSEG queries,
     whole query tiles of bm per segment."""
-    want = triton.cdiv(4 * sms, max(key_tiles, 1))
-    n_seg = max(triton.cdiv(sq, QSEG), min(want, triton.cdiv(sq, MIN_SEG)), 1)
-    qseg = triton.cdiv(triton.cdiv(sq, n_seg), bm) * bm
-    return qseg, triton.cdiv(sq, qseg)
+    want = cdiv(4 * sms, max(key_tiles, 1))
+    n_seg = max(cdiv(sq, QSEG), min(want, cdiv(sq, MIN_SEG)), 1)
+    qseg = cdiv(cdiv(sq, n_seg), bm) * bm
+    return qseg, cdiv(sq, qseg)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -343,4 +343,6 @@ def compressed_attention(q, k_cmp, v_cmp, block: int, stride: int, q_start: int 
     (out [B,H,Sq,D], lse [B,H,Sq] fp32, -inf where a query sees no compressed block).
     The LSE is not differentiable (selection uses it under no_grad)."""
     check_inputs("compressed_attention", q, k_cmp, v_cmp)
+    if not needs_grad(q, k_cmp, v_cmp):
+        return compressed_forward(q, k_cmp, v_cmp, int(block), int(stride), int(q_start))
     return CompressedAttention.apply(q, k_cmp, v_cmp, int(block), int(stride), int(q_start))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import pad_pow2
+from nsa.attention.triton._common import cdiv, needs_grad, pad_pow2
 
 BP = 64  # positions per program
 
@@ -55,7 +55,7 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     B, H, P, D = x.shape
     y = torch.empty(B, H, P, D, dtype=x.dtype, device=x.device)
     if y.numel():
-        _rope_kernel[(triton.cdiv(P, BP), B * H)](
+        _rope_kernel[(cdiv(P, BP), B * H)](
             x, y, positions, cos, sin, *x.stride(), H, P, cos.stride(0),
             HALF=D // 2, HALF_PAD=pad_pow2(D // 2, 1), BP=BP, SIGN=sign, num_warps=4)
     return y
@@ -82,4 +82,6 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin:
     if (cos.dtype != torch.float32 or cos.shape != sin.shape or cos.shape[1] != x.shape[-1]
             or not (cos.is_contiguous() and sin.is_contiguous())):
         raise ValueError("nsa triton rope: cos/sin must be contiguous fp32 [L, D] tables")
+    if not needs_grad(x):
+        return _rotate(x, positions.contiguous(), cos, sin, 1)
     return Rope.apply(x, positions.contiguous(), cos, sin)

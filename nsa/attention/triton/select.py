@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from nsa.attention.blocks import num_slc_blocks
-from nsa.attention.triton._common import check_inputs, dot_config, env_choice, launch_warps, pad_pow2
+from nsa.attention.triton._common import cdiv, check_inputs, dot_config, env_choice, launch_warps, pad_pow2
 
 SELECT_MODES = ("fused", "topk")
 BM = 64  # queries per program
@@ -220,7 +220,7 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
         lse = torch.zeros(B, H, Sq, dtype=torch.float32, device=q.device)
     dots = dot_config(q.dtype)
     nj = pad_pow2(n_sel) if mode == "topn" else NJ
-    _select_scores_kernel[(triton.cdiv(C, BM), B * G)](
+    _select_scores_kernel[(cdiv(C, BM), B * G)](
         q, kc, lse, out,
         *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
         G, n_cmp, ns, n_sel, C, c0, int(q_start), 1.0 / math.sqrt(D),

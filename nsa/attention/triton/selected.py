@@ -58,7 +58,8 @@ import triton.language as tl
 
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    TUNING, check_inputs, dot_config, env_choice, env_int, launch_warps, num_warps, pad_pow2, rowsum_do_o,
+    TUNING, cdiv, check_inputs, dot_config, env_choice, env_int, launch_warps, needs_grad, num_warps, pad_pow2,
+    rowsum_do_o,
 )
 
 DKV_MODES = ("block", "atomic", "block_dq")
@@ -397,7 +398,7 @@ def tile_lists(idx: torch.Tensor, qt: int):
     then -1; cnt int32 [B,G,T]: how many), T = ceil(Sq / qt); a ragged last tile is padded with -1.
     Two sorts of qt*n-long rows, no host synchronisation."""
     B, G, Sq, n = idx.shape
-    T = triton.cdiv(Sq, qt)
+    T = cdiv(Sq, qt)
     x = idx.to(torch.int32)
     if T * qt != Sq:
         x = F.pad(x, (0, 0, 0, T * qt - Sq), value=-1)
@@ -487,7 +488,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                 num_warps=_warps("selected_bwd_atomic" if atomic else "selected_bwd_dq", m),
             )
         if not atomic:
-            n_blocks = triton.cdiv(m["N"], int(slc_block))
+            n_blocks = cdiv(m["N"], int(slc_block))
             qidx, seg_owner, seg_start, seg_end = block_segments(idx, n_blocks)
             if seg_owner.numel():
                 consts = {k_: v_ for k_, v_ in m["consts"].items() if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD")}
@@ -553,15 +554,21 @@ def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int
     return m, int(rows)
 
 
+def _planned_forward(q, k, v, idx, slc_block: int, q_start: int):
+    """(out, lse, qt, lists): the forward with its query tile chosen (forward_tile)."""
+    qt = forward_tile(q, k, v, idx, slc_block, q_start)
+    lists = tile_lists(idx, qt) if qt > 1 else (idx, idx)
+    out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists)
+    return out, lse, qt, lists
+
+
 class SelectedAttention(torch.autograd.Function):
     """Triton selected attention; saves q, k, v, idx, out, the fp32 LSE and the query tiles'
     block lists for the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, slc_block: int, q_start: int):
-        qt = forward_tile(q, k, v, idx, slc_block, q_start)
-        lists = tile_lists(idx, qt) if qt > 1 else (idx, idx)
-        out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists)
+        out, lse, qt, lists = _planned_forward(q, k, v, idx, slc_block, q_start)
         ctx.save_for_backward(q, k, v, idx, out, lse, *lists)
         ctx.slc_block, ctx.q_start, ctx.qt = slc_block, q_start, qt
         return out
@@ -588,4 +595,6 @@ def selected_attention(q, k, v, idx, slc_block: int, q_start: int = 0, chunk: in
         raise TypeError("nsa triton selected_attention: idx must be int64/int32 on the same device as q")
     if slc_block < 1:
         raise ValueError(f"nsa triton selected_attention: slc_block must be >= 1, got {slc_block}")
+    if not needs_grad(q, k, v):
+        return _planned_forward(q, k, v, idx, int(slc_block), int(q_start))[0]
     return SelectedAttention.apply(q, k, v, idx, int(slc_block), int(q_start))

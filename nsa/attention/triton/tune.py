@@ -172,7 +172,13 @@ def pick(key: str, variants: dict[str, Callable[[], Any]], differs: Callable[[An
     _load_cache()
     if _CHOICES.get(key) in variants:
         return _CHOICES[key]
-    reference = variants[names[0]]()
+    try:
+        reference = variants[names[0]]()
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory on a full GPU: run untuned, let the real call decide
+        print(f"[nsa] WARNING: kernel tuning of {key} skipped ({type(e).__name__}: {str(e)[:200]}); "
+              f"using {names[0]}", file=sys.stderr, flush=True)
+        _CHOICES[key] = names[0]  # for this process; not stored
+        return names[0]
     valid = [names[0]]
     for name in names[1:]:
         try:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from nsa.attention.triton import tune
-from nsa.attention.triton._common import check_inputs, dot_config, num_warps, pad_pow2, rowsum_do_o
+from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN_MAX = 64, 64
 WIDE_FWD_TILE = False  # candidate: 2 x BM_MAX forward query tiles for head dim > 64 (GPU parity pending)
@@ -257,7 +257,7 @@ def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0, wid
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
     if m["N"] == 0 or m["Sq"] == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    grid = (triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
+    grid = (cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
     _win_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -277,9 +277,9 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _win_bwd_dq_kernel[(triton.cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
+    _win_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
-    _win_bwd_dkdv_kernel[(triton.cdiv(m["N"], m["BN"]), m["B"] * m["G"])](
+    _win_bwd_dkdv_kernel[(cdiv(m["N"], m["BN"]), m["B"] * m["G"])](
         q, k, v, do, lse, delta, dk, dv, *strides, m["G"], *geom, **consts)
     return dq, dk, dv
 
@@ -336,4 +336,7 @@ def window_attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0, c
     if int(q_start) < 0 or int(k_start) < 0:
         raise ValueError(f"nsa triton window_attention: q_start and k_start must be >= 0, "
                          f"got {q_start}, {k_start}")
-    return WindowAttention.apply(q, k, v, int(window), int(q_start), int(k_start))
+    window, q_start, k_start = int(window), int(q_start), int(k_start)
+    if not needs_grad(q, k, v):
+        return window_forward(q, k, v, window, q_start, k_start, forward_wide_tile(q, k, v, window, q_start, k_start))[0]
+    return WindowAttention.apply(q, k, v, window, q_start, k_start)
