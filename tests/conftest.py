@@ -72,6 +72,18 @@ def run_train(config: str, *args: str, timeout: float = 300, env: dict | None = 
                           text=True, timeout=timeout)
 
 
+def run_train_concurrently(jobs: list[tuple], max_workers: int | None = None) -> list[subprocess.CompletedProcess]:
+    """run_train(*args, **kwargs) for each (args, kwargs) job, as many at a time as there are cores (default),
+    results in job order. Most trainer runs here are one thread (tiny_config: runtime.threads=1, OMP_NUM_THREADS=1)
+    and the CLI cases mostly torch's single-threaded import, so run one after another they leave cores idle; no
+    more than one per core, so that each still runs (and times itself) as if alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 2) as pool:
+        futures = [pool.submit(run_train, *args, **kwargs) for args, kwargs in jobs]
+        return [f.result() for f in futures]
+
+
 def start_train(config: str, *args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
     """Start the trainer in its own process group; a thread collects its output into proc.lines."""
     cmd = (launcher + ["-m", "nsa.train", "--config", config, *args]) if launcher else train_cmd(config, *args)

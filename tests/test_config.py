@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_train, tiny_config
+from tests.conftest import REPO, run_train_concurrently, tiny_config
 from nsa.config import config_from_dict, load_config, parse_faults, save_config
 from nsa.errors import UserError
 
@@ -108,7 +108,7 @@ def test_fault_spec():
 
 
 # Five (and more) distinct user mistakes through the real CLI: exit 2, one clear paragraph, no traceback.
-@pytest.mark.parametrize("args, needle", [
+CLI_ERRORS = [
     (["--config", "configs/does_not_exist.yaml"], "does not exist"),
     (["--config", "configs/smoke.yaml", "train.lerning_rate=1e-3"], "train.lerning_rate"),
     (["--config", "configs/smoke.yaml", "train.batch_size=four"], "train.batch_size"),
@@ -116,9 +116,21 @@ def test_fault_spec():
     (["--config", "configs/smoke.yaml", "--dataset", "local:/no/such/file.jsonl", "model.vocab_size=50257"],
      "does not exist"),
     (["--config", "configs/smoke.yaml", "--lr", "3"], "--lr"),
-])
-def test_cli_user_errors_exit_2_without_traceback(args, needle, tmp_path):
-    r = run_train(*args[1:2], *args[2:], "--out-dir", str(tmp_path / "out"), timeout=120)
+]
+
+
+@pytest.fixture(scope="module")
+def cli_error_runs(tmp_path_factory):
+    """Every case's own `python -m nsa.train` process, one per core at a time (each is mostly torch's
+    single-threaded import: run one after another they leave a core idle)."""
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    return run_train_concurrently([((*args[1:2], *args[2:], "--out-dir", str(tmp / f"out{i}")), {"timeout": 180})
+                                   for i, (args, _) in enumerate(CLI_ERRORS)])
+
+
+@pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=[f"args{i}-{n}" for i, (_, n) in enumerate(CLI_ERRORS)])
+def test_cli_user_errors_exit_2_without_traceback(cli_error_runs, case):
+    r, needle = cli_error_runs[case], CLI_ERRORS[case][1]
     out = r.stdout + r.stderr
     assert r.returncode == 2, out
     assert needle in r.stderr

