@@ -20,7 +20,7 @@ _VERDICTS: dict[tuple, str | None] = {}
 TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
@@ -61,8 +61,8 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
         for i, (a, b) in enumerate(zip(torch.autograd.grad(out_t, inputs, go), torch.autograd.grad(out_r, inputs, go))):
             checks.append((f"{name} grad {i}", a, b))
     for name, a, b in checks:
-        if not torch.isfinite(a.float()).all() or _rel(a, b) > TOL[dtype]:
-            return f"{name} differs from the PyTorch path (relative error {_rel(a, b):.2e})"
+        if not torch.isfinite(a.float()).all() or rel_error(a, b) > TOL[dtype]:
+            return f"{name} differs from the PyTorch path (relative error {rel_error(a, b):.2e})"
     if dtype == torch.float32:  # low-precision scores may order near-ties differently
         same = (idx_t.sort(-1).values == idx_r.sort(-1).values).float().mean().item()
         if same < 1.0:

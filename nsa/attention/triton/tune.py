@@ -79,11 +79,11 @@ def shape_key(step: str, q: torch.Tensor, k: torch.Tensor, *extra) -> str:
 
 def differs(got, want) -> str | None:
     """None when each tensor of `got` matches `want`'s within the device self-check's tolerance."""
-    from nsa.attention.triton.selfcheck import TOL
+    from nsa.attention.triton.selfcheck import TOL, rel_error
 
     for i, (a, b) in enumerate(zip(got, want)):
-        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-        if not err <= TOL[b.dtype]:
+        err = rel_error(a, b)
+        if not err <= TOL[b.dtype]:  # (NaN fails too)
             return f"output {i} differs from the reference variant's by {err:.2e} (relative)"
     return None
 
