@@ -11,7 +11,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         top-n inside the scoring kernel; first checked bit-identical to "topk"),
                         "topk" (int64 score-key buffer + torch.topk), "fused_bn16" (compressed-block
                         tile BN=16 instead of 32)
-  slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), and
+  slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), the
+                        K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
                         the union of their blocks; the union's construction included)
   slc_lists             that union alone (selected.tile_lists); the variant names the mean number
@@ -103,10 +104,10 @@ def rows_for(layout: str, S: int, device: str):
 
     o_cmp, lse = tk.compressed_attention(q, kc, vc, L, D_STRIDE)
     yield "cmp_fwd", "triton", lambda: bench(lambda: tk.compressed_attention(q, kc, vc, L, D_STRIDE))
-    default_bn = compressed.dkdv_key_tile(D)
-    for bn in (default_bn, *(b for b in (32, 64, 128) if b != default_bn)):  # default first
-        yield "cmp_bwd", f"dkv_bn{bn}", lambda bn=bn: patched(compressed, "dkdv_key_tile", lambda *_: bn, lambda: bench(
-            lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE)))
+    # default first; 128 keys is timed for reference only: Triton 3.6 miscompiles it at head dim 128 bf16
+    for bn in (compressed.BN_DKV, *(b for b in (32, 64, 128) if b != compressed.BN_DKV)):
+        yield "cmp_bwd", f"dkv_bn{bn}", lambda bn=bn: bench(
+            lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE, key_tile=bn))
     def with_env(name: str, value: str, fn):
         saved = os.environ.get(name)
         os.environ[name] = value
@@ -133,6 +134,8 @@ def rows_for(layout: str, S: int, device: str):
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):
         yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))
+    for st in selected.STAGE_CANDIDATES:
+        yield "slc_fwd", f"s{st}", lambda st=st: bench(lambda: selected.selected_forward(q, k, v, idx, LP, stages=st))
     # query tiles (NSA_SLC_QTILE): qt queries per program walk the union of their blocks
     qtiles = [qt for qt in (2, 4, 8) if qt * (HQ // G) <= selected.MAX_TILE_ROWS]
     lists = {qt: selected.tile_lists(idx, qt) for qt in qtiles}

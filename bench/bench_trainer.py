@@ -12,7 +12,8 @@ a temporary out_dir (deleted afterwards) with evaluation and checkpoints pushed 
 One JSON line per run: bench="trainer", config, attention, compile, seq_len, global_batch_tokens,
 steps, toks_per_s / mfu / step_ms (medians over the logged steps after the first `--skip-logs`, which
 include compilation and warm-up), mem_gib (largest logged), wall_s (launch to exit: model build,
-data, compile, steps), rc, device, and "error" (the trainer's last output lines) when it failed.
+data, compile, steps), loss_first / loss_last (the first and last logged training loss: eager and
+compiled runs train on the same tokens, so they should agree to bf16 noise), rc, device, and "error" (the trainer's last output lines) when it failed.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def run_trainer(config: str, attention: str, compile_: bool, device: str, steps:
     for col, key in (("toks_per_s", "toks_per_s"), ("mfu", "mfu"), ("step_ms", "step_ms")):
         vals = [float(r[col]) for r in timed if r.get(col) not in (None, "")]
         row[key] = round(statistics.median(vals), 4 if key == "mfu" else 1) if vals else None
+    # the loss curve's ends: eager and compiled runs see the same tokens from the same seed, so these
+    # should agree to bf16 noise (a check of the compiled numerics, not only of its speed)
+    losses = [float(r["loss"]) for r in logs if r.get("loss") not in (None, "")]
+    row["loss_first"], row["loss_last"] = (round(losses[0], 4), round(losses[-1], 4)) if losses else (None, None)
     mems = [float(r["mem_GiB"]) for r in logs if r.get("mem_GiB") not in (None, "")]
     row["mem_gib"] = max(mems) if mems else None
     row["logged_steps"] = len(logs)

@@ -147,6 +147,7 @@ def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
     (row,) = [json.loads(line) for line in stdout.splitlines()]
     assert (row["bench"], row["attention"], row["compile"], row["rc"], row["logged_steps"]) == ("trainer", "nsa", False, 0, 4)
     assert row["toks_per_s"] > 0 and row["step_ms"] > 0 and row["seq_len"] == 64 and "error" not in row
+    assert 0 < row["loss_last"] < row["loss_first"] < 20  # the loss curve's ends (it learns in 4 steps)
     assert row["nsa_env"] == {"NSA_SLC_QTILE": "2"}  # the switches a row ran with are on the row
     assert row["tuned"] == {}  # kernel tuning (the run's kernel_tuning.json) happens on CUDA only
     (row,) = [json.loads(line) for line in bad.stdout.splitlines()]

@@ -492,16 +492,14 @@ def test_rope_device_check(monkeypatch, capsys):
 # ------------------------------------------------------------------ larger shapes, GPU only
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("G,r,D,wide,qt", [(2, 6, 64, False, "1"), (1, 16, 128, False, "1"), (1, 16, 128, True, "1"),
-                                          (4, 1, 64, False, "1"), (2, 6, 64, False, "8"), (1, 16, 128, False, "4")])
-def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, wide, qt):
+@pytest.mark.parametrize("G,r,D,qt", [(2, 6, 64, "1"), (1, 16, 128, "1"), (4, 1, 64, "1"), (2, 6, 64, "8"),
+                                     (1, 16, 128, "4")])
+def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, qt):
     """Paper block sizes (l=32, d=16, l'=64, n=16) at S = 1000: all three kernels against ops
-    (wide: the candidate 128-key compressed dK/dV tile, compressed.WIDE_DKV_TILE; qt: queries
-    per selected-attention program, NSA_SLC_QTILE, with the dK/dV kernel's 64-row (query, head)
+    (qt: queries per selected-attention program, NSA_SLC_QTILE, with the dK/dV kernel's 64-row (query, head)
     tiles, selected.DKV_HEAD_ROWS, on those cases). Tuning off: these settings, not the tuned ones
     (tests/test_triton_tune.py tests tuning on the GPU)."""
     monkeypatch.setenv("NSA_TUNE", "off")
-    monkeypatch.setattr(compressed, "WIDE_DKV_TILE", wide)
     monkeypatch.setenv("NSA_SLC_QTILE", qt)
     monkeypatch.setattr(selected, "DKV_HEAD_ROWS", 64 if qt != "1" else 0)
     B, S, l, d, lp, n = 2, 1000, 32, 16, 64, 16

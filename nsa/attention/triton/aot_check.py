@@ -60,7 +60,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                              for qt in (1, max_rows // group)]
                 cmp_ = dict(rd, BM=32 if dtn == "fp32" and D > 64 else BM_MAX, BN=CMP_BN, **dots)
                 esize = 4 if dtn == "fp32" else 2
-                cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.dkdv_key_tile(D, esize))
+                cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.BN_DKV)
                 win_bm, win_bn = win_tiles(esize, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
@@ -91,9 +91,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (combine._combine_bwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                 ]
-                if esize == 2 and D > 64:  # the candidate tiles (compressed.WIDE_DKV_TILE, window.WIDE_FWD_TILE)
-                    jobs.append((compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f),
-                                 dict(cmp_dkv, BN=2 * compressed.BN_DKV, ATOMIC=True)))
+                if esize == 2 and D > 64:  # the candidate window tile (window.WIDE_FWD_TILE)
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
                 # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant

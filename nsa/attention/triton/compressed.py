@@ -20,8 +20,10 @@ Kernels (flash-attention style, fp32 softmax statistics):
   stored once (deterministic); with several, the segments add fp32 partial sums with atomics.
 
 Tiles: forward and dQ BM=64 queries x BN=32 compressed keys; fp32 inputs with head dim > 64 use
-BM=32 so the kernels fit an A100's 163 KB of shared memory. dK/dV: BM_DKV=32 queries x 64 keys
-(`dkdv_key_tile`, measured).
+BM=32 so the kernels fit an A100's 163 KB of shared memory. dK/dV: BM_DKV=32 queries x BN_DKV=64 keys
+(measured: on an H100, bf16, 64k tokens, 64 keys beat 32 and 128 at head dim 64; at head dim 128 the
+128-key tile was faster, 64 vs 78 ms, but Triton 3.6 miscompiles it there: dK off by 6-9% relative
+in the GPU tests (bf16, 2026-11-27), so it is not offered).
 """
 
 from __future__ import annotations
@@ -32,14 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.blocks import num_cmp_blocks
-from nsa.attention.triton import tune
 from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o
 
 BM_MAX, BN = 64, 32
 BM_DKV = 32  # dK/dV pass: queries per step
-BN_DKV = 64  # dK/dV pass: compressed keys per program (see dkdv_key_tile)
-WIDE_DKV_TILE = False  # True: 2 * BN_DKV keys for head dim > 64 when not tuning (tuning tries both)
+BN_DKV = 64  # dK/dV pass: compressed keys per program (see the module docstring)
 QSEG = 4096  # most queries per dK/dV segment (a multiple of BM_DKV)
 MIN_SEG = 512  # fewest queries per dK/dV segment when splitting to fill the GPU
 
@@ -248,7 +247,7 @@ def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 
 
 def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int = 0,
                         key_tile: int | None = None):
-    """(dq, dk, dv); key_tile: compressed keys per dK/dV program (default dkdv_key_tile)."""
+    """(dq, dk, dv); key_tile: compressed keys per dK/dV program (default BN_DKV; bench_kernels sweeps it)."""
     m = _meta(q, k_cmp)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
@@ -263,7 +262,7 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
     _cmp_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
         q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
-    bm, bn = min(BM_DKV, m["BM"]), key_tile or dkdv_key_tile(m["D"], q.element_size())
+    bm, bn = min(BM_DKV, m["BM"]), key_tile or BN_DKV
     key_tiles = cdiv(m["NCMP"], bn) * m["B"] * m["G"]
     qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
     atomic = n_seg > 1
@@ -273,19 +272,6 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic, **consts)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
-
-
-def dkdv_key_tile(head_dim: int, elem_bytes: int = 2) -> int:
-    """Compressed keys per dK/dV program. On an H100 (bf16, 64k tokens) 64 was the fastest for head
-    dim 64 (6.2 ms vs 6.5 at 128 and 8.9 at 32, M7C layout); for head dim 128, 128 keys were faster
-    (64 ms vs 78 at 64, 128 at 32, paper layout), but the one GPU run that used them had a failing
-    kernel test it could not name before its time ran out: WIDE_DKV_TILE (off) switches them on for
-    head dim > 64 with 2-byte inputs, and the GPU tests run both (fp32 stays at 64 anyway: 128 x 128
-    fp32 K/V tiles exceed an A100's shared memory). With tuning (tune.py) the backward times both
-    where both apply (backward_key_tile)."""
-    if WIDE_DKV_TILE and head_dim > 64 and elem_bytes == 2:
-        return 2 * BN_DKV
-    return BN_DKV
 
 
 def dkdv_segments(sq: int, bm: int, key_tiles: int, sms: int) -> tuple[int, int]:
@@ -304,21 +290,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def backward_key_tile(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int) -> int | None:
-    """The dK/dV key tile for this backward: tuned between BN_DKV and 2 * BN_DKV where both apply
-    (head dim > 64, 2-byte inputs) and tuning is on, else None (dkdv_key_tile's default)."""
-    if not (q.shape[-1] > 64 and q.element_size() == 2 and tune.wanted(q)):
-        return None
-    s = tune.slice_len(q)
-    qs, outs, lses, gos = tune.prefix(s, q, out, lse, grad_out)
-    n_vis = min(k_cmp.shape[2], num_cmp_blocks(q_start + s, block, stride))
-    ks, vs = k_cmp[:1, :, :n_vis], v_cmp[:1, :, :n_vis]
-    variants = {f"bn{bn}": (lambda bn=bn: compressed_backward(qs, ks, vs, outs, lses, gos, block, stride, q_start, bn))
-                for bn in (BN_DKV, 2 * BN_DKV)}
-    key = tune.shape_key("compressed_bwd", q, k_cmp, f"l{block}", f"d{stride}")
-    return int(tune.pick(key, variants, tune.differs, q.device)[2:])
-
-
 class CompressedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, block: int, stride: int, q_start: int):
@@ -333,8 +304,7 @@ class CompressedAttention(torch.autograd.Function):
         q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None, None
-        key_tile = backward_key_tile(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
-        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom, key_tile=key_tile)
+        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
         return dq, dk, dv, None, None, None
 
 

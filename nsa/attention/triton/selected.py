@@ -18,10 +18,11 @@ instead of 128, so K/V loads fall 2.5-4x and the dots grow from r = 6 useful row
 has the same option for its rows (tuned too; NSA_SLC_DKV_ROWS pins it, default DKV_HEAD_ROWS = 0): all r heads of a few
 queries as one tile of up to 64 (query, head) rows instead of 32 queries head by head.
 
-Tuning (tune.py, on CUDA): the first call for a shape times qt = 1/2/4/8 for the forward and the
-dK/dV forms (block / block_dq x head rows 0 / 64) for the backward on a slice of the real inputs,
-drops any variant whose result differs from the reference (qt 1, "block", rows 0: the defaults
-without tuning) and keeps the fastest; NSA_TUNE=off keeps the reference.
+Tuning (tune.py, on CUDA): the first call for a shape times qt = 1/2/4/8 (and qt = 1 at K/V
+pipeline depths 1/2/4 besides Triton's default 3) for the forward and the dK/dV forms (block /
+block_dq x head rows 0 / 64) for the backward on a slice of the real inputs, drops any variant whose
+result differs from the reference (qt 1, default depth, "block", rows 0: the defaults without
+tuning) and keeps the fastest; NSA_TUNE=off keeps the reference.
 
 Forward: online softmax in fp32, writes O [B,H,Sq,D] (input dtype) and LSE [B,H,Sq] (fp32,
 natural log of the scaled scores, -inf for a query with no valid key -> zero output).
@@ -443,9 +444,17 @@ def _warps(kernel: str, m: dict) -> int:
     return TUNING.get(kernel, num_warps(m["D"]))  # query tiles: not measured yet
 
 
-def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1, lists=None):
+def _stages(stages: int | None) -> dict:
+    """Launch option: the software-pipelining depth of the K/V block loads (None: Triton's default, 3
+    on CUDA: two blocks in flight, 36 KB of shared memory per program at head dim 64)."""
+    return {} if stages is None else {"num_stages": stages}
+
+
+def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1, lists=None,
+                     stages: int | None = None):
     """Triton forward: (out [B,H,Sq,D] in q.dtype, lse [B,H,Sq] fp32). qt > 1: tiles of qt queries
-    walk the union of their blocks, `lists` = tile_lists(idx, qt) (built here when None)."""
+    walk the union of their blocks, `lists` = tile_lists(idx, qt) (built here when None); stages:
+    see _stages."""
     m = _meta(q, k, idx, slc_block, qt)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
@@ -458,16 +467,16 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1
         q, k, v, tile_args[0], tile_args[1], tile_args[2], out, lse,
         *q.stride(), *k.stride(), *v.stride(), *tile_args[3:], *out.stride(),
         m["G"], m["N"], m["Sq"], m["n"], n_list, int(q_start), 1.0 / math.sqrt(m["D"]),
-        **m["consts"], num_warps=_warps("selected_fwd", m),
+        **m["consts"], num_warps=_warps("selected_fwd", m), **_stages(stages),
     )
     return out, lse
 
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
-                      qt: int = 1, lists=None, rows: int | None = None):
+                      qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None):
     """(dq, dk, dv); mode "block", "atomic" or "block_dq" (default: NSA_SLC_DKV, else "block");
-    qt / lists as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row tile (see
-    dkdv_queries_per_step)."""
+    qt / lists / stages as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row
+    tile (see dkdv_queries_per_step)."""
     m = _meta(q, k, idx, slc_block, qt)
     mode = mode or dkv_mode()
     do = grad_out
@@ -490,7 +499,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                 *strides, *tile_args[3:], *do.stride(),
                 m["G"], m["N"], m["Sq"], m["n"], n_list, int(q_start), 1.0 / math.sqrt(m["D"]),
                 DKV_ATOMIC=atomic, **m["consts"],
-                num_warps=_warps("selected_bwd_atomic" if atomic else "selected_bwd_dq", m),
+                num_warps=_warps("selected_bwd_atomic" if atomic else "selected_bwd_dq", m), **_stages(stages),
             )
         if not atomic:
             n_blocks = cdiv(m["N"], int(slc_block))
@@ -510,33 +519,53 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
 
 # Tuning (tune.py): on its first call for a shape the layer times these variants on a slice of its
 # real inputs and keeps the fastest that agrees with the reference (the first listed: one query per
-# program; block-centric dK/dV head by head).
+# program at Triton's default pipelining depth; block-centric dK/dV head by head). One query per
+# program is also tried at other depths of the K/V load pipeline (STAGE_CANDIDATES; the dQ kernel,
+# which walks the same blocks, follows the forward's): fewer stages, less shared memory per program,
+# more programs per SM to hide the gathers' latency.
 QTILE_CANDIDATES = (1, 2, 4, 8)
+STAGE_CANDIDATES = (1, 2, 4)
 DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64))
 
 
 def _tune_inputs(k, v, q_start, *per_query):
     """The tuning slice: per-query tensors cut by tune.prefix, k/v to the keys those queries see."""
-    s = tune.slice_len(per_query[0])
-    n_keys = min(k.shape[2], q_start + s)
-    return k[:1, :, :n_keys], v[:1, :, :n_keys], tune.prefix(s, *per_query)
+    b, n_keys = tune.slice_batch(per_query[0]), min(k.shape[2], q_start + tune.slice_len(per_query[0]))
+    return k[:b, :, :n_keys], v[:b, :, :n_keys], tune.prefix(*per_query)
 
 
-def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> int:
-    """Queries per program for this forward (and its dQ): NSA_SLC_QTILE when set, else the tuned
-    fastest of QTILE_CANDIDATES when tuning, else 1."""
+def parse_tile(name: str) -> tuple[int, int | None]:
+    """A forward variant's name -> (queries per program, pipeline stages or None): "qt4" -> (4, None),
+    "qt1s2" -> (1, 2)."""
+    qt, _, stages = name[2:].partition("s")
+    return int(qt), int(stages) if stages else None
+
+
+def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
+    """The forward's (and its dQ's) tile variant, a name parse_tile reads: NSA_SLC_QTILE's query tile
+    when set, else the tuned fastest of QTILE_CANDIDATES and one query at STAGE_CANDIDATES when
+    tuning, else one query per program."""
     Sq, r = q.shape[2], q.shape[1] // k.shape[1]
     if "NSA_SLC_QTILE" in os.environ or not tune.wanted(q):
-        return query_tile(Sq, r, q.dtype)
+        return f"qt{query_tile(Sq, r, q.dtype)}"
     ks, vs, (qs, ids) = _tune_inputs(k, v, q_start, q, idx)
-    options = sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})
+    options = [f"qt{qt}" for qt in sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})]
+    if q.element_size() == 2:  # fp32 K/V stages are twice as big: 4 of them overflow an A100's shared memory
+        options += [f"qt1s{st}" for st in STAGE_CANDIDATES]
     # compared on the output (the LSE comes out of the same pass)
-    variants = {f"qt{qt}": (lambda qt=qt: selected_forward(qs, ks, vs, ids, slc_block, q_start, qt)[:1]) for qt in options}
+    variants = {name: (lambda name=name: selected_forward(qs, ks, vs, ids, slc_block, q_start, *_tile_opts(name))[:1])
+                for name in options}
     key = tune.shape_key("selected_fwd", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
-    return int(tune.pick(key, variants, tune.differs, q.device)[2:])
+    return tune.pick(key, variants, tune.differs, q.device)
 
 
-def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int, qt: int) -> tuple[str, int | None]:
+def _tile_opts(name: str) -> tuple:
+    """selected_forward's (qt, lists, stages) arguments for a tile variant."""
+    qt, stages = parse_tile(name)
+    return qt, None, stages
+
+
+def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int, tile: str) -> tuple[str, int | None]:
     """(dK/dV mode, rows) for this backward: NSA_SLC_DKV / NSA_SLC_DKV_ROWS pin theirs; the rest is
     tuned over DKV_CANDIDATES when tuning, else the defaults."""
     pinned_mode = os.environ.get("NSA_SLC_DKV") and dkv_mode()
@@ -550,21 +579,23 @@ def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int
     if len(options) == 1:
         return options[0]
     ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
+    qt, stages = parse_tile(tile)
     lists = tile_lists(ids, qt) if qt > 1 else None
     variants = {f"{m}/rows{rows}": (lambda m=m, rows=rows: selected_backward(
-        qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows))
+        qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows, stages=stages))
         for m, rows in options}
-    key = tune.shape_key(f"selected_bwd_qt{qt}", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
+    key = tune.shape_key(f"selected_bwd_{tile}", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
     m, rows = tune.pick(key, variants, tune.differs, q.device).split("/rows")
     return m, int(rows)
 
 
 def _planned_forward(q, k, v, idx, slc_block: int, q_start: int):
-    """(out, lse, qt, lists): the forward with its query tile chosen (forward_tile)."""
-    qt = forward_tile(q, k, v, idx, slc_block, q_start)
+    """(out, lse, tile, lists): the forward with its tile variant chosen (forward_tile)."""
+    tile = forward_tile(q, k, v, idx, slc_block, q_start)
+    qt, stages = parse_tile(tile)
     lists = tile_lists(idx, qt) if qt > 1 else (idx, idx)
-    out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists)
-    return out, lse, qt, lists
+    out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists, stages)
+    return out, lse, tile, lists
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -573,17 +604,18 @@ class SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, slc_block: int, q_start: int):
-        out, lse, qt, lists = _planned_forward(q, k, v, idx, slc_block, q_start)
+        out, lse, tile, lists = _planned_forward(q, k, v, idx, slc_block, q_start)
         ctx.save_for_backward(q, k, v, idx, out, lse, *lists)
-        ctx.slc_block, ctx.q_start, ctx.qt = slc_block, q_start, qt
+        ctx.slc_block, ctx.q_start, ctx.tile = slc_block, q_start, tile
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, idx, out, lse, lst, cnt = ctx.saved_tensors
-        mode, rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.qt)
+        mode, rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.tile)
+        qt, stages = parse_tile(ctx.tile)
         dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
-                                       mode=mode, qt=ctx.qt, lists=(lst, cnt), rows=rows)
+                                       mode=mode, qt=qt, lists=(lst, cnt), rows=rows, stages=stages)
         return dq, dk, dv, None, None, None
 
 

@@ -289,10 +289,9 @@ def forward_wide_tile(q, k, v, window: int, q_start: int, k_start: int) -> bool 
     """Wide forward tiles or not: tuned where they apply and tuning is on, else None (the default)."""
     if not (wide_applies(q.element_size(), q.shape[-1]) and tune.wanted(q)):
         return None
-    s = tune.slice_len(q)
-    (qs,) = tune.prefix(s, q)
-    n_keys = max(0, min(k.shape[2], q_start + s - k_start))
-    ks, vs = k[:1, :, :n_keys], v[:1, :, :n_keys]
+    b, n_keys = tune.slice_batch(q), max(0, min(k.shape[2], q_start + tune.slice_len(q) - k_start))
+    (qs,) = tune.prefix(q)
+    ks, vs = k[:b, :, :n_keys], v[:b, :, :n_keys]
     variants = {f"bm{bm}": (lambda wide=wide: window_forward(qs, ks, vs, window, q_start, k_start, wide)[:1])
                 for bm, wide in ((BM_MAX, False), (2 * BM_MAX, True))}
     key = tune.shape_key("window_fwd", q, k, f"w{window}")
