@@ -235,7 +235,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # evals without relative improvement before stopping; 0 disables
     early_stop_min_evals: int = 3  # never early-stop before this many evaluations
     early_stop_min_delta: float = 0.001  # relative val-loss improvement that counts as progress
-    fault_inject: str = ""  # testing only: "nan@5,oom@3,crash@7,stall@9,hang@9" (see parse_faults)
+    fault_inject: str = ""  # testing only: "nan@5,oom@3,crash@7,stall@9,hang@9,compile@1" (see parse_faults)
 
     def validate(self, prefix: str = "train") -> None:
         for key in ("steps", "seq_len", "batch_size", "accumulate_grad_batches", "log_every", "eval_batches",
@@ -272,7 +272,7 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 (autocast; weights stay fp32)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (the NSA kernels stay eager); falls back to eager if compiling fails
     tf32: bool = True  # allow TF32 matmuls on Ampere+ for the fp32 parts
     fused_adamw: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -292,20 +292,21 @@ class RuntimeConfig:
             raise UserError(f"'{prefix}.threads', 'peak_tflops', 'usd_per_gpu_hour' must be >= 0, dist_timeout_s >= 1.")
 
 
-FAULT_KINDS = ("nan", "oom", "crash", "stall", "hang")
+FAULT_KINDS = ("nan", "oom", "crash", "stall", "hang", "compile")
 
 
 def parse_faults(spec: str) -> dict[int, list[str]]:
     """"nan@5,oom@3" -> {5: ["nan"], 3: ["oom"]}. Fault injection exists so tests can prove recovery paths:
     nan = the step's loss becomes NaN, oom = the step raises a CUDA-style OOM once, crash = an exception,
     stall = the step waits (up to 10 min) until a signal arrives, standing in for a long step that gets preempted/killed,
-    hang = the step blocks for good, deaf to SIGTERM (a stuck collective or read: only SIGKILL ends it).
+    hang = the step blocks for good, deaf to SIGTERM (a stuck collective or read: only SIGKILL ends it),
+    compile = with runtime.compile, the step's compiled forward fails as a torch.compile error would.
     Each fault fires once per out_dir (recorded in out_dir/.fault_inject_fired), so a resumed run gets past it."""
     out: dict[int, list[str]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, step = item.partition("@")
         if kind not in FAULT_KINDS or not step.isdigit():
-            raise UserError(f"'train.fault_inject' item {item!r} must look like nan@5, oom@3, crash@7, stall@9 or hang@9.")
+            raise UserError(f"'train.fault_inject' item {item!r} must look like nan@5, oom@3, crash@7, stall@9, hang@9 or compile@1.")
         out.setdefault(int(step), []).append(kind)
     return out
 

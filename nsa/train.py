@@ -337,14 +337,12 @@ class Trainer:
         del loaded
 
         self.model = model
+        self.compiled, self.compiled_steps = bool(cfg.runtime.compile), 0
         if cfg.runtime.compile:
             from nsa.model import compile_model
 
             self.model = compile_model(self.model)
-        if info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = self._wrap_ddp(self.model)
 
         from nsa.data import DataModule
 
@@ -453,14 +451,20 @@ class Trainer:
             total += loss.detach()
         return total.item()
 
-    def _step_with_oom_fallback(self, micro_batches, inject_nan: bool, inject_oom: bool) -> float:
+    def _step_with_oom_fallback(self, micro_batches, inject_nan: bool, inject_oom: bool,
+                                inject_compile: bool = False) -> float:
         t = self.cfg.train
         while True:
             try:
                 if inject_oom:
                     inject_oom = False
                     raise torch.OutOfMemoryError("injected by train.fault_inject")
-                return self._forward_backward(micro_batches, inject_nan)
+                if inject_compile and self.compiled:
+                    inject_compile = False
+                    raise torch._dynamo.exc.InternalTorchDynamoError("injected by train.fault_inject")
+                loss = self._forward_backward(micro_batches, inject_nan)
+                self.compiled_steps += self.compiled
+                return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -484,6 +488,37 @@ class Trainer:
                 self.incident("oom_fallback", f"out of memory at step {self.state.step + 1}: micro-batch "
                               f"{t.batch_size // self.split}, activation checkpointing "
                               f"{'on' if self.raw_model.activation_checkpointing else 'off'}", step=self.state.step + 1)
+            except Exception as e:  # noqa: BLE001 - only compile failures are handled; anything else re-raises
+                if not self._is_compile_failure(e):
+                    raise
+                self._fall_back_to_eager(e)
+
+    def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.info.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _is_compile_failure(self, e: Exception) -> bool:
+        """A torch.compile failure: a Dynamo/Inductor error at any step, or any error on the first
+        compiled step (backend failures surface as many exception types: Triton, C++ toolchain, ...)."""
+        if not self.compiled or isinstance(e, UserError):
+            return False
+        return isinstance(e, torch._dynamo.exc.TorchDynamoException) or self.compiled_steps == 0
+
+    def _fall_back_to_eager(self, e: Exception) -> None:
+        """Finish the run with the eager model (same weights and optimizer; only speed differs) and say so."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.compiled = False
+        self.model = self._wrap_ddp(self.raw_model)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        rank0_print(self.info, f"[nsa.train] WARNING: torch.compile failed at step {self.state.step + 1} ({why}); "
+                    "continuing without it (runtime.compile=false skips compiling; same results, slower)")
+        if self.metrics:
+            self.metrics.update(compile_fallback={"step": self.state.step + 1, "error": why})
+        self.incident("compile_fallback", f"torch.compile failed at step {self.state.step + 1}, running eager: {why}",
+                      step=self.state.step + 1)
 
     def _oom_message(self, why: str) -> str:
         t = self.cfg.train
@@ -519,7 +554,7 @@ class Trainer:
                     break
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (logged with it)
         micro_batches = [self.train_stream.next() for _ in range(self.accum)]
-        loss = self._step_with_oom_fallback(micro_batches, "nan" in faults, "oom" in faults)
+        loss = self._step_with_oom_fallback(micro_batches, "nan" in faults, "oom" in faults, "compile" in faults)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         # total norm before clipping, measured while gradients still exist

@@ -177,6 +177,8 @@ def fault_runs(straight, tmp_path_factory):
                  "train.fault_inject=nan@3,nan@4,nan@5"),
         "oom": (run_train, cfg, "--out-dir", str(base / "oom"), "train.fault_inject=oom@2,oom@3"),
         "crash": (run_train, cfg, "--out-dir", str(base / "crash"), "train.fault_inject=crash@2"),
+        "compile": (run_train, cfg, "--out-dir", str(base / "compile"), "runtime.compile=true",
+                    "train.fault_inject=compile@1"),
         "es": (run_train, es_cfg, "--out-dir", str(base / "es")),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -238,6 +240,18 @@ def test_oom_fallback_keeps_tokens_per_step(straight, fault_runs):
     assert m["tokens_seen"] == read_metrics(ref)["tokens_seen"]
     for (s, a), (_, b) in zip(losses(ref), losses(out)):
         assert abs(a - b) < 1e-4, (s, a, b)  # same data, same effective batch: only summation order differs
+
+
+def test_compile_failure_falls_back_to_eager(straight, fault_runs):
+    """runtime.compile=true whose compile fails (injected at step 1, before anything compiles): the step is
+    retried eagerly and the run finishes, identical to the eager run, with the fallback on record."""
+    _, ref, _ = straight
+    out, r = fault_runs["compile"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING: torch.compile failed at step 1 (InternalTorchDynamoError: injected" in r.stdout
+    m = read_metrics(out)
+    assert m["compile_fallback"]["step"] == 1 and [i["kind"] for i in m["incidents"]] == ["compile_fallback"]
+    assert_same_run(ref, out)
 
 
 def test_crash_exits_1_and_marks_failed(fault_runs):
