@@ -309,7 +309,7 @@ class Run:
             if step is None:
                 continue
             label = {"skipped_step": "skipped step", "resumed": "resume", "preempted": "preempted",
-                     "oom_fallback": "OOM fallback", "diverged": "diverged",
+                     "oom_fallback": "OOM fallback", "compile_fallback": "compile fallback", "diverged": "diverged",
                      "crashed": "crashed"}.get(kind)
             if label:
                 ev.add((step, label))
