@@ -451,8 +451,10 @@ class Trainer:
             total += loss.detach()
         return total.item()
 
-    def _step_with_oom_fallback(self, micro_batches, inject_nan: bool, inject_oom: bool,
+    def _step_with_fallbacks(self, micro_batches, inject_nan: bool, inject_oom: bool,
                                 inject_compile: bool = False) -> float:
+        """One step's forward/backward, retried after an OOM (smaller micro-batches, then activation
+        checkpointing) or a torch.compile failure (eager from then on)."""
         t = self.cfg.train
         while True:
             try:
@@ -554,7 +556,7 @@ class Trainer:
                     break
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (logged with it)
         micro_batches = [self.train_stream.next() for _ in range(self.accum)]
-        loss = self._step_with_oom_fallback(micro_batches, "nan" in faults, "oom" in faults, "compile" in faults)
+        loss = self._step_with_fallbacks(micro_batches, "nan" in faults, "oom" in faults, "compile" in faults)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         # total norm before clipping, measured while gradients still exist
