@@ -5,12 +5,15 @@
 
 Per (layout, seq_len), bf16, batch 1, random inputs (selection from random q and compressed keys,
 so blocks are spread as at initialisation), timed with triton.testing.do_bench (median, CUDA events):
-  cmp_fwd / cmp_bwd     compressed attention (forward returns the LSE) / its backward, with the
-                        dK/dV key tile swept (variant "dkv_bn32", "dkv_bn64", "dkv_bn128"; default first)
+  cmp_fwd / cmp_dq /    compressed attention (forward returns the LSE) / its dQ kernel / its dK/dV
+  cmp_dkv               kernel, one row per tile variant the layer tunes over (compressed.FWD_TILES,
+                        DQ_TILES, DKV_TILES, e.g. "bm128_bn64": 128 queries x 64 keys; reference first)
   select                block scoring + top-n from that LSE: "fused" (NSA_SELECT=fused, the default:
-                        top-n inside the scoring kernel; first checked bit-identical to "topk"),
-                        "topk" (int64 score-key buffer + torch.topk), "fused_bn16" (compressed-block
-                        tile BN=16 instead of 32)
+                        top-n inside the scoring kernel, on aligned key tiles where the geometry
+                        allows; first checked bit-identical to "topk"), "topk" (int64 score-key buffer
+                        + torch.topk), "fused_unaligned" (select.ALIGNED_TILES off: tiles of BN=32
+                        compressed blocks over each tile's overlapping range, the previous scheme) and
+                        "fused_unaligned_bn16" (the same with BN=16)
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), the
                         K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
@@ -102,12 +105,15 @@ def rows_for(layout: str, S: int, device: str):
         finally:
             setattr(module, name, saved)
 
-    o_cmp, lse = tk.compressed_attention(q, kc, vc, L, D_STRIDE)
-    yield "cmp_fwd", "triton", lambda: bench(lambda: tk.compressed_attention(q, kc, vc, L, D_STRIDE))
-    # default first; 128 keys is timed for reference only: Triton 3.6 miscompiles it at head dim 128 bf16
-    for bn in (compressed.BN_DKV, *(b for b in (32, 64, 128) if b != compressed.BN_DKV)):
-        yield "cmp_bwd", f"dkv_bn{bn}", lambda bn=bn: bench(
-            lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE, key_tile=bn))
+    o_cmp, lse = compressed.compressed_forward(q, kc, vc, L, D_STRIDE)
+    for name in compressed.FWD_TILES:  # the reference first
+        yield "cmp_fwd", name, lambda name=name: bench(
+            lambda: compressed.compressed_forward(q, kc, vc, L, D_STRIDE, tile=name))
+    for kernel, tiles in (("dq", compressed.DQ_TILES), ("dkv", compressed.DKV_TILES)):
+        for name in tiles:
+            yield f"cmp_{kernel}", name, lambda kernel=kernel, name=name: bench(
+                lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE, parts=kernel,
+                                                       **{f"{kernel}_tile": name}))
     def with_env(name: str, value: str, fn):
         saved = os.environ.get(name)
         os.environ[name] = value
@@ -129,8 +135,12 @@ def rows_for(layout: str, S: int, device: str):
 
     yield "select", "fused", sel_fused
     yield "select", "topk", lambda: with_env("NSA_SELECT", "topk", lambda: bench(sel))
-    yield "select", "fused_bn16", lambda: with_env("NSA_SELECT", "fused", lambda: patched(
-        select, "BN", 16, lambda: bench(sel)))
+    def unaligned(bn: int):
+        return lambda: with_env("NSA_SELECT", "fused", lambda: patched(
+            select, "ALIGNED_TILES", False, lambda: patched(select, "BN", bn, lambda: bench(sel))))
+
+    yield "select", "fused_unaligned", unaligned(select.BN)
+    yield "select", "fused_unaligned_bn16", unaligned(16)
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):
         yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))

@@ -26,7 +26,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from nsa.attention.triton import compressed, selected
+    from nsa.attention.triton import compressed, select, selected
     from nsa.attention.triton.select import _merge_top, block_scores
 
 from nsa.attention import ops  # noqa: E402
@@ -255,13 +255,37 @@ def test_compressed_attention_dkdv_segments(monkeypatch, dtype, bn):
     added atomically: same gradients as ops (here 2 segments of 64 queries; with bn=16, two key
     tiles per program grid row)."""
     monkeypatch.setattr(compressed, "QSEG", 64)
-    monkeypatch.setattr(compressed, "BN_DKV", bn)
+    monkeypatch.setattr(compressed, "DKV_TILES", {f"bm32_bn{bn}": (32, bn, 0)})  # the reference tile
     B, G, r, S, D, l, d = 1, 1, 2, 100, 16, 8, 4
     q = randn(B, G * r, S, D, dtype=dtype, seed=51)
     kc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=dtype, seed=52)
     vc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=dtype, seed=53)
     out, _ = nsa_triton.compressed_attention(q, kc, vc, l, d)
     check_grads(out, ops.compressed_attention(q, kc, vc, l, d), (q, kc, vc), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_compressed_tile_variants(dtype):
+    """Every tile variant tuning may pick (compressed.FWD_TILES, DQ_TILES, DKV_TILES: 128-query and
+    64-key tiles, 64-row dK/dV tiles) gives the PyTorch path's output, LSE and gradients; S = 200:
+    ragged 128-query tiles, several key tiles per query tile."""
+    B, G, r, S, D, l, d = 1, 1, 2, 200, 16, 8, 4
+    n_cmp = num_cmp_blocks(S, l, d)
+    q = randn(B, G * r, S, D, dtype=dtype, seed=61, strided=True)
+    kc, vc = randn(B, G, n_cmp, D, dtype=dtype, seed=62), randn(B, G, n_cmp, D, dtype=dtype, seed=63)
+    ref = ops.compressed_attention(q, kc, vc, l, d)
+    go = randn(*ref.shape, dtype=dtype, seed=64, grad=False)
+    want = torch.autograd.grad(ref, (q, kc, vc), go)
+    out0, lse0 = compressed.compressed_forward(q, kc, vc, l, d)
+    finite = torch.isfinite(lse0)
+    assert finite.any() and not finite.all()  # the first queries see no block
+    for fwd, dq_tile, dkv_tile in zip(compressed.FWD_TILES, compressed.DQ_TILES, compressed.DKV_TILES):
+        out, lse = compressed.compressed_forward(q, kc, vc, l, d, tile=fwd)
+        check(f"out {fwd}", out, ref, dtype)
+        assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - lse0[finite]).abs().max() <= 1e-3
+        grads = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, dq_tile=dq_tile, dkv_tile=dkv_tile)
+        for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+            check(f"{name} {dq_tile if name == 'dq' else dkv_tile}", a, b, dtype)
 
 
 def test_compressed_dkdv_segments_fill_the_gpu():
@@ -292,6 +316,8 @@ SEL_CASES = [
     (1, 2, 2, 20, 300, 8, 4, 8, 20),  # n > 16: NP = 32, 40 blocks in 2 tiles of 32
     (1, 1, 3, 12, 5, 8, 4, 8, 6),  # n > the 3 blocks that exist: -1 slots for every query
     (1, 1, 2, 8, 300, 8, 4, 8, 40),  # n > MAX_FUSED_N: "fused" falls back to "topk"
+    (1, 1, 2, 40, 0, 32, 4, 8, 4),  # l - d > l': no aligned tiles (select.aligned_keys_per_block)
+    (1, 2, 3, 45, 0, 8, 4, 6, 4),  # d does not divide l': no aligned tiles
 ]
 
 
@@ -350,6 +376,32 @@ def test_select_blocks_scores_lse_and_chunks(select_mode, r, lp, S):
     _, lse = nsa_triton.compressed_attention(q, kc, kc, l, d)
     got = nsa_triton.select_blocks(q, kc, l, d, lp, n, 0, 16, lse=lse)
     assert torch.equal(got, ops.select_blocks(q, kc, l, d, lp, n))
+
+
+@pytest.mark.parametrize("l,d,lp,Sq,q_start,nj", [(8, 4, 8, 24, 200, 16), (16, 8, 8, 20, 150, 16),
+                                                  (8, 4, 16, 30, 290, 16), (32, 16, 64, 9, 2100, 16),
+                                                  (8, 4, 8, 20, 300, 32)])
+def test_select_aligned_tiles(monkeypatch, l, d, lp, Sq, q_start, nj):
+    """Aligned key tiles (each compressed key scored once; the share of a key that runs into the
+    next tile's first block carried over) give the torch group block scores and the same blocks as
+    the per-tile overlapping ranges (ALIGNED_TILES off) and as ops, across several tiles."""
+    assert select.aligned_keys_per_block(l, d, lp, nj) > 0
+    B, G, r = 1, 1, 3
+    q = randn(B, G * r, Sq, 16, dtype=F32, seed=27, grad=False)
+    kc = randn(B, G, num_cmp_blocks(q_start + Sq, l, d), 16, dtype=F32, seed=28, grad=False)
+    assert -(-(q_start + Sq) // lp) > nj  # more than one tile of selection blocks: the carry is used
+    ref = ref_block_scores(q, kc, l, d, lp, q_start)
+    aligned = block_scores(q, kc, l, d, lp, 0, Sq, q_start)
+    finite = torch.isfinite(aligned)
+    assert finite.any() and (aligned[finite] - ref[finite]).abs().max() <= 1e-5 * r
+    n = nj // 2 + 1 if nj > 16 else 5  # NJ = next power of two >= n
+    want = ops.select_blocks(q, kc, l, d, lp, n, q_start)
+    assert torch.equal(nsa_triton.select_blocks(q, kc, l, d, lp, n, q_start), want)
+    monkeypatch.setattr(select, "ALIGNED_TILES", False)
+    assert select.aligned_keys_per_block(l, d, lp, nj) == 0
+    plain = block_scores(q, kc, l, d, lp, 0, Sq, q_start)
+    assert torch.equal(torch.isfinite(plain), finite) and (plain[finite] - aligned[finite]).abs().max() <= 1e-5 * r
+    assert torch.equal(nsa_triton.select_blocks(q, kc, l, d, lp, n, q_start), want)
 
 
 def test_top_n_matches_stable_sort():

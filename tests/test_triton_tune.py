@@ -13,7 +13,7 @@ from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter
 )
 
 from nsa.attention import ops  # noqa: E402
-from nsa.attention.triton import selected  # noqa: E402
+from nsa.attention.triton import compressed, selected  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -205,14 +205,16 @@ def test_timing_failure_falls_back_to_the_reference(monkeypatch, tmp_path, capsy
 
 
 @needs_kernels
-def test_window_tile_tuned(monkeypatch):
-    """Head dim > 64, bf16: the window forward query tile (64 / 128) is tuned; with the wide one
-    chosen the results still equal the PyTorch path's. The compressed dK/dV tile is not tuned (its
-    128-key form is miscompiled on an H100 by Triton 3.6)."""
+def test_compressed_and_window_tiles_tuned(monkeypatch):
+    """bf16, head dim > 64: the compressed forward, dQ and dK/dV tiles (compressed.FWD_TILES, DQ_TILES,
+    DKV_TILES: each kernel timed on its own) and the window forward query tile (64 / 128) are tuned;
+    with non-reference tiles chosen the results still equal the PyTorch path's."""
     monkeypatch.setenv("NSA_TUNE", "on")
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "REPS", 1)
-    fake_clock(monkeypatch, {"bm64": 2.0, "bm128": 1.0})
+    ms = {name: 2.0 for name in (*compressed.FWD_TILES, *compressed.DKV_TILES)}
+    ms.update({"bm128_bn64": 0.5, "bm64_bn64": 1.0, "bm32_bn32": 0.8, "bm64": 2.0, "bm128": 1.0})
+    timed = fake_clock(monkeypatch, ms)
     B, G, r, S, D, l, d, w = 1, 1, 2, 40, 128, 8, 4, 16
     q = randn(B, G * r, S, D, dtype=BF16, seed=1)
     k, v = randn(B, G, S, D, dtype=BF16, seed=2), randn(B, G, S, D, dtype=BF16, seed=3)
@@ -224,7 +226,9 @@ def test_window_tile_tuned(monkeypatch):
     check("win out", out, ref, BF16)
     check_grads(out, ref, (q, k, v), BF16)
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
-    assert got == {"window_fwd": "bm128"}
+    assert got == {"compressed_fwd": "bm128_bn64", "compressed_dq": "bm128_bn64", "compressed_dkv": "bm32_bn32",
+                   "window_fwd": "bm128"}
+    assert set(compressed.FWD_TILES) | set(compressed.DKV_TILES) <= set(timed)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="times real kernels: GPU only")
@@ -253,4 +257,6 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4"}
     assert got[f"selected_bwd_{got['selected_fwd']}"] in {
         "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64"}
-    assert ("window_fwd" in got) == (D > 64) and "compressed_bwd" not in got
+    assert ("window_fwd" in got) == (D > 64)
+    assert got["compressed_fwd"] in compressed.FWD_TILES and got["compressed_dq"] in compressed.DQ_TILES
+    assert got["compressed_dkv"] in compressed.DKV_TILES

@@ -22,6 +22,13 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Softmax in base 2, as flash-attention kernels do: scores are scaled by scale * LOG2E so that exp(x)
+# becomes exp2(x * LOG2E) with the multiply folded into the score scale (on the GPU tl.exp is itself
+# ex2.approx after a multiply by log2(e): one multiply per score element fewer). LSEs stay natural logs
+# outside the kernels (LN2 converts back; backward kernels multiply a loaded LSE by LOG2E).
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -37,7 +37,6 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from nsa.attention.triton import combine, compressed, rope, select, selected, window
     from nsa.attention.triton import _common
     from nsa.attention.triton._common import launch_warps, num_warps, pad_pow2
-    from nsa.attention.triton.compressed import BM_DKV, BM_MAX, BN as CMP_BN
     from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
     from nsa.attention.triton.window import tile_sizes as win_tiles
 
@@ -58,9 +57,14 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 slc_tiles = [(dict(slc, QT=qt, ROWS_PAD=pad_pow2(qt * group), NSEL_PAD=16),
                               dict(IDX="*i64", LST="*i64" if qt == 1 else "*i32", CNT="*i64" if qt == 1 else "*i32"))
                              for qt in (1, max_rows // group)]
-                cmp_ = dict(rd, BM=32 if dtn == "fp32" and D > 64 else BM_MAX, BN=CMP_BN, **dots)
+                cmp_ = dict(rd, **dots)
                 esize = 4 if dtn == "fp32" else 2
-                cmp_dkv = dict(cmp_, BM=min(BM_DKV, cmp_["BM"]), BN=compressed.BN_DKV)
+
+                def cmp_tiles(tiles):  # (BM, BN, num_warps) as compressed._tile gives them
+                    names = list(tiles) if esize == 2 else list(tiles)[:1]
+                    return [(min(bm, 32) if esize == 4 and D > 64 else bm, bn, warps or num_warps(D))
+                            for bm, bn, warps in (tiles[name] for name in names)]
+
                 win_bm, win_bn = win_tiles(esize, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
                 jobs = [
@@ -74,12 +78,16 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                             SEG_START="*i32", SEG_END="*i32"),
                        dict(slc, BM=selected.BM_DKV, DQ_ATOMIC=dq, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * group)))
                       for dq in (False, True) for qpr in (0, max_rows // group)),
-                    (compressed._cmp_fwd_kernel, dict(qkv, O=t, LSE=f), cmp_),
-                    (compressed._cmp_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), cmp_),
-                    (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
-                     dict(cmp_dkv, ATOMIC=False)),
-                    (compressed._cmp_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f),
-                     dict(cmp_dkv, ATOMIC=True)),
+                    # compressed: every tile variant tuning may time (fp32 at head dim > 64: the reference only)
+                    *((kernel, dict(qkv, O=t, LSE=f) if kernel is compressed._cmp_fwd_kernel
+                       else dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), dict(cmp_, BM=bm, BN=bn), warps)
+                      for kernel, tiles in ((compressed._cmp_fwd_kernel, compressed.FWD_TILES),
+                                            (compressed._cmp_bwd_dq_kernel, compressed.DQ_TILES))
+                      for bm, bn, warps in cmp_tiles(tiles)),
+                    *((compressed._cmp_bwd_dkdv_kernel,
+                       dict(qkv, DO=t, LSE=f, DELTA=f, DK=f if atomic else t, DV=f if atomic else t),
+                       dict(cmp_, BM=bm, BN=bn, ATOMIC=atomic), warps)
+                      for bm, bn, warps in cmp_tiles(compressed.DKV_TILES) for atomic in (False, True)),
                     (window._win_fwd_kernel, dict(qkv, O=t, LSE=f), win),
                     (window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), win),
                     (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
@@ -94,17 +102,23 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 if esize == 2 and D > 64:  # the candidate window tile (window.WIDE_FWD_TILE)
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
-                # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant
-                for mode, nj, bn in (("scores", SEL_NJ, SEL_BN), ("keys", SEL_NJ, SEL_BN), ("topn", 16, SEL_BN),
-                                     ("topn", 32, SEL_BN), ("topn", 16, 16)):
+                # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant; each
+                # with aligned key tiles too (KPB keys per selection block: 4 = the paper's geometry)
+                for mode, nj, bn, kpb in (("scores", SEL_NJ, SEL_BN, 0), ("keys", SEL_NJ, SEL_BN, 0),
+                                          ("topn", 16, SEL_BN, 0), ("topn", 32, SEL_BN, 0), ("topn", 16, 16, 0),
+                                          ("scores", SEL_NJ, SEL_BN, 4), ("keys", SEL_NJ, SEL_BN, 4),
+                                          ("topn", 16, SEL_BN, 4), ("topn", 32, SEL_BN, 2)):
                     out_t = f if mode == "scores" else "*i64"
                     jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f, OUT=out_t),
                                  dict(rd, BM=SEL_BM, BN=bn, NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
-                                      PREC_W="ieee" if dtn == "fp32" else "tf32", **dots)))
-                for kernel, ptrs, consts in jobs:
+                                      KPB=kpb, BNA=pad_pow2(nj * kpb), PREC_W="ieee" if dtn == "fp32" else "tf32",
+                                      **dots)))
+                for kernel, ptrs, consts, *fixed_warps in jobs:
                     warps = launch_warps(LAUNCH_NAMES.get((kernel.__name__, consts.get("DKV_ATOMIC")), ""), D)
                     if consts.get("QT", 1) > 1:  # as selected._warps
                         warps = num_warps(D)
+                    if fixed_warps:  # a tile variant's own
+                        warps = fixed_warps[0]
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
                            for name in kernel.arg_names}
                     t0 = time.time()
@@ -118,9 +132,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         good, msg = False, f"{type(exc).__name__}: {exc}"
                     ok &= good
                     if verbose or not good:
-                        tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN") if "MODE" in consts)
+                        tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN", "KPB") if "MODE" in consts)
                         tag += f" QT={consts['QT']}" if "QT" in consts else ""
                         tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
+                        tag += f" BM={consts['BM']} BN={consts['BN']} w{warps}" if "_cmp_" in kernel.__name__ else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok

@@ -19,11 +19,15 @@ Kernels (flash-attention style, fp32 softmax statistics):
   program per key tile walked up to 6 x 1024 query tiles at 64k). With one segment dK/dV are
   stored once (deterministic); with several, the segments add fp32 partial sums with atomics.
 
-Tiles: forward and dQ BM=64 queries x BN=32 compressed keys; fp32 inputs with head dim > 64 use
-BM=32 so the kernels fit an A100's 163 KB of shared memory. dK/dV: BM_DKV=32 queries x BN_DKV=64 keys
-(measured: on an H100, bf16, 64k tokens, 64 keys beat 32 and 128 at head dim 64; at head dim 128 the
-128-key tile was faster, 64 vs 78 ms, but Triton 3.6 miscompiles it there: dK off by 6-9% relative
-in the GPU tests (bf16, 2026-11-27), so it is not offered).
+Tiles (reference, used without tuning and for fp32): forward and dQ BM=64 queries x BN=32
+compressed keys; fp32 inputs with head dim > 64 use BM=32 so the kernels fit an A100's 163 KB of
+shared memory. dK/dV: BM_DKV=32 queries x BN_DKV=64 keys (measured: on an H100, bf16, 64k tokens,
+64 keys beat 32 and 128 at head dim 64; at head dim 128 the 128-key tile was faster, 64 vs 78 ms,
+but Triton 3.6 miscompiles it there: dK off by 6-9% relative in the GPU tests (bf16, 2026-11-27), so
+it is not offered). For 2-byte inputs each of the three kernels is tuned on the device (tune.py)
+over FWD_TILES / DQ_TILES / DKV_TILES: wider flash-attention tiles (128 queries x 64 keys, 8 warps)
+and 64-row dK/dV tiles (the M of one Hopper wgmma). On an H100 the compressed kernels ran at ~190
+TFLOP/s (forward, paper layout, 64k) against flash attention's ~340, so the tile is worth a choice.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o
+from nsa.attention.triton import tune
+from nsa.attention.triton._common import (
+    LN2, LOG2E, cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o,
+)
 
 BM_MAX, BN = 64, 32
 BM_DKV = 32  # dK/dV pass: queries per step
@@ -81,19 +88,19 @@ def _cmp_fwd_kernel(
         nd_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
         s = tl.where((n0 + offs_n)[None, :] < vis[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
@@ -131,7 +138,7 @@ def _cmp_bwd_dq_kernel(
                  mask=md_mask, other=0.0).to(DOT_T)
     row = (b * H + h) * Sq + offs_m
     lse = tl.load(LSE + row, mask=mmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     delta = tl.load(DELTA + row, mask=mmask, other=0.0)
     k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
     v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
@@ -141,9 +148,9 @@ def _cmp_bwd_dq_kernel(
         nd_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
         valid = ((n0 + offs_n)[None, :] < vis[:, None]) & mmask[:, None]
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
         dq += tl.dot(ds, k, input_precision=PREC)
@@ -197,12 +204,12 @@ def _cmp_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
             row = (b * H + h) * Sq + offs_m
             lse = tl.load(LSE + row, mask=mmask, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
             delta = tl.load(DELTA + row, mask=mmask, other=0.0)
             vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)
             valid = (offs_n[None, :] < vis[:, None]) & mmask[:, None]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
             dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
@@ -217,37 +224,56 @@ def _cmp_bwd_dkdv_kernel(
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
+# Tile variants (queries BM, compressed keys BN, num_warps; 0 = num_warps(head dim)), tuned per shape on
+# the device for 2-byte inputs (tune.py); the first of each is the reference, used untuned and for fp32.
+# Forward and dQ: flash-attention's wider tiles (128 queries, 64 keys, 8 warps) besides ours; dK/dV:
+# 64 query rows (one Hopper wgmma tile) besides 32, and 32-key tiles.
+FWD_TILES = {"bm64_bn32": (BM_MAX, BN, 0), "bm128_bn64": (128, 64, 8), "bm64_bn64": (64, 64, 4),
+             "bm128_bn32": (128, 32, 8)}
+DQ_TILES = dict(FWD_TILES)
+DKV_TILES = {"bm32_bn64": (BM_DKV, BN_DKV, 0), "bm64_bn64": (64, 64, 8), "bm64_bn32": (64, 32, 4),
+             "bm32_bn32": (32, 32, 4)}
+
+
 def _meta(q, k_cmp):
     B, H, Sq, D = q.shape
     G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     if H % G:
         raise ValueError(f"nsa triton compressed_attention: {H} query heads not a multiple of {G} KV groups")
-    bm = 32 if q.dtype == torch.float32 and D > 64 else BM_MAX
-    return dict(B=B, H=H, Sq=Sq, D=D, G=G, NCMP=n_cmp, R=H // G, D_PAD=pad_pow2(D),
-                BM=min(bm, pad_pow2(Sq)), BN=BN)
+    return dict(B=B, H=H, Sq=Sq, D=D, G=G, NCMP=n_cmp, R=H // G, D_PAD=pad_pow2(D))
 
 
-def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 0):
-    """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32)."""
+def _tile(tiles: dict, name: str | None, q) -> tuple[int, int, int]:
+    """(BM, BN, num_warps) of a tile variant (None: the reference); fp32 inputs with head dim > 64 keep
+    the reference with BM <= 32 so the kernels fit an A100's 163 KB of shared memory."""
+    bm, bn, warps = tiles[name or next(iter(tiles))]
+    D = q.shape[-1]
+    if q.dtype == torch.float32 and D > 64:
+        bm = min(bm, 32)
+    return min(bm, pad_pow2(q.shape[2])), bn, warps or num_warps(D)
+
+
+def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 0, tile: str | None = None):
+    """(out [B,H,Sq,D] q.dtype, lse [B,H,Sq] fp32); tile: a FWD_TILES name (None: the reference)."""
     m = _meta(q, k_cmp)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
     if m["NCMP"] == 0 or m["Sq"] == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    grid = (cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])
-    _cmp_fwd_kernel[grid](
+    bm, bn, warps = _tile(FWD_TILES, tile, q)
+    _cmp_fwd_kernel[(cdiv(m["Sq"], bm), m["B"] * m["H"])](
         q, k_cmp, v_cmp, out, lse,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(),
         m["H"], m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride),
-        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype),
-        num_warps=num_warps(m["D"]),
+        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=bm, BN=bn, **dot_config(q.dtype), num_warps=warps,
     )
     return out, lse
 
 
 def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int = 0,
-                        key_tile: int | None = None):
-    """(dq, dk, dv); key_tile: compressed keys per dK/dV program (default BN_DKV; bench_kernels sweeps it)."""
+                        dq_tile: str | None = None, dkv_tile: str | None = None, parts: str = "dq,dkv"):
+    """(dq, dk, dv); dq_tile / dkv_tile: DQ_TILES / DKV_TILES names (None: the references); parts: which
+    kernels run ("dq", "dkv" or both; a gradient not computed is returned as zeros), for tuning."""
     m = _meta(q, k_cmp)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
@@ -257,21 +283,59 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     do = grad_out
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
-    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(q.dtype),
-                  num_warps=num_warps(m["D"]))
+    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], **dot_config(q.dtype))
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
-    _cmp_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
-        q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, **consts)
-    bm, bn = min(BM_DKV, m["BM"]), key_tile or BN_DKV
-    key_tiles = cdiv(m["NCMP"], bn) * m["B"] * m["G"]
-    qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
-    atomic = n_seg > 1
-    if atomic:
-        dk, dv = dk.float(), dv.float()
-    consts.update(BM=bm, BN=bn)
-    _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
-        q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic, **consts)
+    if "dq" in parts.split(","):
+        bm, bn, warps = _tile(DQ_TILES, dq_tile, q)
+        _cmp_bwd_dq_kernel[(cdiv(m["Sq"], bm), m["B"] * m["H"])](
+            q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, BM=bm, BN=bn, **consts,
+            num_warps=warps)
+    if "dkv" in parts.split(","):
+        bm, bn, warps = _tile(DKV_TILES, dkv_tile, q)
+        key_tiles = cdiv(m["NCMP"], bn) * m["B"] * m["G"]
+        qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
+        atomic = n_seg > 1
+        if atomic:
+            dk, dv = dk.float(), dv.float()
+        _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
+            q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic,
+            BM=bm, BN=bn, **consts, num_warps=warps)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+def _tuned(step: str, tiles: dict, q, k_cmp, block: int, stride: int, run) -> str | None:
+    """The tuned tile variant of `step` (None: the reference; no tuning for fp32 or when tune.wanted
+    says no): run(name) computes the step's result with that tile on the tuning slice."""
+    if q.element_size() != 2 or not tune.wanted(q):
+        return None
+    key = tune.shape_key(step, q, k_cmp, f"l{block}", f"d{stride}")
+    return tune.pick(key, {name: (lambda name=name: run(name)) for name in tiles}, tune.differs, q.device)
+
+
+def _lse_compared(out, lse):
+    """The forward's result as tune.differs compares it: -inf LSEs (queries that see no block) as 0."""
+    return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+def forward_tile(q, k_cmp, v_cmp, block: int, stride: int, q_start: int) -> str | None:
+    b = tune.slice_batch(q)
+    ks, vs, (qs,) = k_cmp[:b], v_cmp[:b], tune.prefix(q)
+    return _tuned("compressed_fwd", FWD_TILES, q, k_cmp, block, stride,
+                  lambda name: _lse_compared(*compressed_forward(qs, ks, vs, block, stride, q_start, name)))
+
+
+def backward_tiles(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int):
+    """(dq_tile, dkv_tile): each kernel tuned on its own (the other's gradient is not computed)."""
+    if q.element_size() != 2 or not tune.wanted(q):
+        return None, None
+    b = tune.slice_batch(q)
+    ks, vs, (qs, outs, lses, gos) = k_cmp[:b], v_cmp[:b], tune.prefix(q, out, lse, grad_out)
+    args = (qs, ks, vs, outs, lses, gos, block, stride, q_start)
+    dq_tile = _tuned("compressed_dq", DQ_TILES, q, k_cmp, block, stride,
+                     lambda name: compressed_backward(*args, dq_tile=name, parts="dq")[:1])
+    dkv_tile = _tuned("compressed_dkv", DKV_TILES, q, k_cmp, block, stride,
+                      lambda name: compressed_backward(*args, dkv_tile=name, parts="dkv")[1:])
+    return dq_tile, dkv_tile
 
 
 def dkdv_segments(sq: int, bm: int, key_tiles: int, sms: int) -> tuple[int, int]:
@@ -293,7 +357,8 @@ def _sm_count(device: torch.device) -> int:
 class CompressedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, block: int, stride: int, q_start: int):
-        out, lse = compressed_forward(q, k_cmp, v_cmp, block, stride, q_start)
+        out, lse = compressed_forward(q, k_cmp, v_cmp, block, stride, q_start,
+                                      forward_tile(q, k_cmp, v_cmp, block, stride, q_start))
         ctx.save_for_backward(q, k_cmp, v_cmp, out, lse)
         ctx.geom = (block, stride, q_start)
         ctx.mark_non_differentiable(lse)
@@ -304,7 +369,8 @@ class CompressedAttention(torch.autograd.Function):
         q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None, None
-        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
+        dq_tile, dkv_tile = backward_tiles(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom)
+        dq, dk, dv = compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.geom, dq_tile, dkv_tile)
         return dq, dk, dv, None, None, None
 
 
@@ -314,5 +380,7 @@ def compressed_attention(q, k_cmp, v_cmp, block: int, stride: int, q_start: int 
     The LSE is not differentiable (selection uses it under no_grad)."""
     check_inputs("compressed_attention", q, k_cmp, v_cmp)
     if not needs_grad(q, k_cmp, v_cmp):
-        return compressed_forward(q, k_cmp, v_cmp, int(block), int(stride), int(q_start))
+        block, stride, q_start = int(block), int(stride), int(q_start)
+        return compressed_forward(q, k_cmp, v_cmp, block, stride, q_start,
+                                  forward_tile(q, k_cmp, v_cmp, block, stride, q_start))
     return CompressedAttention.apply(q, k_cmp, v_cmp, int(block), int(stride), int(q_start))

@@ -15,6 +15,18 @@ loaded once for BM queries and r heads), sums p over the group's heads (Eq. 10),
 onto the NJ selection blocks with a second dot against the [BN, NJ] overlap-weight matrix (Eq. 9,
 computed in registers from the geometry).
 
+Aligned tiles (default where the geometry allows: d divides l', l - d <= l', and the NJ * l'/d
+keys of a tile are at most ALIGNED_MAX_KEYS; select.aligned_keys_per_block). The tiles of BN keys
+above cover each NJ-tile's overlapping range [i_lo, i_hi), which at the paper geometry (l=32, d=16,
+l'=64, NJ=16) is 65 keys: three tiles of 32, 68% used, and every head's q reloaded per key tile.
+Instead, the keys that *start* in selection blocks [j0, j0 + NJ) (exactly NJ * l'/d = 64 of them)
+are scored as one tile, each key once; the share of the tile's last keys that falls into the next
+tile's first block (a block of l tokens starting d before a tile boundary reaches l - d tokens into
+the next block) is summed into a [BM] carry and added to that block when the next tile is mapped.
+The scores are the same sums in another order (the fp32 rounding differs, not the blocks chosen
+on exact inputs: the tests compare both schemes with ops). Fewer dot columns (64 instead of 96), one
+q load per head per tile instead of three.
+
 Keys. Each block's score becomes a unique int64 key: the order-preserving int32 image of the fp32
 score in the high half, NS - 1 - j in the low half (NS = the launch's number of selection
 blocks). Larger key = better block, equal scores -> the lower j first, so the keys' descending
@@ -58,13 +70,15 @@ import triton
 import triton.language as tl
 
 from nsa.attention.blocks import num_slc_blocks
-from nsa.attention.triton._common import cdiv, check_inputs, dot_config, env_choice, launch_warps, pad_pow2
+from nsa.attention.triton._common import LOG2E, cdiv, check_inputs, dot_config, env_choice, launch_warps, pad_pow2
 
 SELECT_MODES = ("fused", "topk")
 BM = 64  # queries per program
 BN = 32  # compressed blocks per tile (read at launch: benchmarks may set 16)
 NJ = 16  # selection blocks per tile without the fused top-n (a tl.dot dimension: >= 16)
 MAX_FUSED_N = 32  # above, the [BM, NP] register top list spills (NP = 64): "topk" is used
+ALIGNED_TILES = True  # aligned key tiles with a carry where the geometry allows (read at launch)
+ALIGNED_MAX_KEYS = 64  # keys per aligned tile, at most (a [BM, keys] fp32 score tile per head)
 MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk ("topk")
 
 # key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
@@ -129,6 +143,28 @@ def _merge_top(top, key, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.conste
 
 
 @triton.jit
+def _group_probs(Q, LSE, k, seen, b, g, tq, mmask, md_mask, offs_d, scale, s_qb, s_qh, s_qt, s_qd, s_lb, s_lh, s_lt,
+                 R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    # Eq. 10: p_cmp = exp(q K^T * scale - LSE) of the BK keys in k, summed over the group's R heads [BM, BK]
+    p_grp = tl.zeros([BM, BK], tl.float32)
+    for hh in range(0, R):
+        h = g * R + hh
+        q = tl.load(Q + b * s_qb + h * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
+                    mask=md_mask, other=0.0).to(DOT_T)
+        lse = tl.load(LSE + b * s_lb + h * s_lh + tq * s_lt, mask=mmask, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E  # no visible block: nothing contributes
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+        p_grp += tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)
+    return p_grp
+
+
+@triton.jit
+def _overlap(cmp_start, slc_start, CB, LS):
+    # tokens shared by compressed blocks [cmp_start, +CB) and selection blocks [slc_start, +LS) (broadcast)
+    return tl.maximum(tl.minimum(cmp_start + CB, slc_start + LS) - tl.maximum(cmp_start, slc_start), 0).to(tl.float32)
+
+
+@triton.jit
 def _select_scores_kernel(
     Q, K, LSE, OUT,
     s_qb, s_qh, s_qt, s_qd,
@@ -139,6 +175,7 @@ def _select_scores_kernel(
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, NJ: tl.constexpr, LOG_NJ: tl.constexpr, MODE: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, PREC_W: tl.constexpr,
+    KPB: tl.constexpr = 0, BNA: tl.constexpr = 16,
 ):
     # MODE "scores": fp32 scores -> OUT [B, G, C, NS]; "keys": int64 keys -> OUT [B, G, C, NS];
     # "topn": the NSEL best block indices -> OUT [B, G, C, NSEL] (NJ = NP >= NSEL). OUT rows are
@@ -166,31 +203,40 @@ def _select_scores_kernel(
     out_rows = OUT + b * s_ob + g * s_og + offs_m[:, None].to(tl.int64) * s_ot
     top = tl.full([BM, NJ], _KEY_FLOOR, tl.int64)  # "topn": running top list, sorted descending
 
+    if KPB > 0:  # aligned tiles (module docstring); carry: the last keys' share of the next tile's first block
+        offs_a = tl.arange(0, BNA)
+        a_valid = offs_a < NJ * KPB
+        ka_ptrs = K + b * s_kb + g * s_kg + offs_a[:, None] * s_kn + offs_d[None, :] * s_kd
+        carry = tl.zeros([BM], tl.float32)
     for j0 in range(0, cur_max + 1, NJ):
         js = j0 + offs_j0
-        # compressed blocks overlapping selection blocks [j0, j0 + NJ): i*d + l > j0*l', i*d < (j0+NJ)*l'
-        i_lo = tl.maximum(j0 * LS - CB + CS, 0) // CS
-        i_hi = tl.minimum(vis_max, ((j0 + NJ) * LS + CS - 1) // CS)
-        acc = tl.zeros([BM, NJ], tl.float32)
-        for i0 in range(i_lo, i_hi, BN):
-            offs_i = i0 + offs_i0
-            imask = offs_i < i_hi
-            k = tl.load(k_ptrs + i0 * s_kn, mask=imask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
-            seen = mmask[:, None] & (offs_i[None, :] < vis[:, None])  # [BM, BN]
-            p_grp = tl.zeros([BM, BN], tl.float32)
-            for hh in range(0, R):  # Eq. 10: sum p over the group's heads
-                h = g * R + hh
-                q = tl.load(Q + b * s_qb + h * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
-                            mask=md_mask, other=0.0).to(DOT_T)
-                lse = tl.load(LSE + b * s_lb + h * s_lh + tq * s_lt, mask=mmask, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse)  # no visible block: nothing contributes
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-                p_grp += tl.where(seen, tl.exp(s - lse[:, None]), 0.0)
+        if KPB > 0:
+            # the keys that start in selection blocks [j0, j0 + NJ), each loaded and scored once
+            offs_i = j0 * KPB + offs_a
+            imask = a_valid & (offs_i < vis_max)
+            k = tl.load(ka_ptrs + (j0 * KPB) * s_kn, mask=imask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+            seen = mmask[:, None] & (offs_i[None, :] < vis[:, None]) & a_valid[None, :]  # [BM, BNA]
+            p_grp = _group_probs(Q, LSE, k, seen, b, g, tq, mmask, md_mask, offs_d, scale,
+                                 s_qb, s_qh, s_qt, s_qd, s_lb, s_lh, s_lt, R, BM, BNA, DOT_T, PREC)
             st = offs_i * CS
-            lo = tl.maximum(st[:, None], js[None, :] * LS)
-            hi = tl.minimum(st[:, None] + CB, js[None, :] * LS + LS)
-            w = tl.maximum(hi - lo, 0).to(tl.float32) / CS  # Eq. 9 overlap weight [BN, NJ]
-            acc += tl.dot(p_grp, w, input_precision=PREC_W)
+            w = _overlap(st[:, None], js[None, :] * LS, CB, LS) / CS  # Eq. 9 weights within the tile [BNA, NJ]
+            acc = tl.dot(p_grp, w, input_precision=PREC_W)
+            acc += tl.where(offs_j0 == 0, 1.0, 0.0)[None, :] * carry[:, None]
+            carry = tl.sum(p_grp * (_overlap(st, (j0 + NJ) * LS, CB, LS) / CS)[None, :], 1)
+        else:
+            # compressed blocks overlapping selection blocks [j0, j0 + NJ): i*d + l > j0*l', i*d < (j0+NJ)*l'
+            i_lo = tl.maximum(j0 * LS - CB + CS, 0) // CS
+            i_hi = tl.minimum(vis_max, ((j0 + NJ) * LS + CS - 1) // CS)
+            acc = tl.zeros([BM, NJ], tl.float32)
+            for i0 in range(i_lo, i_hi, BN):
+                offs_i = i0 + offs_i0
+                imask = offs_i < i_hi
+                k = tl.load(k_ptrs + i0 * s_kn, mask=imask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+                seen = mmask[:, None] & (offs_i[None, :] < vis[:, None])  # [BM, BN]
+                p_grp = _group_probs(Q, LSE, k, seen, b, g, tq, mmask, md_mask, offs_d, scale,
+                                     s_qb, s_qh, s_qt, s_qd, s_lb, s_lh, s_lt, R, BM, BN, DOT_T, PREC)
+                w = _overlap(offs_i[:, None] * CS, js[None, :] * LS, CB, LS) / CS  # Eq. 9 weights [BN, NJ]
+                acc += tl.dot(p_grp, w, input_precision=PREC_W)
         forced = (js[None, :] == 0) | (js[None, :] == cur[:, None]) | (js[None, :] == cur[:, None] - 1)
         val = tl.where(forced, float("inf"), acc)
         val = tl.where(js[None, :] > cur[:, None], float("-inf"), val)
@@ -220,16 +266,29 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
         lse = torch.zeros(B, H, Sq, dtype=torch.float32, device=q.device)
     dots = dot_config(q.dtype)
     nj = pad_pow2(n_sel) if mode == "topn" else NJ
+    kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj)
     _select_scores_kernel[(cdiv(C, BM), B * G)](
         q, kc, lse, out,
         *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
         G, n_cmp, ns, n_sel, C, c0, int(q_start), 1.0 / math.sqrt(D),
         int(cmp_block), int(cmp_stride), int(slc_block),
         R=H // G, D=D, D_PAD=pad_pow2(D), BM=min(BM, pad_pow2(C)), BN=BN,
-        NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
+        NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode, KPB=kpb, BNA=pad_pow2(nj * kpb),
         PREC_W="ieee" if dots["PREC"] == "ieee" else "tf32", **dots,
         num_warps=launch_warps("select", D),
     )
+
+
+def aligned_keys_per_block(cmp_block: int, cmp_stride: int, slc_block: int, nj: int) -> int:
+    """Compressed keys starting in each selection block (l' / d) when the aligned tiles apply
+    (ALIGNED_TILES, d divides l', a compressed block reaches at most one selection block past the
+    one it starts in: l - d <= l', and a tile of nj blocks holds at most ALIGNED_MAX_KEYS keys),
+    else 0: tiles of BN keys over each tile's overlapping range."""
+    kpb = slc_block // cmp_stride
+    if (not ALIGNED_TILES or slc_block % cmp_stride or cmp_block - cmp_stride > slc_block
+            or nj * kpb > ALIGNED_MAX_KEYS):
+        return 0
+    return kpb
 
 
 def _lse(q, k_cmp, cmp_block, cmp_stride, q_start, lse):

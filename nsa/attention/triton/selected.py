@@ -64,8 +64,8 @@ import triton.language as tl
 
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    TUNING, cdiv, check_inputs, dot_config, env_choice, env_int, launch_warps, needs_grad, num_warps, pad_pow2,
-    rowsum_do_o,
+    LN2, LOG2E, TUNING, cdiv, check_inputs, dot_config, env_choice, env_int, launch_warps, needs_grad, num_warps,
+    pad_pow2, rowsum_do_o,
 )
 
 DKV_MODES = ("block", "atomic", "block_dq")
@@ -137,22 +137,22 @@ def _slc_fwd_kernel(
         kv_mask = kmask[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + start * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + start * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [ROWS_PAD, BLK_PAD] fp32
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # [ROWS_PAD, BLK_PAD] fp32, log2 units
         ok = kmask[None, :] & (tok[None, :] < lim[:, None])
         if QT > 1:
             ok = ok & (tl.sum((own == blk.to(tl.int32)).to(tl.int32), 1) > 0)[:, None]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)  # LSE: contiguous [B, H, Sq]
@@ -197,7 +197,7 @@ def _slc_bwd_kernel(
                  mask=rd_mask, other=0.0).to(DOT_T)
     row = (b * G * R + heads) * Sq + tq  # rows of the contiguous LSE / DELTA [B,H,Sq] and DQ [B,H,Sq,D]
     lse = tl.load(LSE + row, mask=rmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # empty query: every column is masked anyway
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E  # empty query: every column is masked anyway
     delta = tl.load(DELTA + row, mask=rmask, other=0.0)
 
     dq = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
@@ -220,11 +220,11 @@ def _slc_bwd_kernel(
         kv_mask = kmask[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + start * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + start * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
         ok = kmask[None, :] & (tok[None, :] < lim[:, None]) & rmask[:, None]
         if QT > 1:
             ok = ok & (tl.sum((own == blk.to(tl.int32)).to(tl.int32), 1) > 0)[:, None]
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # [ROWS_PAD, BLK_PAD]
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [ROWS_PAD, BLK_PAD]
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
         dq += tl.dot(ds, k, input_precision=PREC)
@@ -250,10 +250,10 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, rmask, tok, nmask, of
                  mask=md_mask, other=0.0).to(DOT_T)
     row = (b * H + h) * Sq + tq
     lse = tl.load(LSE + row, mask=rmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     delta = tl.load(DELTA + row, mask=rmask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
     dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)

@@ -37,7 +37,9 @@ import triton
 import triton.language as tl
 
 from nsa.attention.triton import tune
-from nsa.attention.triton._common import cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o
+from nsa.attention.triton._common import (
+    LN2, LOG2E, cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o,
+)
 
 BM_MAX, BN_MAX = 64, 64
 WIDE_FWD_TILE = False  # True: 2 x BM_MAX forward query tiles for head dim > 64 when not tuning (tuning tries both)
@@ -98,21 +100,21 @@ def _win_fwd_kernel(
         nd_mask = nin[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
         kpos = k_start + n0 + offs_n
         valid = nin[None, :] & (kpos[None, :] <= t[:, None]) & (kpos[None, :] > t[:, None] - window)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
@@ -150,7 +152,7 @@ def _win_bwd_dq_kernel(
                  mask=md_mask, other=0.0).to(DOT_T)
     row = (b * H + h) * Sq + offs_m
     lse = tl.load(LSE + row, mask=mmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     delta = tl.load(DELTA + row, mask=mmask, other=0.0)
     k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
     v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
@@ -161,11 +163,11 @@ def _win_bwd_dq_kernel(
         nd_mask = nin[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
         kpos = k_start + n0 + offs_n
         valid = (nin[None, :] & mmask[:, None] & (kpos[None, :] <= t[:, None])
                  & (kpos[None, :] > t[:, None] - window))
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
         dq += tl.dot(ds, k, input_precision=PREC)
@@ -218,13 +220,13 @@ def _win_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
             row = (b * H + h) * Sq + offs_m
             lse = tl.load(LSE + row, mask=mmask, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
             delta = tl.load(DELTA + row, mask=mmask, other=0.0)
             t = q_start + offs_m
             valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
                      & (kpos[None, :] > t[:, None] - window))
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
             dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
