@@ -13,6 +13,13 @@ Batch matters for what the latency shows. At batch 1 one layer's step reads litt
 at 64k: 33 MB of bf16 K/V in M7C's layout, ~11 us of HBM time on an H100), so both are bound by
 issuing their kernels and NSA, with more of them, cannot win on latency; reading 11x fewer tokens
 pays off once the reads dominate, i.e. with many sequences decoding together (--batches 1,32).
+
+Modes (--modes): "eager" uses the growing caches (nsa/attention/cache.py), one launch per kernel;
+"graph" uses the static caches (nsa/attention/static_decode.py: buffers of context + steps tokens,
+the position a device tensor) and replays the step as a CUDA graph (on CPU: the static step, eager),
+so what remains is the GPU time of the kernels; "compiled" is "graph" with the step through
+torch.compile first (Inductor fuses its small kernels; a compile per shape, tens of seconds on a GPU).
+Rows carry "mode".
 """
 
 from __future__ import annotations
@@ -28,41 +35,57 @@ import torch  # noqa: E402
 
 from nsa.attention.blocks import num_cmp_blocks  # noqa: E402
 from nsa.attention.cache import KVCache, NSACache  # noqa: E402
+from nsa.attention.static_decode import DecodePosition, GraphedStep, StaticKVCache, StaticNSACache  # noqa: E402
 from nsa.attention.layer import build_attention  # noqa: E402
 from nsa.attention.rope import RotaryEmbedding  # noqa: E402
 from nsa.config import ModelConfig  # noqa: E402
 
 
-def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype, batch: int = 1):
-    """A cache holding `context` tokens of random keys/values for `batch` sequences."""
+def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype, batch: int = 1, static=None):
+    """A cache holding `context` tokens of random keys/values for `batch` sequences; static =
+    (layer, capacity): the fixed-size cache of static_decode.py instead."""
     G, D, n = cfg.n_kv_heads, cfg.head_dim, cfg.nsa
 
     def rnd(length):
         return torch.randn(batch, G, length, D, device=device, dtype=dtype)
 
-    if impl == "full":
+    if static is not None:
+        layer, capacity = static
+        kind = StaticKVCache if impl == "full" else StaticNSACache
+        cache = kind(layer, batch, capacity, DecodePosition(device, capacity), device, dtype)
+    elif impl == "full":
         cache = KVCache()
+    else:
+        cache = NSACache(n.window, n.cmp_block, n.cmp_stride, n.slc_block)
+    if impl == "full":
         cache.fill(rnd(context), rnd(context))
         return cache
-    cache = NSACache(n.window, n.cmp_block, n.cmp_stride, n.slc_block)
     n_cmp = num_cmp_blocks(context, n.cmp_block, n.cmp_stride)
     raw = rnd(context)
     cache.fill(raw, raw, (rnd(n_cmp), rnd(n_cmp)), (rnd(context), rnd(context)), (rnd(context), rnd(context)))
     return cache
 
 
-def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int = 1) -> dict:
+def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int = 1, mode: str = "eager") -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({"attention": impl})
     layer = build_attention(cfg).to(device=device, dtype=dtype).eval()
     rope = RotaryEmbedding(cfg.head_dim)
-    cache = filled_cache(impl, cfg, context, device, dtype, batch)
     x = torch.randn(batch, 1, cfg.dim, device=device, dtype=dtype)
+    if mode in ("graph", "compiled"):
+        cache = filled_cache(impl, cfg, context, device, dtype, batch, static=(layer, context + steps + 1))
+        step = GraphedStep(lambda x_: layer.decode_step(x_, rope, cache), x, cache.position,
+                           compile=mode == "compiled")
+    else:
+        cache = filled_cache(impl, cfg, context, device, dtype, batch)
+
+        def step(x_):
+            return layer.decode_step(x_, rope, cache)
     times = []
     for i in range(steps + 1):
         sync(device)
         t0 = time.perf_counter()
-        layer.decode_step(x, rope, cache)
+        step(x)
         sync(device)
         if i:  # first step is warm-up
             times.append((time.perf_counter() - t0) * 1e3)
@@ -70,7 +93,8 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
     S = cache.length
     reads = cache.tokens_read["total"] if impl == "nsa" else cache.tokens_read
     return {
-        "impl": impl, "context": context, "batch": batch, "ms_per_step": round(statistics.median(times), 3),
+        "impl": impl, "mode": mode, "context": context, "batch": batch,
+        "ms_per_step": round(statistics.median(times), 3),
         "tokens_read": reads,
         "paper_tokens": (S - n.cmp_block) // n.cmp_stride + n.n_selected * n.slc_block + n.window,
         "device": device_name(device),
@@ -84,30 +108,36 @@ def main() -> None:
     ap.add_argument("--contexts", default="8192,16384,32768,65536")
     ap.add_argument("--batches", default="1", help="comma-separated sequences decoding together, e.g. 1,32")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--modes", default="eager,graph", help="comma-separated: eager (growing caches), graph "
+                    "(static caches, the step replayed as a CUDA graph), compiled (graph after torch.compile)")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        for context in (int(c) for c in args.contexts.split(",")):
-            for impl in ("nsa", "full"):
-                try:
-                    row = measure(impl, context, args.device, dtype, args.steps, batch)
-                except torch.OutOfMemoryError as e:  # a big batch x context: a row, not a crash
-                    row = {"impl": impl, "context": context, "batch": batch, "ms_per_step": None,
-                           "error": f"out of memory: {str(e)[:200]}", "device": device_name(args.device)}
-                    torch.cuda.empty_cache()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for mode in args.modes.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for context in (int(c) for c in args.contexts.split(",")):
+                for impl in ("nsa", "full"):
+                    try:
+                        row = measure(impl, context, args.device, dtype, args.steps, batch, mode)
+                    except Exception as e:  # noqa: BLE001 - out of memory at a big batch x context, a failed
+                        # graph capture: a row, not a crash
+                        row = {"impl": impl, "mode": mode, "context": context, "batch": batch, "ms_per_step": None,
+                               "error": f"{type(e).__name__}: {str(e)[:300]}", "device": device_name(args.device)}
+                        if args.device == "cuda":
+                            torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     if not args.json_only:
-        by = {(r["impl"], r["context"], r["batch"]): r for r in rows}
-        print(f"\n{'batch':>5} {'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} {'nsa reads':>10} {'paper':>8} "
-              f"{'full reads':>11} {'read ratio':>11}")
-        for (impl, ctx, batch), r in by.items():
-            f = by.get(("full", ctx, batch))
+        by = {(r["impl"], r["mode"], r["context"], r["batch"]): r for r in rows}
+        print(f"\n{'mode':>8} {'batch':>5} {'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} "
+              f"{'nsa reads':>10} "
+              f"{'paper':>8} {'full reads':>11} {'read ratio':>11}")
+        for (impl, mode, ctx, batch), r in by.items():
+            f = by.get(("full", mode, ctx, batch))
             if impl != "nsa" or f is None or r["ms_per_step"] is None or f["ms_per_step"] is None:
                 continue
-            print(f"{batch:>5} {ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} "
+            print(f"{mode:>8} {batch:>5} {ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} "
                   f"{f['ms_per_step'] / r['ms_per_step']:>9.2f} {r['tokens_read']:>10} {r['paper_tokens']:>8} "
                   f"{f['tokens_read']:>11} {f['tokens_read'] / r['tokens_read']:>11.1f}")
 

@@ -8,7 +8,12 @@
 # The number is each step's cap in seconds; together they exceed the budget on purpose: whatever is
 # left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
 #   kernel_tests        120  pytest tests/test_triton_kernels.py tests/test_triton_window.py
-#                            tests/test_triton_tune.py on the real GPU (not the interpreter)
+#                            tests/test_triton_tune.py tests/test_model.py on the real GPU (not the
+#                            interpreter; test_model.py for the CUDA-graph decode)
+#   decode               90  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound), eager
+#                            and replayed as CUDA graphs over static caches
+#   decode_compiled     150  bench_decode at 64k, batch 1 and 32, the static step through torch.compile,
+#                            then replayed as a CUDA graph
 #   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
 #   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
@@ -23,7 +28,6 @@
 #                            what tuning gains
 #   trainer             200  bench_trainer: the shipped trainer (python -m nsa.train, M7C 80G config, synthetic
 #                            tokens, 65k tokens/step), NSA, eager and runtime.compile=true
-#   decode               60  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound)
 #   attention_fla       120  bench_attention: paper layout core, nsa vs fla-core's parallel_nsa (when
 #                            importable); its own step because fla's first backward at 8k ran for over
 #                            100 s on an H100 (autotuning) and took the paper rows down with it
@@ -192,7 +196,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,decode,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
+STEPS=",kernel_tests,decode,decode_compiled,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -208,7 +212,11 @@ XDIST=()
 if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
 step kernel_tests 120 - \
     "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
-    tests/test_triton_window.py tests/test_triton_tune.py -k "not compile_for_sm90"
+    tests/test_triton_window.py tests/test_triton_tune.py tests/test_model.py -k "not compile_for_sm90"
+step decode 90 decode \
+    "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
+step decode_compiled 150 decode \
+    "$PY" bench/bench_decode.py --device cuda --contexts 65536 --batches 1,32 --steps 20 --modes compiled
 step kernels 130 kernels \
     "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
 step attention_paper 90 attention \
@@ -231,8 +239,6 @@ step train_4096_untuned 90 train \
 step trainer 200 train \
     "$PY" bench/bench_trainer.py --config configs/m7c_125m_80g.yaml --steps 20 --batch-tokens 65536 --compile 0,1 \
     --attention nsa --timeout 150
-step decode 60 decode \
-    "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
 step attention_fla 120 attention \
     "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
     --impls nsa,fla

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nsa.attention import static_decode
 from nsa.attention.cache import KVCache, NSACache
 from nsa.attention.layer import NSAttention, build_attention, keep_branches_eager
 from nsa.attention.rope import RotaryEmbedding
@@ -120,10 +121,20 @@ class M7C(nn.Module):
             return [NSACache(nsa.window, nsa.cmp_block, nsa.cmp_stride, nsa.slc_block) for _ in self.blocks]
         return [KVCache() for _ in self.blocks]
 
+    def new_static_caches(self, batch: int, capacity: int, device=None, dtype=None):
+        """Fixed-size decode caches for up to `capacity` tokens and their shared position, for decode
+        steps replayed as CUDA graphs (nsa/attention/static_decode.py) -> (caches, position)."""
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        position = static_decode.DecodePosition(device, capacity)
+        kind = static_decode.StaticNSACache if self.cfg.attention == "nsa" else static_decode.StaticKVCache
+        return [kind(block.attn, batch, capacity, position, device, dtype) for block in self.blocks], position
+
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor):
-        """Full forward over a prompt that also fills per-layer caches -> (logits [B,S,V], caches)."""
-        caches = self.new_caches()
+    def prefill(self, input_ids: torch.Tensor, caches: list | None = None):
+        """Full forward over a prompt that also fills per-layer caches (new dynamic ones unless given)
+        -> (logits [B,S,V], caches)."""
+        caches = caches if caches is not None else self.new_caches()
         x = self.embed(input_ids)
         for block, cache in zip(self.blocks, caches):
             x = block(x, self.rope, cache)
@@ -131,7 +142,8 @@ class M7C(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor, caches: list) -> torch.Tensor:
-        """Next-token logits [B, V] for token_ids [B] appended at position caches[0].length."""
+        """Next-token logits [B, V] for token_ids [B] appended at position caches[0].length (static
+        caches: the caller advances their position, e.g. static_decode.GraphedStep)."""
         x = self.embed(token_ids[:, None])
         for block, cache in zip(self.blocks, caches):
             x = block.decode_step(x, self.rope, cache)

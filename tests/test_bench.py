@@ -1,5 +1,5 @@
 """The benchmark tooling on CPU: bench/bench_attention.py (rows, table, fla skip rows, the issue's checks),
-bench/bench_trainer.py (the real trainer, a failing run) and bench/gpu_suite.sh (syntax, dry run, and a real run of its step machinery with a fake interpreter:
+bench/bench_decode.py (both cache modes), bench/bench_trainer.py (the real trainer, a failing run) and bench/gpu_suite.sh (syntax, dry run, and a real run of its step machinery with a fake interpreter:
 timeouts, failures, budget, JSON-line collection, summary). No GPU needed; ~25 s on 2 cores."""
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     dry = [line for line in proc.stdout.splitlines() if line.startswith("[dry-run]")]
     names = [line.split()[1] for line in dry]
-    assert names[:3] == ["kernel_tests", "kernels", "attention_paper"]  # most important first
+    # most important first
+    assert names[:5] == ["kernel_tests", "decode", "decode_compiled", "kernels", "attention_paper"]
     text = "\n".join(dry)
-    for needle in ("tests/test_triton_kernels.py", "tests/test_triton_window.py",
+    for needle in ("tests/test_triton_kernels.py", "tests/test_triton_window.py", "tests/test_model.py",
                    "bench/bench_kernels.py --device cuda",
                    "bench/bench_attention.py --device cuda --layout m7c --scope layer",
                    "bench/bench_attention.py --device cuda --layout paper --scope core",
@@ -123,6 +124,25 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml"):
         assert needle in text, needle
     assert all("timeout" in line for line in dry)
+
+
+def test_bench_decode_eager_and_static_modes():
+    """bench_decode.py on CPU: NSA and full attention with the growing caches ("eager") and the static
+    ones ("graph": the CUDA-graph path, eager on CPU) read the same tokens per step, NSA the paper's
+    count + 1, and the table pairs them per mode."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_decode.py"), "--device", "cpu", "--contexts", "1024",
+         "--steps", "2"], cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["mode"], r["impl"]) for r in rows] == [("eager", "nsa"), ("eager", "full"), ("graph", "nsa"),
+                                                      ("graph", "full")]
+    by = {(r["mode"], r["impl"]): r for r in rows}
+    for mode in ("eager", "graph"):
+        assert by[(mode, "nsa")]["tokens_read"] == by[(mode, "nsa")]["paper_tokens"] + 1
+        assert by[(mode, "full")]["tokens_read"] == 1024 + 3  # context + the warm-up and 2 timed steps
+        assert by[(mode, "nsa")]["ms_per_step"] > 0
+    assert "   graph     1     1024" in proc.stdout and "   eager     1     1024" in proc.stdout
 
 
 def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
@@ -178,9 +198,9 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
     status = {line.split()[0]: line for line in summary.splitlines() if line.strip()}
-    assert all(" ok " in status[s] for s in ("kernel_tests", "kernels", "attention_paper"))
+    assert all(" ok " in status[s] for s in ("kernel_tests", "decode", "decode_compiled", "kernels", "attention_paper"))
     assert "FAILED (rc=3)" in status["attention_m7c"] and "TIMED OUT" in status["train_4096"]
-    assert "skipped (budget" in status["decode"] and "skipped (budget" in status["attention_m7c_core"]
+    assert "skipped (budget" in status["train_16384"] and "skipped (budget" in status["attention_m7c_core"]
     rows = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
     assert [(r["suite_step"], r["impl"]) for r in rows] == [("attention_paper", "nsa"), ("attention_paper", "full")]
     assert [json.loads(line)["suite_step"] for line in (out / "train.jsonl").read_text().splitlines()] == ["train_4096"]

@@ -105,6 +105,85 @@ def test_decode_tokens_read_per_step():
     assert dc[0].tokens_read == 41
 
 
+@pytest.mark.parametrize("attention, prompt", [("nsa", 13), ("nsa", 3), ("full", 13)])
+def test_static_decode_matches_dynamic_decode(attention, prompt, monkeypatch):
+    """Decode over the static caches (static_decode.py: fixed buffers, the position a device tensor,
+    what a CUDA graph replays; eager here through GraphedStep) gives the dynamic caches' logits and
+    reads at every step: compressed tokens emitted during decode (prompt 3 < l), the window ring
+    wrapping, selection blocks filling; and no step waits on the device (.item() is never called)."""
+    from nsa.attention.static_decode import GraphedStep
+
+    torch.manual_seed(3)
+    model = build_model({**TINY, "attention": attention}).eval()
+    seq = torch.randint(0, 100, (2, 60))
+    _, dynamic = model.prefill(seq[:, :prompt])
+    caches, position = model.new_static_caches(batch=2, capacity=60)
+    logits, _ = model.prefill(seq[:, :prompt], caches)
+    assert position.host == prompt and int(position.t) == prompt and caches[0].length == prompt
+    step = GraphedStep(lambda ids: model.decode_step(ids, caches), seq[:, prompt], position)
+    item = torch.Tensor.item
+    for t in range(prompt, seq.shape[1]):
+        want = model.decode_step(seq[:, t], dynamic)
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a static decode step synchronised"))
+        got = step(seq[:, t])
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        assert (got - want).abs().max() <= 1e-5, t
+        assert caches[0].length == dynamic[0].length == t + 1 == int(position.t)
+        assert caches[1].tokens_read == dynamic[1].tokens_read, t
+    with pytest.raises(UserError, match="capacity of 60 tokens"):
+        step(seq[:, 0])
+    with pytest.raises(UserError, match="capacity"):
+        model.prefill(torch.randint(0, 100, (2, 61)), model.new_static_caches(batch=2, capacity=60)[0])
+
+
+@pytest.mark.slow
+def test_static_decode_step_compiles_as_one_graph():
+    """GraphedStep(compile=True): the static NSA layer step goes through torch.compile as one graph
+    (fullgraph: no break, no host sync) and gives the eager step's outputs across compressed-token
+    emissions (~25 s on CPU: Inductor's C++ build)."""
+    from nsa.attention.layer import NSAttention
+    from nsa.attention.rope import RotaryEmbedding
+    from nsa.attention.static_decode import DecodePosition, GraphedStep, StaticNSACache
+
+    torch.manual_seed(5)
+    cfg = ModelConfig.from_dict(TINY)
+    layer, rope = NSAttention(cfg).eval(), RotaryEmbedding(cfg.head_dim)
+    x = torch.randn(2, 40, cfg.dim)
+    caches = [StaticNSACache(layer, 2, 40, DecodePosition("cpu", 40), "cpu", torch.float32) for _ in range(2)]
+    for cache in caches:
+        layer(x[:, :11], rope, cache)
+    eager = GraphedStep(lambda x_: layer.decode_step(x_, rope, caches[0]), x[:, 11:12], caches[0].position)
+    compiled = GraphedStep(lambda x_: layer.decode_step(x_, rope, caches[1]), x[:, 11:12], caches[1].position,
+                           compile=True)
+    for t in range(11, 24):
+        want = eager(x[:, t:t + 1])
+        assert (compiled(x[:, t:t + 1]) - want).abs().max() <= 1e-5, t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_static_decode_replays_as_a_cuda_graph(attention):
+    """On the GPU (bf16, the Triton RoPE / gate-and-combine kernels inside): the whole model's decode
+    step is captured once (a host sync or a data-dependent shape would fail the capture) and its
+    replays give the dynamic decode's logits, across compressed-token emissions and the window wrap."""
+    from nsa.attention.static_decode import GraphedStep
+
+    torch.manual_seed(4)
+    cfg = {**TINY, "attention": attention, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
+    model = build_model(cfg).cuda().to(torch.bfloat16).eval()
+    seq = torch.randint(0, 100, (3, 90), device="cuda")
+    _, dynamic = model.prefill(seq[:, :30])
+    caches, position = model.new_static_caches(batch=3, capacity=90)
+    model.prefill(seq[:, :30], caches)
+    step = GraphedStep(lambda ids: model.decode_step(ids, caches), seq[:, 30], position)
+    assert step.graph is not None
+    for t in range(30, 90):
+        want = model.decode_step(seq[:, t], dynamic).float()
+        got = step(seq[:, t]).float()
+        assert (got - want).abs().max() <= 3e-2 * want.abs().max(), t
+    assert int(position.t) == 90
+
+
 def test_cache_buffer_slides_like_a_list():
     """The decode caches' buffer (appends at the end, drops at the front without copying) holds
     exactly what a plain list would through growth and in-place compaction, at any drop size."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nsa.attention import ops
+from nsa.attention import ops, static_decode
 from nsa.attention.blocks import num_cmp_blocks
 from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
@@ -88,14 +88,14 @@ class NSAttention(nn.Module):
         slc_chunk = max(16, min(1024, (1 << 24) // max(per_query, 1)))
         return 512, slc_chunk
 
-    def project(self, x: torch.Tensor, rope: RotaryEmbedding, start: int = 0):
-        """Queries and the three branches' raw keys/values for tokens at start .. start + S - 1."""
+    def project(self, x: torch.Tensor, rope: RotaryEmbedding, start: int = 0, positions=None, bound=None):
+        """Queries and the three branches' raw keys/values for tokens at start .. start + S - 1 (or at
+        the device tensor `positions`, all < `bound`: static decode)."""
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         kv = self.wkv(x).view(B, S, 6, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
         k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = kv.unbind(0)
-        pos = torch.arange(start, start + S, device=x.device)
-        bound = start + S
+        pos, bound = _positions(x, start, positions, bound)
         q, k_slc, k_win = rope(q, pos, bound), rope(k_slc, pos, bound), rope(k_win, pos, bound)
         return q, (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win)
 
@@ -210,7 +210,11 @@ class NSAttention(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, x: torch.Tensor, rope: RotaryEmbedding, cache) -> torch.Tensor:
-        """One new token per sequence: x [B, 1, dim] at position cache.length -> [B, 1, dim]."""
+        """One new token per sequence: x [B, 1, dim] at position cache.length -> [B, 1, dim]. With a
+        static cache (static_decode.py) the step has fixed shapes (CUDA-graph capturable) and the
+        caller advances the shared position."""
+        if isinstance(cache, static_decode.StaticNSACache):
+            return static_decode.nsa_step(self, x, rope, cache)
         t = cache.length
         q, (k_cr, v_cr), slc_kv, win_kv = self.project(x, rope, start=t)
         cache.append(k_cr, v_cr, slc_kv, win_kv, self, rope)
@@ -232,12 +236,12 @@ class CausalSelfAttention(nn.Module):
         self.wkv = nn.Linear(cfg.dim, 2 * kv, bias=False)
         self.wo = nn.Linear(inner, cfg.dim, bias=False)
 
-    def project(self, x, rope, start: int = 0):
+    def project(self, x, rope, start: int = 0, positions=None, bound=None):
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.wkv(x).view(B, S, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        pos = torch.arange(start, start + S, device=x.device)
-        return rope(q, pos, start + S), rope(k, pos, start + S), v
+        pos, bound = _positions(x, start, positions, bound)
+        return rope(q, pos, bound), rope(k, pos, bound), v
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache=None) -> torch.Tensor:
         B, S, _ = x.shape
@@ -249,6 +253,8 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, x: torch.Tensor, rope: RotaryEmbedding, cache) -> torch.Tensor:
+        if isinstance(cache, static_decode.StaticKVCache):
+            return static_decode.dense_step(self, x, rope, cache)
         B = x.shape[0]
         q, k, v = self.project(x, rope, start=cache.length)
         cache.append(k, v)
@@ -259,6 +265,14 @@ class CausalSelfAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_kv != self.n_heads)
         cache.tokens_read = k_all.shape[2]
         return self.wo(o.transpose(1, 2).reshape(B, 1, -1))
+
+
+def _positions(x: torch.Tensor, start: int, positions, bound):
+    """(positions [S], bound): start .. start + S - 1 unless given as a device tensor (with its bound)."""
+    if positions is None:
+        S = x.shape[1]
+        return torch.arange(start, start + S, device=x.device), start + S
+    return positions, bound
 
 
 def window_impl() -> str:

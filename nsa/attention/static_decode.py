@@ -1,0 +1,280 @@
+"""Decode with static shapes, so that a whole decode step can be replayed as one CUDA graph.
+
+The caches in cache.py grow with the context and hand their lengths to the kernels as host integers:
+every step launches NSA's ~40 kernels per layer (dense: ~9) with new arguments, and at batch 1..32 a
+step is bound by issuing them, not by what it reads (BENCHMARKS.md: full attention's step was 2-3x
+faster than NSA's although NSA reads 11x fewer tokens at 64k). Here every buffer is allocated once for
+`capacity` tokens and the position of the next token lives in a device tensor (`DecodePosition`), so a
+step runs the same kernels on the same memory each time, with masks in place of lengths and no host
+synchronisation; `GraphedStep` captures it (one layer or the whole model) and replays it per token.
+
+NSA step (`StaticNSACache`, `nsa_step`), the three branches in PyTorch over the fixed buffers, the
+same arithmetic as the dynamic decode (nsa.attention.ops, which the tests compare it with):
+* compressed: softmax over every compressed slot, masked to the blocks complete by t; the same
+  probabilities give the selection scores (Eqs. 8-10: overlap map, group sum, forced initial and
+  local blocks, future blocks excluded, stable top-n: ties to the lower block index);
+* selected: the n chosen blocks gathered from the raw-token buffer, clipped at t;
+* window: a ring buffer of the last w tokens and the positions they hold;
+* a compressed token is computed every step from a ring of the last l raw tokens and written only
+  when a block completes at t (a masked write), so the control flow never depends on t.
+What the step reads: the growing part of the cache as in the paper's count (`tokens_read`), except
+that the compressed branch scans all capacity / d compressed slots, valid or not (a few percent of
+full attention's reads at the same capacity).
+
+Dense step (`StaticKVCache`, `dense_step`): SDPA over the whole buffer with a mask t' <= t (size the
+capacity to the context to compare it fairly).
+
+Usage (a model; a single layer works the same way with `layer.decode_step`):
+    caches, position = model.new_static_caches(batch, capacity, device, dtype)
+    logits, _ = model.prefill(prompt, caches)              # fills the buffers, position = len(prompt)
+    step = GraphedStep(lambda ids: model.decode_step(ids, caches), next_ids, position)
+    logits = step(next_ids)                                # one token; replays the graph on CUDA
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nsa.attention.blocks import num_cmp_blocks, num_slc_blocks, overlap_map
+from nsa.attention.ops import _masked_softmax
+from nsa.errors import UserError
+
+
+class DecodePosition:
+    """Position of the next token: a device tensor (what the captured kernels read) and its host
+    mirror (for capacity checks without waiting for the GPU). Shared by all layers of a model."""
+
+    def __init__(self, device, capacity: int):
+        self.t = torch.zeros((), dtype=torch.int64, device=device)
+        self.host = 0
+        self.capacity = capacity
+
+    def set(self, t: int) -> None:
+        self.check(t, "the prompt")
+        self.t.fill_(t)
+        self.host = t
+
+    def check(self, t: int, what: str = "decoding") -> None:
+        if t > self.capacity or (what == "decoding" and t >= self.capacity):
+            raise UserError(f"{what} reaches position {t}, past the static decode caches' capacity of "
+                            f"{self.capacity} tokens; allocate them with a larger capacity")
+
+    def advance(self) -> None:
+        """Eager stepping: move to the next token (GraphedStep does this inside its graph)."""
+        self.t.add_(1)
+        self.host += 1
+
+
+def _put(buf: torch.Tensor, slot: torch.Tensor, x: torch.Tensor) -> None:
+    """buf[:, :, slot] = x for a 1-element device index `slot` (no host sync)."""
+    buf.index_copy_(2, slot, x.to(buf.dtype))
+
+
+def _attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+    """qg [B,G,r,D] over keys k/v [B,G,K,D] where `valid` (broadcast to [B,G,1,K]) -> (out [B,G,r,D],
+    probabilities [B,G,r,K] fp32); no valid key -> zeros, as in ops."""
+    s = torch.einsum("bgrd,bgkd->bgrk", qg, k).float() * (1.0 / math.sqrt(qg.shape[-1]))
+    p = _masked_softmax(s, valid)
+    return torch.einsum("bgrk,bgkd->bgrd", p.to(v.dtype), v), p
+
+
+class StaticNSACache:
+    """One NSA layer's decode state in fixed buffers for up to `capacity` tokens (see the module
+    docstring). Filled by the layer's forward (the same `fill` as NSACache)."""
+
+    def __init__(self, layer, batch: int, capacity: int, position: DecodePosition, device, dtype):
+        nsa = layer.nsa
+        self.window, self.cmp_block, self.cmp_stride, self.slc_block = (
+            nsa.window, nsa.cmp_block, nsa.cmp_stride, nsa.slc_block)
+        self.capacity, self.position = capacity, position
+        G, D = layer.n_kv, layer.head_dim
+        n_cmp = max(num_cmp_blocks(capacity, nsa.cmp_block, nsa.cmp_stride), 1)
+
+        def buf(n):
+            return torch.zeros(batch, G, n, D, device=device, dtype=dtype)
+
+        self.slc_k, self.slc_v = buf(capacity), buf(capacity)
+        self.cmp_k, self.cmp_v = buf(n_cmp), buf(n_cmp)
+        self.raw_k, self.raw_v = buf(nsa.cmp_block), buf(nsa.cmp_block)  # ring: position p in slot p % l
+        self.win_k, self.win_v = buf(nsa.window), buf(nsa.window)  # ring: position p in slot p % w
+        self.win_pos = torch.full((nsa.window,), -1, dtype=torch.int64, device=device)
+        self.map_idx, map_w = overlap_map(n_cmp, nsa.cmp_block, nsa.cmp_stride, nsa.slc_block, device=device)
+        self.map_w = map_w.float()
+        self.n_slc = num_slc_blocks(capacity, nsa.slc_block)
+        self.map_idx = self.map_idx.clamp_max(self.n_slc - 1)
+        self._last = None  # (idx, t) of the last step, for tokens_read
+
+    @property
+    def length(self) -> int:
+        return self.position.host
+
+    def fill(self, k_raw, v_raw, cmp_kv, slc_kv, win_kv) -> None:
+        """Prefill from the projections of a full forward over S tokens (positions 0..S-1)."""
+        S = k_raw.shape[2]
+        self.position.set(S)
+        n = cmp_kv[0].shape[2]
+        self.slc_k[:, :, :S], self.slc_v[:, :, :S] = slc_kv
+        self.cmp_k[:, :, :n], self.cmp_v[:, :, :n] = cmp_kv
+        l, w = self.cmp_block, self.window
+        for lo, ring, size, (k, v) in ((max(0, S - l), (self.raw_k, self.raw_v), l, (k_raw, v_raw)),
+                                       (max(0, S - w), (self.win_k, self.win_v), w, win_kv)):
+            slots = torch.arange(lo, S, device=k.device) % size
+            ring[0].index_copy_(2, slots, k[:, :, lo:S].to(ring[0].dtype))
+            ring[1].index_copy_(2, slots, v[:, :, lo:S].to(ring[1].dtype))
+        self.win_pos.fill_(-1)
+        self.win_pos[torch.arange(max(0, S - w), S, device=self.win_pos.device) % w] = torch.arange(
+            max(0, S - w), S, device=self.win_pos.device)
+
+    @property
+    def tokens_read(self) -> dict[str, int]:
+        """Tokens the last step read per KV group, by branch (the paper's count; waits for the GPU)."""
+        if self._last is None:
+            return {}
+        idx, t = self._last
+        t = int(t)
+        reads = {"cmp": min(max(0, (t - self.cmp_block + 1) // self.cmp_stride + 1), self.cmp_k.shape[2]),
+                 "slc": int((idx[0, 0] >= 0).sum()) * self.slc_block, "win": min(self.window, t + 1)}
+        return {**reads, "total": sum(reads.values())}
+
+
+@torch.no_grad()
+def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tensor:
+    """NSAttention's decode step over a StaticNSACache: x [B, 1, dim] at position cache.position.t
+    -> [B, 1, dim]. Writes the token's keys/values at t; does not advance the position."""
+    nsa = layer.nsa
+    t = cache.position.t
+    pos = t.view(1)
+    B = x.shape[0]
+    G, D = layer.n_kv, layer.head_dim
+    r = layer.n_heads // G
+    l, d, lp, w = nsa.cmp_block, nsa.cmp_stride, nsa.slc_block, nsa.window
+    q, (k_cr, v_cr), (k_s, v_s), (k_w, v_w) = layer.project(x, rope, positions=pos, bound=cache.capacity)
+    _put(cache.slc_k, pos, k_s)
+    _put(cache.slc_v, pos, v_s)
+    w_slot = pos % w
+    _put(cache.win_k, w_slot, k_w)
+    _put(cache.win_v, w_slot, v_w)
+    cache.win_pos.index_copy_(0, w_slot, pos)
+    r_slot = pos % l
+    _put(cache.raw_k, r_slot, k_cr)
+    _put(cache.raw_v, r_slot, v_cr)
+
+    # the compressed token of the block [t+1-l, t], kept only if that block completes at t
+    ring = (t + 1 - l + torch.arange(l, device=x.device)) % l  # oldest first
+    k_c = layer.compress_k(cache.raw_k.index_select(2, ring), d)
+    v_c = layer.compress_v(cache.raw_v.index_select(2, ring), d)
+    k_c = rope(k_c, pos, cache.capacity)  # rotated at the block's last token, t
+    emit = (t + 1 >= l) & ((t + 1 - l) % d == 0)
+    i_slot = ((t + 1 - l).clamp_min(0) // d).clamp_max(cache.cmp_k.shape[2] - 1).view(1)
+    for buf, new in ((cache.cmp_k, k_c), (cache.cmp_v, v_c)):
+        _put(buf, i_slot, torch.where(emit, new.to(buf.dtype), buf.index_select(2, i_slot)))
+
+    qg = q.reshape(B, G, r, D)
+    use_cmp, use_slc, use_win = layer.enabled
+    o_cmp = o_slc = o_win = None
+    if use_cmp or use_slc:
+        n_vis = ((t - l + 1).clamp_min(-d) // d + 1).clamp(0, cache.cmp_k.shape[2])
+        valid = (torch.arange(cache.cmp_k.shape[2], device=x.device) < n_vis).view(1, 1, 1, -1)
+        o, p_cmp = _attend(qg, cache.cmp_k, cache.cmp_v, valid)
+        o_cmp = o if use_cmp else None
+    if use_slc:
+        p_grp = p_cmp.sum(dim=2)  # Eq. 10 [B, G, n_cmp]
+        scores = torch.zeros(B, G, cache.n_slc, device=x.device)
+        for slot in range(cache.map_idx.shape[1]):  # Eq. 9 along the sparse overlap map
+            scores.scatter_add_(-1, cache.map_idx[:, slot].expand(B, G, -1), p_grp * cache.map_w[:, slot])
+        j = torch.arange(cache.n_slc, device=x.device)
+        cur = t // lp
+        scores = scores.masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+        scores = scores.masked_fill(j > cur, float("-inf"))
+        vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        n = min(nsa.n_selected, cache.n_slc)
+        idx = torch.where(vals[..., :n] > float("-inf"), order[..., :n], -1)  # [B, G, n]
+        tok = idx[..., None] * lp + torch.arange(lp, device=x.device)  # [B, G, n, l']
+        ok = (idx[..., None] >= 0) & (tok <= t)
+        tok = tok.clamp(0, cache.capacity - 1).reshape(B, G, n * lp, 1).expand(-1, -1, -1, D)
+        o_slc, _ = _attend(qg, cache.slc_k.gather(2, tok), cache.slc_v.gather(2, tok), ok.view(B, G, 1, n * lp))
+        cache._last = (idx, t.clone())  # t itself advances after the step
+    if use_win:
+        ok = (cache.win_pos >= 0) & (cache.win_pos > t - w) & (cache.win_pos <= t)
+        o_win, _ = _attend(qg, cache.win_k, cache.win_v, ok.view(1, 1, 1, -1))
+    outs = tuple(None if o is None else o.reshape(B, G * r, 1, D).to(q.dtype) for o in (o_cmp, o_slc, o_win))
+    return layer.combine(x, outs)
+
+
+class StaticKVCache:
+    """The dense baseline's decode state: all keys/values in [B, G, capacity, D] buffers."""
+
+    def __init__(self, layer, batch: int, capacity: int, position: DecodePosition, device, dtype):
+        self.capacity, self.position = capacity, position
+        shape = (batch, layer.n_kv, capacity, layer.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def length(self) -> int:
+        return self.position.host
+
+    @property
+    def tokens_read(self) -> int:
+        return self.position.host
+
+    def fill(self, k, v) -> None:
+        S = k.shape[2]
+        self.position.set(S)
+        self.k[:, :, :S], self.v[:, :, :S] = k, v
+
+
+@torch.no_grad()
+def dense_step(layer, x: torch.Tensor, rope, cache: StaticKVCache) -> torch.Tensor:
+    """CausalSelfAttention's decode step over a StaticKVCache (does not advance the position)."""
+    B = x.shape[0]
+    pos = cache.position.t.view(1)
+    q, k, v = layer.project(x, rope, positions=pos, bound=cache.capacity)
+    _put(cache.k, pos, k)
+    _put(cache.v, pos, v)
+    G, r = layer.n_kv, layer.n_heads // layer.n_kv
+    mask = (torch.arange(cache.capacity, device=x.device) <= pos).expand(r, -1)  # the group's r heads as rows
+    o = F.scaled_dot_product_attention(q.reshape(B, G, r, -1), cache.k, cache.v, attn_mask=mask)
+    return layer.wo(o.reshape(B, 1, -1))
+
+
+class GraphedStep:
+    """fn(x) -> y, one decode step over static caches, then the position advanced. On CUDA it is
+    captured once as a CUDA graph (after `warmup` eager calls, which compile and self-check the
+    kernels; they write the current position's slots, which every real step overwrites) and each
+    call copies x into the graph's input and replays it. Elsewhere it runs eagerly.
+    compile=True: fn goes through torch.compile first (one graph, no breaks: Inductor fuses the
+    step's ~130 small kernels per NSA layer, which the graph then replays).
+    The returned tensor is the graph's output buffer: the next call overwrites it."""
+
+    def __init__(self, fn, example: torch.Tensor, position: DecodePosition, warmup: int = 2, compile: bool = False):
+        if compile:
+            fn = torch.compile(fn, dynamic=False, fullgraph=True)
+        self.fn, self.position = fn, position
+        self.graph = None
+        if example.is_cuda:
+            self.x = example.clone()
+            side = torch.cuda.Stream(example.device)
+            side.wait_stream(torch.cuda.current_stream(example.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(self.x)
+            torch.cuda.current_stream(example.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.y = fn(self.x)
+                position.t.add_(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.position.check(self.position.host)
+        if self.graph is None:
+            y = self.fn(x)
+            self.position.advance()
+            return y
+        self.x.copy_(x)
+        self.graph.replay()
+        self.position.host += 1
+        return self.y
