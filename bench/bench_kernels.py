@@ -18,6 +18,9 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
                         the union of their blocks; the union's construction included)
+                        and "bc" (the block-centric forward: per selected block, the queries that
+                        chose it as dot rows, partial results merged by a second kernel; with its
+                        index, and "bc_index_given" without, as the training backward reuses it)
   slc_lists             that union alone (selected.tile_lists); the variant names the mean number
                         of distinct blocks per tile, e.g. "qt4_union26.1of64"
   slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
@@ -157,6 +160,11 @@ def rows_for(layout: str, S: int, device: str):
         qt = qtiles[-1]
         yield "slc_fwd", f"qt{qt}_w8", lambda qt=qt: tuned("selected_fwd", 8, lambda: selected.selected_forward(
             q, k, v, idx, LP, qt=qt))
+    # the block-centric forward (tuned variant "bc"): with its index built, and given (the backward reuses it)
+    segments = selected.block_segments(idx, math.ceil(S / LP))
+    yield "slc_fwd", "bc", lambda: bench(lambda: selected.selected_forward_blocks(q, k, v, idx, LP))
+    yield "slc_fwd", "bc_index_given", lambda: bench(
+        lambda: selected.selected_forward_blocks(q, k, v, idx, LP, segments=segments))
     o_slc, lse_slc = selected.selected_forward(q, k, v, idx, LP)
     yield "slc_bwd", "atomic", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="atomic"))

@@ -65,6 +65,42 @@ def test_selected_attention_parity(dtype, B, G, r, Sq, q_start, D, blk, n):
     check_grads(out, ref, (q, k, v), dtype)
 
 
+@pytest.mark.parametrize("dtype,B,G,r,Sq,q_start,blk,n", [
+    (F32, 2, 2, 3, 40, 0, 8, 3),  # batch 2, several segments per block (SEG patched to 4)
+    (F32, 1, 1, 1, 21, 0, 16, 2),  # r = 1: 64 queries per row tile
+    (F32, 1, 2, 6, 9, 30, 8, 4),  # decode-like: queries at 30..38 over keys 0..38
+    (BF16, 1, 1, 16, 18, 0, 8, 3),  # r = 16: 4 queries per 64-row tile
+])
+def test_selected_block_centric_forward(monkeypatch, dtype, B, G, r, Sq, q_start, blk, n):
+    """The block-centric forward (selected.selected_forward_blocks, the "bc" tuned variant: per-block
+    programs write each (query, slot)'s partial result, a second kernel merges them) gives ops'
+    output and the query-centric kernel's LSE; slots -1, queries with no slot at all and blocks wholly
+    after their query included; its segments serve the backward."""
+    monkeypatch.setattr(selected, "SEG", 4)
+    H, N = G * r, q_start + Sq
+    q = randn(B, H, Sq, 16, dtype=dtype, seed=71, strided=True)
+    k, v = randn(B, G, N, 16, dtype=dtype, seed=72), randn(B, G, N, 16, dtype=dtype, seed=73)
+    k_cmp = randn(B, G, num_cmp_blocks(N, 8, 4), 16, dtype=dtype, seed=74, grad=False)
+    idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n, q_start)
+    idx[0, 0, 2] = -1  # a query with no slot
+    idx[0, -1, 1, -1] = -1
+    if q_start == 0:
+        idx[0, 0, 0, 0] = N // blk - 1 if N // blk - 1 > 0 else 0  # a block after its query: masked
+    out, lse, segments = selected.selected_forward_blocks(q.detach(), k, v, idx, blk, q_start)
+    ref = ops.selected_attention(q.detach(), k, v, idx, blk, q_start)
+    check("out", out, ref, dtype)
+    assert out[0, :r, 2].abs().max() == 0 and torch.isneginf(lse[0, :r, 2]).all()
+    _, lse_q = selected.selected_forward(q.detach(), k, v, idx, blk, q_start)
+    finite = torch.isfinite(lse_q)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - lse_q[finite]).abs().max() <= 1e-4
+    go = randn(*ref.shape, dtype=dtype, seed=75, grad=False)
+    grads = selected.selected_backward(q.detach(), k.detach(), v.detach(), idx, out, lse, go, blk, q_start,
+                                       segments=segments)
+    want = torch.autograd.grad(ops.selected_attention(q, k, v, idx, blk, q_start), (q, k, v), go)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        check(name, a, b, dtype)
+
+
 @pytest.mark.parametrize("mode,qt", [("block", "1"), ("block_dq", "1"), ("block", "4")])
 def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
     """-1 slots are skipped; a query whose every slot is -1 (or whose blocks lie wholly after it)
@@ -170,16 +206,20 @@ def test_query_tile_caps(monkeypatch):
 
 def test_block_segments_invert_idx():
     """block_segments lists, for every (batch, group, block), exactly the queries that selected it,
-    ascending, in segments of at most `seg`; unused (-1) slots are dropped."""
+    ascending, in segments of at most `seg`, each with its (query, slot) pair index; unused (-1)
+    slots are dropped."""
     g = torch.Generator().manual_seed(9)
     B, G, Sq, n, NB, seg = 2, 2, 23, 3, 5, 4
     idx = torch.randint(-1, NB, (B, G, Sq, n), generator=g)
-    qidx, owner, start, end = selected.block_segments(idx.to(DEVICE), NB, seg)
+    qidx, owner, start, end, pair = selected.block_segments(idx.to(DEVICE), NB, seg)
     got = {}
+    flat = idx.reshape(-1)
     for o, a, e in zip(owner.tolist(), start.tolist(), end.tolist()):
         assert 0 <= e - a <= seg
         if e > a:  # the surplus segments (a static upper bound, no host sync) are empty
             got.setdefault(o, []).extend(qidx[a:e].tolist())
+            for p_ in pair[a:e].tolist():  # each entry's (query, slot) pair holds this block
+                assert flat[p_] == o % NB and (p_ // n) % Sq == qidx[a + pair[a:e].tolist().index(p_)]
     want = {}
     for b in range(B):
         for gg in range(G):

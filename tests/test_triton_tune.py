@@ -113,13 +113,14 @@ def test_mode_and_enabled(monkeypatch):
 @pytest.mark.parametrize("dtype,pins,fastest,want", [
     (F32, {}, "qt4", {"selected_fwd": "qt4", "selected_bwd_qt4": "block_dq/rows64"}),
     (BF16, {}, "qt1s2", {"selected_fwd": "qt1s2", "selected_bwd_qt1s2": "block_dq/rows64"}),
+    (F32, {}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dq/rows64"}),
     (F32, {"NSA_SLC_QTILE": "2", "NSA_SLC_DKV": "block"}, None, {"selected_bwd_qt2": "block/rows64"}),
 ])
 def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     """Tuning on a slice (the first 24 of 40 queries of both batch elements) picks what the fake
-    clock favours (a query tile, or one query per program at another pipeline depth, which the dQ
-    kernel then shares; in 2-byte dtypes only), an explicit switch pins its dimension, and the result
-    equals the PyTorch path's."""
+    clock favours (a query tile, one query per program at another pipeline depth, which the dQ
+    kernel then shares, in 2-byte dtypes only, or the block-centric forward, whose segments the
+    backward reuses), an explicit switch pins its dimension, and the result equals the PyTorch path's."""
 
     monkeypatch.setenv("NSA_TUNE", "on")
     for k_, v_ in pins.items():
@@ -127,7 +128,7 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "SLICE_QUERIES", 24)
     monkeypatch.setattr(tune, "REPS", 1)
-    ms = {"qt1": 4.0, "qt2": 3.0, "qt4": 2.0, "qt8": 3.5, "qt1s1": 5.0, "qt1s2": 4.5, "qt1s4": 4.2,
+    ms = {"qt1": 4.0, "qt2": 3.0, "qt4": 2.0, "qt8": 3.5, "qt1s1": 5.0, "qt1s2": 4.5, "qt1s4": 4.2, "bc": 3.8,
           "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 2.0, "block_dq/rows64": 1.0}
     if fastest:
         ms[fastest] = 0.5
@@ -144,13 +145,15 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
     assert got == want
     if dtype == F32 and not pins:
-        assert {"qt1", "qt2", "qt4"} == set(timed) - {"block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64"}
+        assert {"qt1", "qt2", "qt4", "bc"} == set(timed) - {"block/rows0", "block/rows64", "block_dq/rows0",
+                                                             "block_dq/rows64"}
     if dtype == BF16:
         assert {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4"} <= set(timed)
 
 
 def test_parse_tile():
-    assert [selected.parse_tile(n) for n in ("qt1", "qt8", "qt1s2", "qt1s4")] == [(1, None), (8, None), (1, 2), (1, 4)]
+    assert [selected.parse_tile(n) for n in ("qt1", "qt8", "qt1s2", "qt1s4", "bc")] == [
+        (1, None), (8, None), (1, 2), (1, 4), (1, None)]
 
 
 def test_tuning_slice_covers_a_training_batch(monkeypatch):
@@ -254,7 +257,7 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     out = nsa_triton.window_attention(q, k, v, w)
     check_grads(out, ops.window_attention(q, k, v, w), (q, k, v), BF16)
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
-    assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4"}
+    assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4", "bc"}
     assert got[f"selected_bwd_{got['selected_fwd']}"] in {
         "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64"}
     assert ("window_fwd" in got) == (D > 64)

@@ -19,6 +19,7 @@ import time
 # the launch_warps names of the kernels whose num_warps was tuned (the others use num_warps(D))
 LAUNCH_NAMES = {("_slc_fwd_kernel", None): "selected_fwd", ("_slc_bwd_kernel", True): "selected_bwd_atomic",
                 ("_slc_bwd_kernel", False): "selected_bwd_dq", ("_slc_bwd_dkdv_kernel", None): "selected_bwd_dkdv",
+                ("_slc_fwd_block_kernel", None): "selected_bwd_dkdv",
                 ("_select_scores_kernel", None): "select"}
 
 # largest shared memory one block may use (bytes): A100 (sm80) 163 KB, H100 (sm90) 227 KB
@@ -73,6 +74,13 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     *((selected._slc_bwd_kernel, dict(qkv, **lists, DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
                        dict(consts, DKV_ATOMIC=atomic))
                       for consts, lists in slc_tiles for atomic in (False, True) if consts["QT"] == 1 or not atomic),
+                    (selected._slc_fwd_block_kernel,
+                     dict(qkv, QIDX="*i32", PAIR="*i32", SEG_OWNER="*i32", SEG_START="*i32", SEG_END="*i32",
+                          PO=t, PL=f),
+                     dict(slc, QPR=max_rows // group, ROWS_PAD=pad_pow2(max_rows // group * group))),
+                    (selected._slc_combine_kernel, dict(PO=t, PL=f, IDX="*i64", O=t, LSE=f),
+                     dict(R=group, QT=max_rows // group, ROWS_PAD=pad_pow2(max_rows // group * group), D=D,
+                          D_PAD=pad_pow2(D))),
                     *((selected._slc_bwd_dkdv_kernel,
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, DQ=f, QIDX="*i32", SEG_OWNER="*i32",
                             SEG_START="*i32", SEG_END="*i32"),

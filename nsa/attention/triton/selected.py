@@ -330,12 +330,113 @@ def _slc_bwd_dkdv_kernel(
     tl.atomic_add(DV + out, dv, mask=used)
 
 
+@triton.jit
+def _slc_fwd_block_kernel(
+    Q, K, V, QIDX, PAIR, SEG_OWNER, SEG_START, SEG_END, PO, PL,
+    s_qb, s_qh, s_qt, s_qd,
+    s_kb, s_kg, s_kn, s_kd,
+    s_vb, s_vg, s_vn, s_vd,
+    G, N, NB, q_start, scale,
+    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLK: tl.constexpr, BLK_PAD: tl.constexpr,
+    QPR: tl.constexpr, ROWS_PAD: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    """Block-centric forward: one program per segment of the queries that selected one block (the
+    dK/dV kernel's segments). The block's K/V are loaded once; QPR queries x R heads at a time form
+    the dot's rows. For each (query, head) row it writes the attention over this block alone,
+    normalised (PO [pairs, R, D], input dtype), and its base-2 LSE (PL [pairs, R] fp32, -inf when no
+    key of the block is visible), at the (query, slot) pair's index; _slc_combine_kernel merges a
+    query's n partials."""
+    pid = tl.program_id(0)
+    owner = tl.load(SEG_OWNER + pid).to(tl.int64)
+    q_lo = tl.load(SEG_START + pid).to(tl.int64)
+    q_hi = tl.load(SEG_END + pid).to(tl.int64)
+    bg = owner // NB
+    b = bg // G
+    g = bg % G
+    tok = (owner % NB) * BLK + tl.arange(0, BLK_PAD)
+    nmask = (tl.arange(0, BLK_PAD) < BLK) & (tok < N)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b * s_kb + g * s_kg + tok[:, None] * s_kn + offs_d[None, :] * s_kd,
+                mask=kv_mask, other=0.0).to(DOT_T)
+    v = tl.load(V + b * s_vb + g * s_vg + tok[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=kv_mask, other=0.0).to(DOT_T)
+    offs_r = tl.arange(0, ROWS_PAD)
+    hh = offs_r % R
+    for m0 in range(q_lo, q_hi, QPR):
+        ent = m0 + offs_r // R
+        rmask = (offs_r < QPR * R) & (ent < q_hi)
+        tq = tl.load(QIDX + ent, mask=rmask, other=0).to(tl.int64)
+        row = tl.load(PAIR + ent, mask=rmask, other=0).to(tl.int64) * R + hh  # row of PO / PL
+        q = tl.load(Q + b * s_qb + (g * R + hh)[:, None] * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
+                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+        valid = rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m = tl.max(s, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = tl.sum(p, 1)
+        empty = l_i == 0.0
+        o = tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC) / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(PO + row[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(PL + row, tl.where(empty, float("-inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))), mask=rmask)
+
+
+@triton.jit
+def _slc_combine_kernel(
+    PO, PL, IDX, O, LSE,
+    s_ib, s_ig, s_it, s_is,
+    s_ob, s_oh, s_ot, s_od,
+    G, Sq, NSEL,
+    R: tl.constexpr, QT: tl.constexpr, ROWS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Merge each (query, head)'s n per-block partials (_slc_fwd_block_kernel) into O [B,H,Sq,D] and
+    the natural-log LSE [B,H,Sq]: a softmax-weighted sum by their LSEs, slots -1 skipped."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = (pid_bg % G).to(tl.int64)
+    offs_r = tl.arange(0, ROWS_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    tq = pid_t.to(tl.int64) * QT + offs_r // R
+    hh = offs_r % R
+    rmask = (offs_r < QT * R) & (tq < Sq)
+    dmask = offs_d < D
+    m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS_PAD], tl.float32)
+    acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
+    for slot in range(0, NSEL):
+        blk = tl.load(IDX + b * s_ib + g * s_ig + tq * s_it + slot * s_is, mask=rmask, other=-1)
+        ok = rmask & (blk >= 0)
+        row = ((pid_bg.to(tl.int64) * Sq + tq) * NSEL + slot) * R + hh
+        part_lse = tl.load(PL + row, mask=ok, other=float("-inf"))
+        part_o = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+        m_new = tl.maximum(m_i, part_lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        w = tl.math.exp2(part_lse - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + part_o.to(tl.float32) * w[:, None]
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    heads = g * R + hh
+    tl.store(O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)
+
+
 def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
     """Invert idx [B,G,Sq,n] (-1 = unused) into per-block query lists, cut into segments.
 
     Returns (qidx int32 [B*G*Sq*n]: query indices grouped by owner = (b*G + g)*n_blocks + block,
     ascending within an owner, the unused slots last; seg_owner, seg_start, seg_end int32
-    [n_segments]: each segment's owner and its [start, end) range in qidx, at most `seg` queries).
+    [n_segments]: each segment's owner and its [start, end) range in qidx, at most `seg` queries;
+    pair int32 [B*G*Sq*n]: for each qidx entry, its (query, slot) pair's flat index into idx,
+    ((b*G + g)*Sq + t)*n + slot, where the block-centric forward writes that pair's partial result).
 
     No host synchronisation (no .item(), bincount or repeat_interleave, which all wait for the GPU
     to size their output): the segment arrays have a static upper-bound length, and the surplus
@@ -349,9 +450,10 @@ def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
     owner = torch.where(blk >= 0, owner, sentinel).reshape(-1)
     sorted_owner, order = torch.sort(owner, stable=True)  # stable: queries stay ascending per block
     qidx = ((order % (Sq * n)) // n).to(torch.int32)
+    pair = order.to(torch.int32)
     if sentinel == 0:  # no key block at all
         none = torch.zeros(0, dtype=torch.int32, device=dev)
-        return qidx, none, none, none
+        return qidx, none, none, none, pair
     owners = torch.arange(sentinel, device=dev)
     first = torch.searchsorted(sorted_owner, owners)
     counts = torch.searchsorted(sorted_owner, owners, right=True) - first
@@ -368,7 +470,8 @@ def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
     seg_end = torch.minimum(seg_start + seg, first[o] + counts[o])
     zero = torch.zeros_like(seg_start)
     seg_start, seg_end = torch.where(real, seg_start, zero), torch.where(real, seg_end, zero)
-    return qidx, torch.where(real, o, zero).to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
+    return (qidx, torch.where(real, o, zero).to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32),
+            pair)
 
 
 def row_cap(rows: int, dtype: torch.dtype) -> int:
@@ -472,11 +575,45 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1
     return out, lse
 
 
+def selected_forward_blocks(q, k, v, idx, slc_block: int, q_start: int = 0, segments=None):
+    """Block-centric forward ("bc", a tuned variant): (out, lse, segments). Each selected block's K/V
+    are loaded once per segment of the queries that chose it (instead of once per query), all heads
+    of several queries forming a dot's rows; per-(query, slot) partial results go through HBM
+    ([B*G*Sq*n, r, D] in the input dtype) and a second kernel merges each query's n of them.
+    `segments` (block_segments) are returned for the backward, which uses the same ones."""
+    m = _meta(q, k, idx, slc_block, 1)
+    B, H, Sq, D, G, N, r, n = (m[key] for key in ("B", "H", "Sq", "D", "G", "N", "r", "n"))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    n_blocks = cdiv(N, int(slc_block))
+    if segments is None:
+        segments = block_segments(idx, n_blocks)
+    if Sq == 0:
+        return out, lse, segments
+    qidx, seg_owner, seg_start, seg_end, pair = segments
+    part_o = torch.empty(B * G * Sq * n, r, D, dtype=q.dtype, device=q.device)  # rows never written: never read
+    part_lse = torch.empty(B * G * Sq * n, r, dtype=torch.float32, device=q.device)
+    c = m["consts"]
+    dots = {key: c[key] for key in ("IN_T", "DOT_T", "PREC")}
+    qpr = max(1, row_cap(MAX_TILE_ROWS, q.dtype) // r)
+    if seg_owner.numel():
+        _slc_fwd_block_kernel[(seg_owner.numel(),)](
+            q, k, v, qidx, pair, seg_owner, seg_start, seg_end, part_o, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), G, N, n_blocks, int(q_start), 1.0 / math.sqrt(D),
+            R=r, D=D, D_PAD=c["D_PAD"], BLK=c["BLK"], BLK_PAD=c["BLK_PAD"], QPR=qpr, ROWS_PAD=pad_pow2(qpr * r),
+            **dots, num_warps=launch_warps("selected_bwd_dkdv", D))
+    qt = max(1, row_cap(MAX_TILE_ROWS, q.dtype) // r)
+    _slc_combine_kernel[(cdiv(Sq, qt), B * G)](
+        part_o, part_lse, idx, out, lse, *idx.stride(), *out.stride(), G, Sq, n,
+        R=r, QT=qt, ROWS_PAD=pad_pow2(qt * r), D=D, D_PAD=c["D_PAD"], num_warps=num_warps(D))
+    return out, lse, segments
+
+
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
-                      qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None):
+                      qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None, segments=None):
     """(dq, dk, dv); mode "block", "atomic" or "block_dq" (default: NSA_SLC_DKV, else "block");
     qt / lists / stages as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row
-    tile (see dkdv_queries_per_step)."""
+    tile (see dkdv_queries_per_step); segments: block_segments(idx, ...) when the forward built them."""
     m = _meta(q, k, idx, slc_block, qt)
     mode = mode or dkv_mode()
     do = grad_out
@@ -503,7 +640,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             )
         if not atomic:
             n_blocks = cdiv(m["N"], int(slc_block))
-            qidx, seg_owner, seg_start, seg_end = block_segments(idx, n_blocks)
+            qidx, seg_owner, seg_start, seg_end, _ = segments or block_segments(idx, n_blocks)
             if seg_owner.numel():
                 consts = {k_: v_ for k_, v_ in m["consts"].items() if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD")}
                 qpr = dkdv_queries_per_step(m["r"], q.dtype, rows)
@@ -524,6 +661,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
 # which walks the same blocks, follows the forward's): fewer stages, less shared memory per program,
 # more programs per SM to hide the gathers' latency.
 QTILE_CANDIDATES = (1, 2, 4, 8)
+BLOCK_TILE = "bc"  # the block-centric forward (selected_forward_blocks), also a forward candidate
 STAGE_CANDIDATES = (1, 2, 4)
 DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64))
 
@@ -535,8 +673,10 @@ def _tune_inputs(k, v, q_start, *per_query):
 
 
 def parse_tile(name: str) -> tuple[int, int | None]:
-    """A forward variant's name -> (queries per program, pipeline stages or None): "qt4" -> (4, None),
-    "qt1s2" -> (1, 2)."""
+    """A forward variant's name -> (queries per program, pipeline stages or None) of the forward and
+    its dQ kernel: "qt4" -> (4, None), "qt1s2" -> (1, 2); "bc" (block-centric forward) -> (1, None)."""
+    if name == BLOCK_TILE:
+        return 1, None
     qt, _, stages = name[2:].partition("s")
     return int(qt), int(stages) if stages else None
 
@@ -552,9 +692,14 @@ def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
     options = [f"qt{qt}" for qt in sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})]
     if q.element_size() == 2:  # fp32 K/V stages are twice as big: 4 of them overflow an A100's shared memory
         options += [f"qt1s{st}" for st in STAGE_CANDIDATES]
-    # compared on the output (the LSE comes out of the same pass)
-    variants = {name: (lambda name=name: selected_forward(qs, ks, vs, ids, slc_block, q_start, *_tile_opts(name))[:1])
-                for name in options}
+    options.append(BLOCK_TILE)
+
+    def run(name):  # compared on the output (the LSE comes out of the same pass)
+        if name == BLOCK_TILE:
+            return selected_forward_blocks(qs, ks, vs, ids, slc_block, q_start)[:1]
+        return selected_forward(qs, ks, vs, ids, slc_block, q_start, *_tile_opts(name))[:1]
+
+    variants = {name: (lambda name=name: run(name)) for name in options}
     key = tune.shape_key("selected_fwd", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
     return tune.pick(key, variants, tune.differs, q.device)
 
@@ -590,12 +735,16 @@ def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int
 
 
 def _planned_forward(q, k, v, idx, slc_block: int, q_start: int):
-    """(out, lse, tile, lists): the forward with its tile variant chosen (forward_tile)."""
+    """(out, lse, tile, lists, segments): the forward with its tile variant chosen (forward_tile);
+    segments: the block-centric forward's block_segments (None otherwise), which the backward reuses."""
     tile = forward_tile(q, k, v, idx, slc_block, q_start)
     qt, stages = parse_tile(tile)
     lists = tile_lists(idx, qt) if qt > 1 else (idx, idx)
+    if tile == BLOCK_TILE:
+        out, lse, segments = selected_forward_blocks(q, k, v, idx, slc_block, q_start)
+        return out, lse, tile, lists, segments
     out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists, stages)
-    return out, lse, tile, lists
+    return out, lse, tile, lists, None
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -604,9 +753,9 @@ class SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, slc_block: int, q_start: int):
-        out, lse, tile, lists = _planned_forward(q, k, v, idx, slc_block, q_start)
+        out, lse, tile, lists, segments = _planned_forward(q, k, v, idx, slc_block, q_start)
         ctx.save_for_backward(q, k, v, idx, out, lse, *lists)
-        ctx.slc_block, ctx.q_start, ctx.tile = slc_block, q_start, tile
+        ctx.slc_block, ctx.q_start, ctx.tile, ctx.segments = slc_block, q_start, tile, segments
         return out
 
     @staticmethod
@@ -615,7 +764,8 @@ class SelectedAttention(torch.autograd.Function):
         mode, rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.tile)
         qt, stages = parse_tile(ctx.tile)
         dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
-                                       mode=mode, qt=qt, lists=(lst, cnt), rows=rows, stages=stages)
+                                       mode=mode, qt=qt, lists=(lst, cnt), rows=rows, stages=stages,
+                                       segments=ctx.segments)
         return dq, dk, dv, None, None, None
 
 
