@@ -10,7 +10,8 @@ forward+backward at 4k), so these microseconds, not the kernels, set the wall ti
 through the Triton interpreter with their launches replaced by no-ops (TRITON_INTERPRET=1 is set
 here; no GPU needed), on tiny shapes where PyTorch's own ops cost little more than their dispatch;
 what remains is our wrappers, autograd, and the launches' count. The RoPE kernel is used as on CUDA.
-Per pass (fwd, fwd_bwd, decode): CPU microseconds per call (the lowest of --repeats batch means), the number of PyTorch
+Per pass (fwd, fwd_bwd, decode, decode_static: the static-cache step a CUDA graph replays, whose op
+count is the graph's kernel count): CPU microseconds per call (the lowest of --repeats batch means), the number of PyTorch
 ops that launch a kernel (views excluded) and the number of Triton launches. One JSON line each,
 then a table. Run it before and after a change to the layer's host code; the numbers are CPU times
 and move with the machine, so compare within one run.
@@ -110,7 +111,13 @@ def passes(attention: str, seq_len: int):
     def decode():
         layer.decode_step(token, rope, cache)
 
-    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "decode": decode}
+    # the static-cache step (static_decode.py), what a CUDA graph replays: its count is the graph's kernels
+    static = filled_cache(attention, cfg, seq_len, "cpu", torch.float32, static=(layer, seq_len + 1))
+
+    def decode_static():
+        layer.decode_step(token, rope, static)  # the position stays: every call writes the same slots
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "decode": decode, "decode_static": decode_static}
 
 
 def measure(fn, repeats: int, inner: int) -> float:
@@ -157,11 +164,11 @@ def main() -> int:
                          "torch": torch.__version__})
             print(json.dumps(rows[-1]), flush=True)
     if not args.json_only:
-        print(f"\n{'pass':<9} {'nsa us':>9} {'full us':>9} {'nsa/full':>9} {'nsa ops+launches':>17} {'full ops+launches':>18}")
+        print(f"\n{'pass':<13} {'nsa us':>9} {'full us':>9} {'nsa/full':>9} {'nsa ops+launches':>17} {'full ops+launches':>18}")
         by = {(r["attention"], r["pass"]): r for r in rows}
-        for name in ("fwd", "fwd_bwd", "decode"):
+        for name in ("fwd", "fwd_bwd", "decode", "decode_static"):
             n, f = by[("nsa", name)], by[("full", name)]
-            print(f"{name:<9} {n['host_us']:>9.0f} {f['host_us']:>9.0f} {n['host_us'] / f['host_us']:>9.2f} "
+            print(f"{name:<13} {n['host_us']:>9.0f} {f['host_us']:>9.0f} {n['host_us'] / f['host_us']:>9.2f} "
                   f"{n['torch_ops']:>10} + {n['triton_launches']:<5} {f['torch_ops']:>11} + {f['triton_launches']:<5}")
     return 0
 

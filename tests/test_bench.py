@@ -238,12 +238,14 @@ def test_bench_host_counts_launches_and_host_time():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     by = {(r["attention"], r["pass"]): r for r in rows}
-    assert set(by) == {(a, p) for a in ("nsa", "full") for p in ("fwd", "fwd_bwd", "decode")}
+    assert set(by) == {(a, p) for a in ("nsa", "full") for p in ("fwd", "fwd_bwd", "decode", "decode_static")}
     assert all(r["host_us"] > 0 for r in rows)
     # forward: compressed, selection, selected, window, gate-combine and 3-4 RoPE kernels; full: 2 RoPE
     assert by[("nsa", "fwd")]["triton_launches"] >= 8 and by[("full", "fwd")]["triton_launches"] == 2
     assert by[("nsa", "fwd_bwd")]["triton_launches"] > by[("nsa", "fwd")]["triton_launches"]
     assert by[("nsa", "fwd_bwd")]["torch_ops"] > by[("full", "fwd_bwd")]["torch_ops"]
+    # the static step: NSA's branches in PyTorch (only RoPE and the gate-and-combine in Triton)
+    assert by[("nsa", "decode_static")]["triton_launches"] == 5 and by[("full", "decode_static")]["triton_launches"] == 2
     assert "nsa/full" in proc.stdout
 
 
