@@ -26,10 +26,11 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
                         slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
                         index, its sort included), with num_warps variants for the block kernels, vs
-                        "block_dq" (the block-centric kernel alone, adding dQ with atomics), and
+                        "block_dq" (the block-centric kernel alone, adding dQ with atomics), vs
+                        "block_dqsum" (the same storing per-(query, slot) dQ shares, summed after), and
                         "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward), and
-                        "block_rows64" / "block_dq_rows64" (the dK/dV kernel on 64-row (query, head)
-                        tiles, rows=64)
+                        "block_rows64" / "block_dq_rows64" / "block_dqsum_rows64" (the dK/dV kernel on
+                        64-row (query, head) tiles, rows=64)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
@@ -175,7 +176,9 @@ def rows_for(layout: str, S: int, device: str):
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block"))
     yield "slc_bwd", "block_dq", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block_dq"))
-    for mode in ("block", "block_dq"):  # the dK/dV kernel on 64-row (query, head) tiles
+    yield "slc_bwd", "block_dqsum", lambda: bench(
+        lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block_dqsum"))
+    for mode in ("block", "block_dq", "block_dqsum"):  # the dK/dV kernel on 64-row (query, head) tiles
         yield "slc_bwd", f"{mode}_rows64", lambda mode=mode: bench(
             lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode=mode, rows=64))
     for qt in qtiles:  # the lists come from the forward in training: not timed here

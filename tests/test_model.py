@@ -132,6 +132,8 @@ def test_static_decode_matches_dynamic_decode(attention, prompt, monkeypatch):
         assert caches[1].tokens_read == dynamic[1].tokens_read, t
     with pytest.raises(UserError, match="capacity of 60 tokens"):
         step(seq[:, 0])
+    with pytest.raises(UserError, match="capacity of 60 tokens"):  # stepping without GraphedStep: same check
+        model.decode_step(seq[:, 0], caches)
     with pytest.raises(UserError, match="capacity"):
         model.prefill(torch.randint(0, 100, (2, 61)), model.new_static_caches(batch=2, capacity=60)[0])
 

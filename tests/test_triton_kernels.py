@@ -101,7 +101,7 @@ def test_selected_block_centric_forward(monkeypatch, dtype, B, G, r, Sq, q_start
         check(name, a, b, dtype)
 
 
-@pytest.mark.parametrize("mode,qt", [("block", "1"), ("block_dq", "1"), ("block", "4")])
+@pytest.mark.parametrize("mode,qt", [("block", "1"), ("block_dq", "1"), ("block", "4"), ("block_dqsum", "1")])
 def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
     """-1 slots are skipped; a query whose every slot is -1 (or whose blocks lie wholly after it)
     gets zero output and zero gradient, as in ops (also with query tiles: there the tile's union
@@ -126,12 +126,13 @@ def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
 
 @pytest.mark.parametrize("mode,seg,dtype,rows", [("atomic", None, F32, 0), ("block", 3, F32, 0), ("block", 5, BF16, 0),
                                                  ("block_dq", 3, F32, 0), ("block_dq", None, BF16, 0),
-                                                 ("block", 5, F32, 16), ("block_dq", None, BF16, 64)])
+                                                 ("block", 5, F32, 16), ("block_dq", None, BF16, 64),
+                                                 ("block_dqsum", 3, F32, 0), ("block_dqsum", None, BF16, 64)])
 def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows):
     """All backward strategies match ops: the atomic one, the block-centric one with segments so
     short that every block's query list is split across several programs, and the block-centric
-    one that also adds dQ (no dQ kernel); rows > 0: the dK/dV kernel's (query, head) row tiles
-    (selected.DKV_HEAD_ROWS)."""
+    ones that also give dQ (no dQ kernel): with atomics, or per-(query, slot) shares summed after;
+    rows > 0: the dK/dV kernel's (query, head) row tiles (selected.DKV_HEAD_ROWS)."""
     monkeypatch.setattr(selected, "DKV_HEAD_ROWS", rows)
     if seg:
         monkeypatch.setattr(selected, "SEG", seg)

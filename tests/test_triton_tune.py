@@ -114,6 +114,7 @@ def test_mode_and_enabled(monkeypatch):
     (F32, {}, "qt4", {"selected_fwd": "qt4", "selected_bwd_qt4": "block_dq/rows64"}),
     (BF16, {}, "qt1s2", {"selected_fwd": "qt1s2", "selected_bwd_qt1s2": "block_dq/rows64"}),
     (F32, {}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dq/rows64"}),
+    (BF16, {"NSA_SLC_DKV": "block_dqsum"}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dqsum/rows64"}),
     (F32, {"NSA_SLC_QTILE": "2", "NSA_SLC_DKV": "block"}, None, {"selected_bwd_qt2": "block/rows64"}),
 ])
 def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
@@ -129,7 +130,8 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     monkeypatch.setattr(tune, "SLICE_QUERIES", 24)
     monkeypatch.setattr(tune, "REPS", 1)
     ms = {"qt1": 4.0, "qt2": 3.0, "qt4": 2.0, "qt8": 3.5, "qt1s1": 5.0, "qt1s2": 4.5, "qt1s4": 4.2, "bc": 3.8,
-          "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 2.0, "block_dq/rows64": 1.0}
+          "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 2.0, "block_dq/rows64": 1.0,
+          "block_dqsum/rows0": 2.5, "block_dqsum/rows64": 1.5}
     if fastest:
         ms[fastest] = 0.5
     timed = fake_clock(monkeypatch, ms)
@@ -145,8 +147,8 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
     assert got == want
     if dtype == F32 and not pins:
-        assert {"qt1", "qt2", "qt4", "bc"} == set(timed) - {"block/rows0", "block/rows64", "block_dq/rows0",
-                                                             "block_dq/rows64"}
+        assert {"qt1", "qt2", "qt4", "bc"} == {name for name in timed if "/" not in name}
+        assert {"block_dqsum/rows0", "block_dqsum/rows64"} <= set(timed)
     if dtype == BF16:
         assert {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4"} <= set(timed)
 
@@ -259,7 +261,7 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
     assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4", "bc"}
     assert got[f"selected_bwd_{got['selected_fwd']}"] in {
-        "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64"}
+        "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64", "block_dqsum/rows0", "block_dqsum/rows64"}
     assert ("window_fwd" in got) == (D > 64)
     assert got["compressed_fwd"] in compressed.FWD_TILES and got["compressed_dq"] in compressed.DQ_TILES
     assert got["compressed_dkv"] in compressed.DKV_TILES

@@ -45,6 +45,9 @@ dp = dO V^T, ds = p (dp - delta). Three ways to get the gradients, chosen by NSA
   (n adds per query row, from n different programs: little contention) and the dQ kernel, which
   re-gathers every query's n blocks (a third of the selected branch's training time on an H100),
   is skipped.
+* "block_dqsum" (tuned too): as "block_dq", but each (query, block) dQ share is stored, without
+  atomics, at its (query, slot) row of an fp32 [B*G*Sq*n, r, D] buffer, and a small kernel sums
+  each query's n rows (slots -1 skipped): HBM traffic instead of the dQ kernel's gathers or atomics.
 With "atomic", with "block" for blocks chosen by more than SEG queries (block 0 at least) and with
 "block_dq" for dQ, the order of the fp32 additions is not fixed run to run, so the last bits vary.
 
@@ -68,7 +71,7 @@ from nsa.attention.triton._common import (
     pad_pow2, rowsum_do_o,
 )
 
-DKV_MODES = ("block", "atomic", "block_dq")
+DKV_MODES = ("block", "atomic", "block_dq", "block_dqsum")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
 BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
 MAX_TILE_ROWS = 64  # (query, head) rows of a query tile (NSA_SLC_QTILE), bf16/fp16; 16 in fp32
@@ -238,10 +241,11 @@ def _slc_bwd_kernel(
 
 
 @triton.jit
-def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, rmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start, scale,
-               s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-               D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr):
-    """One step of the block-centric dK/dV: rows (query tq, head h) against this block's k, v."""
+def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start,
+               scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
+               D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr):
+    """One step of the block-centric dK/dV: rows (query tq, head h) against this block's k, v; prow:
+    the rows' (query, slot) pair rows of the partial dQ buffer (DQ_MODE 2)."""
     valid = rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])
     md_mask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -258,15 +262,18 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, rmask, tok, nmask, of
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
     dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-    if DQ_ATOMIC:  # a query selects a block once: its n blocks' programs add one share each
+    if DQ_MODE == 1:  # a query selects a block once: its n blocks' programs add one share each
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         tl.atomic_add(DQ + row[:, None] * D + offs_d[None, :], dq, mask=md_mask)
+    if DQ_MODE == 2:  # this block's share, stored at its (query, slot) pair; _slc_dq_sum_kernel adds them
+        dq = tl.dot(ds, k, input_precision=PREC) * scale
+        tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     return dk, dv
 
 
 @triton.jit
 def _slc_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, QIDX, SEG_OWNER, SEG_START, SEG_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, QIDX, PAIR, SEG_OWNER, SEG_START, SEG_END,
     s_qb, s_qh, s_qt, s_qd,
     s_kb, s_kg, s_kn, s_kd,
     s_vb, s_vg, s_vn, s_vd,
@@ -274,12 +281,14 @@ def _slc_bwd_dkdv_kernel(
     G, N, NB, Sq, q_start, scale,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLK: tl.constexpr, BLK_PAD: tl.constexpr, BM: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr,
     QPR: tl.constexpr, ROWS_PAD: tl.constexpr,
 ):
     """One program per segment of the queries that selected one block (block-centric dK/dV).
-    QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block. DQ_ATOMIC: also
-    add each query's dQ share from this block (ds K) into fp32 DQ [B,H,Sq,D] with atomics.
+    QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block, PAIR their (query,
+    slot) pairs (block_segments). Each query's dQ share from this block (ds K): DQ_MODE 0 none (the
+    dQ kernel computes dQ), 1 added into fp32 DQ [B,H,Sq,D] with atomics, 2 stored into the fp32
+    partial buffer DQ [pairs, R, D] at the pair's row (summed afterwards, no atomics).
     QPR = 0: BM queries per step, one head at a time (R dots of BM rows each). QPR > 0: QPR queries
     per step with all R heads at once, as QPR*R (query, head) rows padded to ROWS_PAD (one dot of
     up to 64 rows: the size Hopper's wgmma needs), the candidate DKV_HEAD_ROWS."""
@@ -313,17 +322,19 @@ def _slc_bwd_dkdv_kernel(
         for m0 in range(q_lo, q_hi, QPR):
             rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
             tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)  # [ROWS_PAD]
-            dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, rmask, tok, nmask,
+            prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
+            dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok, nmask,
                                 offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-                                D, IN_T, DOT_T, PREC, DQ_ATOMIC)
+                                D, IN_T, DOT_T, PREC, DQ_MODE)
     else:  # BM queries per step, head by head
         for m0 in range(q_lo, q_hi, BM):
             mmask = m0 + offs_m < q_hi
             tq = tl.load(QIDX + m0 + offs_m, mask=mmask, other=0).to(tl.int64)  # [BM] query indices
+            pair = tl.load(PAIR + m0 + offs_m, mask=mmask, other=0).to(tl.int64) * R
             for hh in range(0, R):
-                dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + hh + 0 * offs_m, mmask, tok,
-                                    nmask, offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd,
-                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_ATOMIC)
+                dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + hh + 0 * offs_m, pair + hh,
+                                    mmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd,
+                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_MODE)
     out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
     used = kv_mask & (q_lo < q_hi)  # the surplus segments of block_segments are empty
     tl.atomic_add(DK + out, dk * scale, mask=used)
@@ -380,8 +391,10 @@ def _slc_fwd_block_kernel(
         l_i = tl.sum(p, 1)
         empty = l_i == 0.0
         o = tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC) / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(PO + row[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-        tl.store(PL + row, tl.where(empty, float("-inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))), mask=rmask)
+        tl.store(PO + row[:, None] * D + offs_d[None, :], o.to(PO.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
+        part_lse = tl.where(empty, float("-inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(PL + row, part_lse, mask=rmask)
 
 
 @triton.jit
@@ -427,6 +440,37 @@ def _slc_combine_kernel(
     tl.store(O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)
+
+
+@triton.jit
+def _slc_dq_sum_kernel(
+    DQP, IDX, DQ,
+    s_ib, s_ig, s_it, s_is,
+    s_ob, s_oh, s_ot, s_od,
+    G, Sq, NSEL,
+    R: tl.constexpr, QT: tl.constexpr, ROWS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """dQ [B,H,Sq,D] = the sum of each (query, head)'s per-block shares in DQP [pairs, R, D] (fp32,
+    written by the dK/dV kernel in DQ_MODE 2), slots -1 skipped."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = (pid_bg % G).to(tl.int64)
+    offs_r = tl.arange(0, ROWS_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    tq = pid_t.to(tl.int64) * QT + offs_r // R
+    hh = offs_r % R
+    rmask = (offs_r < QT * R) & (tq < Sq)
+    dmask = offs_d < D
+    acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
+    for slot in range(0, NSEL):
+        blk = tl.load(IDX + b * s_ib + g * s_ig + tq * s_it + slot * s_is, mask=rmask, other=-1)
+        ok = rmask & (blk >= 0)
+        row = ((pid_bg.to(tl.int64) * Sq + tq) * NSEL + slot) * R + hh
+        acc += tl.load(DQP + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+    heads = g * R + hh
+    tl.store(DQ + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
+             acc.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
@@ -611,7 +655,7 @@ def selected_forward_blocks(q, k, v, idx, slc_block: int, q_start: int = 0, segm
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
                       qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None, segments=None):
-    """(dq, dk, dv); mode "block", "atomic" or "block_dq" (default: NSA_SLC_DKV, else "block");
+    """(dq, dk, dv); mode "block", "atomic", "block_dq" or "block_dqsum" (default: NSA_SLC_DKV, else "block");
     qt / lists / stages as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row
     tile (see dkdv_queries_per_step); segments: block_segments(idx, ...) when the forward built them."""
     m = _meta(q, k, idx, slc_block, qt)
@@ -622,12 +666,16 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
     dv = torch.zeros_like(dk)
     if mode == "block_dq":  # fp32 accumulator for the dK/dV kernel's atomic dQ shares
         dq = torch.zeros(m["B"], m["H"], m["Sq"], m["D"], dtype=torch.float32, device=q.device)
+    elif mode == "block_dqsum":  # the dK/dV kernel's per-(query, slot) dQ shares; unused slots never read
+        dq_parts = torch.empty(m["B"] * m["G"] * m["Sq"] * m["n"], m["r"], m["D"], dtype=torch.float32,
+                               device=q.device)
+        dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
     else:
         dq = torch.empty(m["B"], m["H"], m["Sq"], m["D"], dtype=q.dtype, device=q.device)
     if m["Sq"] > 0:
         strides = (*q.stride(), *k.stride(), *v.stride())
         atomic = mode == "atomic"
-        if mode != "block_dq":
+        if mode not in ("block_dq", "block_dqsum"):
             if qt > 1 and lists is None:
                 lists = tile_lists(idx, qt)
             tile_args, n_tiles, n_list = _tile_args(idx, lists, qt)
@@ -640,17 +688,24 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             )
         if not atomic:
             n_blocks = cdiv(m["N"], int(slc_block))
-            qidx, seg_owner, seg_start, seg_end, _ = segments or block_segments(idx, n_blocks)
+            qidx, seg_owner, seg_start, seg_end, pair = segments or block_segments(idx, n_blocks)
+            dq_mode = {"block_dq": 1, "block_dqsum": 2}.get(mode, 0)
             if seg_owner.numel():
                 consts = {k_: v_ for k_, v_ in m["consts"].items() if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD")}
                 qpr = dkdv_queries_per_step(m["r"], q.dtype, rows)
                 _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
-                    q, k, v, do, lse, delta, dk, dv, dq, qidx, seg_owner, seg_start, seg_end,
-                    *strides, *do.stride(),
+                    q, k, v, do, lse, delta, dk, dv, dq_parts if dq_mode == 2 else dq, qidx, pair,
+                    seg_owner, seg_start, seg_end, *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
-                    BM=BM_DKV, DQ_ATOMIC=mode == "block_dq", QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]),
+                    BM=BM_DKV, DQ_MODE=dq_mode, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]),
                     **consts, num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
                 )
+            if dq_mode == 2:
+                qt_sum = max(1, row_cap(MAX_TILE_ROWS, q.dtype) // m["r"])
+                _slc_dq_sum_kernel[(cdiv(m["Sq"], qt_sum), m["B"] * m["G"])](
+                    dq_parts, idx, dq, *idx.stride(), *dq.stride(), m["G"], m["Sq"], m["n"],
+                    R=m["r"], QT=qt_sum, ROWS_PAD=pad_pow2(qt_sum * m["r"]), D=m["D"], D_PAD=m["D_PAD"],
+                    num_warps=num_warps(m["D"]))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -663,7 +718,8 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
 QTILE_CANDIDATES = (1, 2, 4, 8)
 BLOCK_TILE = "bc"  # the block-centric forward (selected_forward_blocks), also a forward candidate
 STAGE_CANDIDATES = (1, 2, 4)
-DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64))
+DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64),
+                  ("block_dqsum", DKV_HEAD_ROWS), ("block_dqsum", 64))
 
 
 def _tune_inputs(k, v, q_start, *per_query):
