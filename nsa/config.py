@@ -281,6 +281,9 @@ class RuntimeConfig:
     peak_tflops: float = 0.0  # bf16 peak per device for MFU; 0 -> table by GPU name (env NSA_PEAK_TFLOPS wins)
     usd_per_gpu_hour: float = 0.0  # your price per GPU-hour (env GPU_HOURLY_USD wins); > 0 adds cost to metrics.json
     oom_fallback: bool = True  # on CUDA OOM: halve micro-batch (same tokens), then activation checkpointing
+    # re-time the self-tuned Triton kernel variants once at this step (0 = never): the first choice saw a random
+    # model's scattered block selections; a trained model's are coherent, which favours other variants
+    retune_step: int = 1000
 
     def validate(self, prefix: str = "runtime") -> None:
         choices = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -288,8 +291,10 @@ class RuntimeConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"'{prefix}.{key}' must be one of {', '.join(allowed)}, got {getattr(self, key)!r}.")
-        if self.threads < 0 or self.peak_tflops < 0 or self.usd_per_gpu_hour < 0 or self.dist_timeout_s < 1:
-            raise UserError(f"'{prefix}.threads', 'peak_tflops', 'usd_per_gpu_hour' must be >= 0, dist_timeout_s >= 1.")
+        if (self.threads < 0 or self.peak_tflops < 0 or self.usd_per_gpu_hour < 0 or self.dist_timeout_s < 1
+                or self.retune_step < 0):
+            raise UserError(f"'{prefix}.threads', 'peak_tflops', 'usd_per_gpu_hour', 'retune_step' must be >= 0, "
+                            "dist_timeout_s >= 1.")
 
 
 FAULT_KINDS = ("nan", "oom", "crash", "stall", "hang", "compile")

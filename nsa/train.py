@@ -554,6 +554,10 @@ class Trainer:
                 time.sleep(0.05)
                 if dist_utils.all_reduce_max([1.0 if self.preempt.signum is not None else 0.0], self.device)[0]:
                     break
+        if step == self.cfg.runtime.retune_step and kernel_tuning.enabled(self.device):
+            kernel_tuning.retune()
+            rank0_print(self.info, f"[nsa.train] step {step}: timing the tuned kernel variants again (the model's "
+                        "block selections are no longer random; runtime.retune_step)")
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (logged with it)
         micro_batches = [self.train_stream.next() for _ in range(self.accum)]
         loss = self._step_with_fallbacks(micro_batches, "nan" in faults, "oom" in faults, "compile" in faults)

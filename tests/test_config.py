@@ -62,6 +62,7 @@ def test_dotted_overrides_and_types():
     (["model.n_heads=12", "model.n_kv_heads=5"], "n_kv_heads"),
     (["data.dataset=imagenet"], "data.dataset"),
     (["runtime.precision=fp8"], "runtime.precision"),
+    (["runtime.retune_step=-1"], "retune_step"),
     (["train.fault_inject=boom@x"], "fault_inject"),
     (["train.global_batch_tokens=-1"], "global_batch_tokens"),
     (["train.global_batch_tokens=4096", "train.accumulate_grad_batches=4"], "Set only one"),

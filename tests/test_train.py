@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.conftest import (finish, kill_group, load_weights, read_csv, read_metrics, run_train, start_train,
-                            tiny_config, wait_for_output)
+from tests.conftest import (finish, kill_group, load_weights, offline_env, read_csv, read_metrics, run_train,
+                            start_train, tiny_config, wait_for_output)
 
 CONTRACT_FILES = ["training.csv", "val.csv", "metrics.json", "tb", "config.yaml", "best-model.safetensors",
                   "best-model.json", "final-model.safetensors", "final-model.json"]
@@ -40,7 +40,8 @@ def straight(tmp_path_factory):
 
     cfg.write_text(yaml.safe_dump(tiny_config()))
     out = base / "out"
-    r = run_train(str(cfg), "--out-dir", str(out))
+    # kernel tuning on (no Triton kernels run on CPU, so nothing is timed): the re-tuning step is announced
+    r = run_train(str(cfg), "--out-dir", str(out), "runtime.retune_step=3", env=dict(offline_env(), NSA_TUNE="on"))
     assert r.returncode == 0, r.stdout + r.stderr
     return str(cfg), str(out), r.stdout
 
@@ -55,6 +56,7 @@ def test_outputs_follow_the_contract(straight):
     with open(os.path.join(out, "val.csv")) as f:
         assert f.readline().strip() == "step,loss,ppl"
     assert [s for s, _ in losses(out)] == list(range(1, 9))
+    assert stdout.count("timing the tuned kernel variants again") == 1 and "step 3: timing the tuned" in stdout
     m = read_metrics(out)
     assert m["status"] == "completed" and m["step"] == 8 and m["tokens_seen"] == 8 * 2 * 32 * 2
     assert m["num_params"] > 0 and m["config"]["train"]["steps"] == 8 and m["hardware"]["device_type"] == "cpu"

@@ -97,6 +97,25 @@ def test_cache_file_round_trip_and_corrupt_file(monkeypatch, tmp_path, capsys):
     assert json.loads(path.read_text())["choices"]["k2"]["choice"] == "c"  # rewritten whole
 
 
+def test_retune_times_again_and_replaces_the_cached_choice(monkeypatch, tmp_path):
+    """retune() (the trainer's runtime.retune_step): every step is timed again on its next call, the
+    new choice replaces the old in the cache file, and a process that loads that file afterwards (a
+    run resumed past the re-tuning step) uses the new choice without timing."""
+    path = tmp_path / "kernel_tuning.json"
+    tune.use_cache_file(str(path))
+    timed = fake_clock(monkeypatch, {"a": 2.0, "b": 1.0})
+    assert tune.pick("k", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "b"
+    assert tune.pick("k", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "b" and timed["b"] == tune.REPS
+    fake_clock(monkeypatch, {"a": 0.5, "b": 1.0})  # the trained model favours a
+    tune.retune()
+    assert tune.pick("k", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "a"
+    assert json.loads(path.read_text())["choices"]["k"]["choice"] == "a"
+    tune.reset()
+    tune.use_cache_file(str(path))
+    fake_clock(monkeypatch, {})  # nothing may be timed
+    assert tune.pick("k", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "a"
+
+
 def test_mode_and_enabled(monkeypatch):
     monkeypatch.delenv("NSA_TUNE", raising=False)
     assert not tune.enabled(CPU)  # auto: CUDA only

@@ -78,17 +78,14 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                      dict(qkv, QIDX="*i32", PAIR="*i32", SEG_OWNER="*i32", SEG_START="*i32", SEG_END="*i32",
                           PO=t, PL=f),
                      dict(slc, QPR=max_rows // group, ROWS_PAD=pad_pow2(max_rows // group * group))),
-                    (selected._slc_combine_kernel, dict(PO=t, PL=f, IDX="*i64", O=t, LSE=f),
-                     dict(R=group, QT=max_rows // group, ROWS_PAD=pad_pow2(max_rows // group * group), D=D,
-                          D_PAD=pad_pow2(D))),
+                    *((selected._slc_merge_kernel, dict(PO=t if softmax else f, PL=f, IDX="*i64", O=t, LSE=f),
+                       dict(R=group, QT=max_rows // group, ROWS_PAD=pad_pow2(max_rows // group * group), D=D,
+                            D_PAD=pad_pow2(D), SOFTMAX=softmax)) for softmax in (True, False)),
                     *((selected._slc_bwd_dkdv_kernel,
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, DQ=f, QIDX="*i32", PAIR="*i32", SEG_OWNER="*i32",
                             SEG_START="*i32", SEG_END="*i32"),
                        dict(slc, BM=selected.BM_DKV, DQ_MODE=dq, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * group)))
                       for dq in (0, 1, 2) for qpr in (0, max_rows // group)),
-                    (selected._slc_dq_sum_kernel, dict(DQP=f, IDX="*i64", DQ=t),
-                     dict(R=group, QT=max_rows // group, ROWS_PAD=pad_pow2(max_rows // group * group), D=D,
-                          D_PAD=pad_pow2(D))),
                     # compressed: every tile variant tuning may time (fp32 at head dim > 64: the reference only)
                     *((kernel, dict(qkv, O=t, LSE=f) if kernel is compressed._cmp_fwd_kernel
                        else dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), dict(cmp_, BM=bm, BN=bn), warps)

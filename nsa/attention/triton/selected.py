@@ -265,7 +265,7 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nma
     if DQ_MODE == 1:  # a query selects a block once: its n blocks' programs add one share each
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         tl.atomic_add(DQ + row[:, None] * D + offs_d[None, :], dq, mask=md_mask)
-    if DQ_MODE == 2:  # this block's share, stored at its (query, slot) pair; _slc_dq_sum_kernel adds them
+    if DQ_MODE == 2:  # this block's share, stored at its (query, slot) pair; _slc_merge_kernel adds them
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     return dk, dv
@@ -288,7 +288,7 @@ def _slc_bwd_dkdv_kernel(
     QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block, PAIR their (query,
     slot) pairs (block_segments). Each query's dQ share from this block (ds K): DQ_MODE 0 none (the
     dQ kernel computes dQ), 1 added into fp32 DQ [B,H,Sq,D] with atomics, 2 stored into the fp32
-    partial buffer DQ [pairs, R, D] at the pair's row (summed afterwards, no atomics).
+    partial buffer DQ [pairs, R, D] at the pair's row (summed afterwards by _slc_merge_kernel, no atomics).
     QPR = 0: BM queries per step, one head at a time (R dots of BM rows each). QPR > 0: QPR queries
     per step with all R heads at once, as QPR*R (query, head) rows padded to ROWS_PAD (one dot of
     up to 64 rows: the size Hopper's wgmma needs), the candidate DKV_HEAD_ROWS."""
@@ -355,7 +355,7 @@ def _slc_fwd_block_kernel(
     dK/dV kernel's segments). The block's K/V are loaded once; QPR queries x R heads at a time form
     the dot's rows. For each (query, head) row it writes the attention over this block alone,
     normalised (PO [pairs, R, D], input dtype), and its base-2 LSE (PL [pairs, R] fp32, -inf when no
-    key of the block is visible), at the (query, slot) pair's index; _slc_combine_kernel merges a
+    key of the block is visible), at the (query, slot) pair's index; _slc_merge_kernel merges a
     query's n partials."""
     pid = tl.program_id(0)
     owner = tl.load(SEG_OWNER + pid).to(tl.int64)
@@ -398,15 +398,18 @@ def _slc_fwd_block_kernel(
 
 
 @triton.jit
-def _slc_combine_kernel(
+def _slc_merge_kernel(
     PO, PL, IDX, O, LSE,
     s_ib, s_ig, s_it, s_is,
     s_ob, s_oh, s_ot, s_od,
     G, Sq, NSEL,
     R: tl.constexpr, QT: tl.constexpr, ROWS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    SOFTMAX: tl.constexpr,
 ):
-    """Merge each (query, head)'s n per-block partials (_slc_fwd_block_kernel) into O [B,H,Sq,D] and
-    the natural-log LSE [B,H,Sq]: a softmax-weighted sum by their LSEs, slots -1 skipped."""
+    """Merge each (query, head)'s n per-(query, slot) partial rows of PO [pairs, R, D] into O [B,H,Sq,D],
+    slots -1 skipped. SOFTMAX: attention partials of _slc_fwd_block_kernel (normalised outputs, base-2
+    LSEs in PL), weighted by their LSEs, and the natural-log LSE [B,H,Sq] out; else a plain sum (the
+    dK/dV kernel's dQ shares, DQ_MODE 2; PL and LSE unused)."""
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -424,53 +427,26 @@ def _slc_combine_kernel(
         blk = tl.load(IDX + b * s_ib + g * s_ig + tq * s_it + slot * s_is, mask=rmask, other=-1)
         ok = rmask & (blk >= 0)
         row = ((pid_bg.to(tl.int64) * Sq + tq) * NSEL + slot) * R + hh
-        part_lse = tl.load(PL + row, mask=ok, other=float("-inf"))
-        part_o = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
-        m_new = tl.maximum(m_i, part_lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        w = tl.math.exp2(part_lse - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + part_o.to(tl.float32) * w[:, None]
-        m_i = m_new
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+        part = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+        if SOFTMAX:
+            part_lse = tl.load(PL + row, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m_i, part_lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            w = tl.math.exp2(part_lse - m_safe)
+            l_i = l_i * alpha + w
+            acc = acc * alpha[:, None] + part.to(tl.float32) * w[:, None]
+            m_i = m_new
+        else:
+            acc += part.to(tl.float32)
     heads = g * R + hh
+    if SOFTMAX:
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+        tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)
     tl.store(O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-    tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)
-
-
-@triton.jit
-def _slc_dq_sum_kernel(
-    DQP, IDX, DQ,
-    s_ib, s_ig, s_it, s_is,
-    s_ob, s_oh, s_ot, s_od,
-    G, Sq, NSEL,
-    R: tl.constexpr, QT: tl.constexpr, ROWS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-):
-    """dQ [B,H,Sq,D] = the sum of each (query, head)'s per-block shares in DQP [pairs, R, D] (fp32,
-    written by the dK/dV kernel in DQ_MODE 2), slots -1 skipped."""
-    pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = (pid_bg % G).to(tl.int64)
-    offs_r = tl.arange(0, ROWS_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    tq = pid_t.to(tl.int64) * QT + offs_r // R
-    hh = offs_r % R
-    rmask = (offs_r < QT * R) & (tq < Sq)
-    dmask = offs_d < D
-    acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
-    for slot in range(0, NSEL):
-        blk = tl.load(IDX + b * s_ib + g * s_ig + tq * s_it + slot * s_is, mask=rmask, other=-1)
-        ok = rmask & (blk >= 0)
-        row = ((pid_bg.to(tl.int64) * Sq + tq) * NSEL + slot) * R + hh
-        acc += tl.load(DQP + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
-    heads = g * R + hh
-    tl.store(DQ + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
-             acc.to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+             acc.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
@@ -646,11 +622,19 @@ def selected_forward_blocks(q, k, v, idx, slc_block: int, q_start: int = 0, segm
             *q.stride(), *k.stride(), *v.stride(), G, N, n_blocks, int(q_start), 1.0 / math.sqrt(D),
             R=r, D=D, D_PAD=c["D_PAD"], BLK=c["BLK"], BLK_PAD=c["BLK_PAD"], QPR=qpr, ROWS_PAD=pad_pow2(qpr * r),
             **dots, num_warps=launch_warps("selected_bwd_dkdv", D))
-    qt = max(1, row_cap(MAX_TILE_ROWS, q.dtype) // r)
-    _slc_combine_kernel[(cdiv(Sq, qt), B * G)](
-        part_o, part_lse, idx, out, lse, *idx.stride(), *out.stride(), G, Sq, n,
-        R=r, QT=qt, ROWS_PAD=pad_pow2(qt * r), D=D, D_PAD=c["D_PAD"], num_warps=num_warps(D))
+    _merge(part_o, idx, out, m, part_lse, lse)
     return out, lse, segments
+
+
+def _merge(parts, idx, out, m: dict, part_lse=None, lse=None) -> None:
+    """_slc_merge_kernel: out [B,H,Sq,D] from the per-(query, slot) rows `parts`; softmax-weighted by
+    part_lse (filling lse) when given, else summed."""
+    qt = max(1, row_cap(MAX_TILE_ROWS, out.dtype) // m["r"])
+    _slc_merge_kernel[(cdiv(m["Sq"], qt), m["B"] * m["G"])](
+        parts, part_lse if part_lse is not None else parts, idx, out, lse if lse is not None else parts,
+        *idx.stride(), *out.stride(), m["G"], m["Sq"], m["n"],
+        R=m["r"], QT=qt, ROWS_PAD=pad_pow2(qt * m["r"]), D=m["D"], D_PAD=m["D_PAD"], SOFTMAX=part_lse is not None,
+        num_warps=num_warps(m["D"]))
 
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
@@ -701,11 +685,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                     **consts, num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
                 )
             if dq_mode == 2:
-                qt_sum = max(1, row_cap(MAX_TILE_ROWS, q.dtype) // m["r"])
-                _slc_dq_sum_kernel[(cdiv(m["Sq"], qt_sum), m["B"] * m["G"])](
-                    dq_parts, idx, dq, *idx.stride(), *dq.stride(), m["G"], m["Sq"], m["n"],
-                    R=m["r"], QT=qt_sum, ROWS_PAD=pad_pow2(qt_sum * m["r"]), D=m["D"], D_PAD=m["D_PAD"],
-                    num_warps=num_warps(m["D"]))
+                _merge(dq_parts, idx, dq, m)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -24,7 +24,11 @@ keeps the fastest:
   pins its own dimension;
 * a cache file (NSA_TUNE_CACHE=<file.json>, else use_cache_file()'s): choices are read from and added
   to it. The trainer uses <out_dir>/kernel_tuning.json, so a resumed run uses the kernels its first
-  launch chose (same numerics) without timing them again.
+  launch chose (same numerics) without timing them again;
+* retune(): time again (the trainer calls it once, at runtime.retune_step: the first choice saw a
+  randomly initialised model, whose block selections are scattered; a trained model's neighbouring
+  queries pick mostly the same blocks, which favours the query tiles and the block-centric forward).
+  The new choices replace the old in the cache file, so a run resumed after that step uses them.
 """
 
 from __future__ import annotations
@@ -225,6 +229,12 @@ def pick(key: str, variants: dict[str, Callable[[], Any]], differs: Callable[[An
     ranked = " · ".join(f"{n} {times[n]:.3f}" for n in sorted(valid, key=times.get))
     print(f"[nsa] kernel tuning {key}: {best} (ms: {ranked})", file=sys.stderr, flush=True)
     return best
+
+
+def retune() -> None:
+    """Forget this process's choices so that each step times its variants again on its next call and
+    overwrites its entry in the cache file (the trainer does this once, at runtime.retune_step)."""
+    _CHOICES.clear()
 
 
 def reset() -> None:
