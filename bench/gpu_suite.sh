@@ -20,9 +20,10 @@
 #                            core, 4k..64k, nsa vs full, eager and replayed as CUDA graphs
 #   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full,
 #                            each with a profile of its 12 costliest kernels (--profile) and a CUDA-graph time
-#   train_4096           90  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full
+#   train_4096          150  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full (the first
+#                            NSA step tunes ~28 kernel variants, a Triton compile each)
 #                            (tokens/s, MFU, peak memory, profile of one step's 15 costliest kernels)
-#   train_16384          90  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
+#   train_16384         150  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   train_4096_untuned   90  train_4096 for NSA with the kernel tuning off (NSA_TUNE=off: one query per
 #                            selected-attention program, block-centric dK/dV head by head), to show
 #                            what tuning gains
@@ -225,10 +226,10 @@ step attention_paper 90 attention \
 step attention_m7c 90 attention \
     "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS" \
     --profile 12 --cuda-graph
-step train_4096 90 train \
+step train_4096 150 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
     --profile 15
-step train_16384 90 train \
+step train_16384 150 train \
     "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
     --profile 15
 # the reference kernel variants, untuned (rows carry "nsa_env"; the tuned rows above carry "tuned")
