@@ -172,6 +172,27 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
         assert {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4"} <= set(timed)
 
 
+@needs_kernels
+def test_partial_buffers_bound_the_block_centric_variants(monkeypatch):
+    """The block-centric forward and block_dqsum keep a row per (query, slot, head) in HBM; above
+    selected.PARTIALS_MAX_BYTES for the call they are not offered (the paper layout at 64k would need
+    17 / 34 GB), unless NSA_SLC_DKV pins block_dqsum."""
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "REPS", 1)
+    B, G, r, S, D, blk, n = 1, 1, 2, 24, 16, 8, 3
+    q = randn(B, G * r, S, D, dtype=F32, seed=1)
+    idx = ops.select_blocks(q.detach(), randn(B, G, 5, D, dtype=F32, seed=4, grad=False), 8, 4, blk, n)
+    assert selected.partials_fit(q, idx, 4) and not selected.partials_fit(q, idx, 4 * (1 << 30))
+    monkeypatch.setattr(selected, "PARTIALS_MAX_BYTES", 1000)  # the buffer: 24 * 3 * 2 * 16 * 4 bytes
+    timed = fake_clock(monkeypatch, {"qt1": 1.0, "qt2": 2.0, "qt4": 3.0, "block/rows0": 1.0, "block/rows64": 2.0,
+                                     "block_dq/rows0": 3.0, "block_dq/rows64": 4.0})
+    k, v = randn(B, G, S, D, dtype=F32, seed=2), randn(B, G, S, D, dtype=F32, seed=3)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk)
+    check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), F32)
+    assert not any(name == "bc" or name.startswith("block_dqsum") for name in timed) and "qt2" in timed
+
+
 def test_parse_tile():
     assert [selected.parse_tile(n) for n in ("qt1", "qt8", "qt1s2", "qt1s4", "bc")] == [
         (1, None), (8, None), (1, 2), (1, 4), (1, None)]

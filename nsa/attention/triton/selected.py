@@ -697,6 +697,16 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
 # more programs per SM to hide the gathers' latency.
 QTILE_CANDIDATES = (1, 2, 4, 8)
 BLOCK_TILE = "bc"  # the block-centric forward (selected_forward_blocks), also a forward candidate
+# the block-centric forward and block_dqsum keep one row per (query, slot, head) in HBM: offered only
+# while that buffer stays under this size for the whole call (M7C training, 8 x 4096 tokens: 0.8 / 1.6
+# GB; the paper layout at 64k would need 17 / 34 GB)
+PARTIALS_MAX_BYTES = 4 << 30
+
+
+def partials_fit(q, idx, elem_bytes: int) -> bool:
+    """Does a [B*G*Sq*n, r, D] buffer of elem_bytes elements stay under PARTIALS_MAX_BYTES?"""
+    B, H, Sq, D = q.shape
+    return B * idx.shape[1] * Sq * idx.shape[-1] * (H // idx.shape[1]) * D * elem_bytes <= PARTIALS_MAX_BYTES
 STAGE_CANDIDATES = (1, 2, 4)
 DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64),
                   ("block_dqsum", DKV_HEAD_ROWS), ("block_dqsum", 64))
@@ -728,7 +738,8 @@ def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
     options = [f"qt{qt}" for qt in sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})]
     if q.element_size() == 2:  # fp32 K/V stages are twice as big: 4 of them overflow an A100's shared memory
         options += [f"qt1s{st}" for st in STAGE_CANDIDATES]
-    options.append(BLOCK_TILE)
+    if partials_fit(q, idx, q.element_size()):
+        options.append(BLOCK_TILE)
 
     def run(name):  # compared on the output (the LSE comes out of the same pass)
         if name == BLOCK_TILE:
@@ -754,7 +765,8 @@ def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int
     if not tune.wanted(q) or pinned_mode == "atomic":
         return pinned_mode or dkv_mode(), pinned_rows
     options = list(dict.fromkeys((m, rows) for m, rows in DKV_CANDIDATES
-                                 if pinned_mode in (None, m) and pinned_rows in (None, rows)))
+                                 if pinned_mode in (None, m) and pinned_rows in (None, rows)
+                                 and (m != "block_dqsum" or pinned_mode == m or partials_fit(q, idx, 4))))
     if not options:  # both pinned, to a pair not in the list
         return pinned_mode, pinned_rows
     if len(options) == 1:
