@@ -145,7 +145,8 @@ def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tenso
     """NSAttention's decode step over a StaticNSACache: x [B, 1, dim] at position cache.position.t
     -> [B, 1, dim]. Writes the token's keys/values at t; does not advance the position."""
     nsa = layer.nsa
-    cache.position.check(cache.position.host)  # host-side: an index past the buffers fails on the device
+    if not torch.compiler.is_compiling():  # traced, the host int would become a guard (a recompile per step)
+        cache.position.check(cache.position.host)  # an index past the buffers would fail on the device
     t = cache.position.t
     pos = t.view(1)
     B = x.shape[0]
@@ -232,7 +233,8 @@ class StaticKVCache:
 def dense_step(layer, x: torch.Tensor, rope, cache: StaticKVCache) -> torch.Tensor:
     """CausalSelfAttention's decode step over a StaticKVCache (does not advance the position)."""
     B = x.shape[0]
-    cache.position.check(cache.position.host)
+    if not torch.compiler.is_compiling():  # as in nsa_step
+        cache.position.check(cache.position.host)
     pos = cache.position.t.view(1)
     q, k, v = layer.project(x, rope, positions=pos, bound=cache.capacity)
     _put(cache.k, pos, k)
