@@ -136,6 +136,8 @@ def test_static_decode_matches_dynamic_decode(attention, prompt, monkeypatch):
         model.decode_step(seq[:, 0], caches)
     with pytest.raises(UserError, match="capacity"):
         model.prefill(torch.randint(0, 100, (2, 61)), model.new_static_caches(batch=2, capacity=60)[0])
+    with pytest.raises(UserError, match="a batch of 3 sequences does not fit static decode caches made for 2"):
+        model.prefill(torch.randint(0, 100, (3, 10)), model.new_static_caches(batch=2, capacity=60)[0])
 
 
 @pytest.mark.slow

@@ -52,6 +52,11 @@ class DecodePosition:
         self.host = 0
         self.capacity = capacity
 
+    def check_batch(self, got: int, want: int) -> None:
+        if got != want:
+            raise UserError(f"a batch of {got} sequences does not fit static decode caches made for {want}; "
+                            "allocate them with the batch you decode")
+
     def set(self, t: int) -> None:
         self.check(t, "the prompt")
         self.t.fill_(t)
@@ -114,6 +119,7 @@ class StaticNSACache:
     def fill(self, k_raw, v_raw, cmp_kv, slc_kv, win_kv) -> None:
         """Prefill from the projections of a full forward over S tokens (positions 0..S-1)."""
         S = k_raw.shape[2]
+        self.position.check_batch(k_raw.shape[0], self.slc_k.shape[0])
         self.position.set(S)
         n = cmp_kv[0].shape[2]
         self.slc_k[:, :, :S], self.slc_v[:, :, :S] = slc_kv
@@ -225,6 +231,7 @@ class StaticKVCache:
 
     def fill(self, k, v) -> None:
         S = k.shape[2]
+        self.position.check_batch(k.shape[0], self.k.shape[0])
         self.position.set(S)
         self.k[:, :, :S], self.v[:, :, :S] = k, v
 
