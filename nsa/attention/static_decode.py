@@ -58,14 +58,20 @@ class DecodePosition:
                             "allocate them with the batch you decode")
 
     def set(self, t: int) -> None:
-        self.check(t, "the prompt")
+        """After a prompt of t tokens (which may fill the buffers exactly)."""
+        if t > self.capacity:
+            raise self._past(t, "the prompt")
         self.t.fill_(t)
         self.host = t
 
-    def check(self, t: int, what: str = "decoding") -> None:
-        if t > self.capacity or (what == "decoding" and t >= self.capacity):
-            raise UserError(f"{what} reaches position {t}, past the static decode caches' capacity of "
-                            f"{self.capacity} tokens; allocate them with a larger capacity")
+    def check(self) -> None:
+        """Before a step: is there room for the token at position `host`?"""
+        if self.host >= self.capacity:
+            raise self._past(self.host, "decoding")
+
+    def _past(self, t: int, what: str) -> UserError:
+        return UserError(f"{what} reaches position {t}, past the static decode caches' capacity of "
+                         f"{self.capacity} tokens; allocate them with a larger capacity")
 
     def advance(self) -> None:
         """Eager stepping: move to the next token (GraphedStep does this inside its graph)."""
@@ -152,7 +158,7 @@ def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tenso
     -> [B, 1, dim]. Writes the token's keys/values at t; does not advance the position."""
     nsa = layer.nsa
     if not torch.compiler.is_compiling():  # traced, the host int would become a guard (a recompile per step)
-        cache.position.check(cache.position.host)  # an index past the buffers would fail on the device
+        cache.position.check()  # an index past the buffers would fail on the device
     t = cache.position.t
     pos = t.view(1)
     B = x.shape[0]
@@ -241,7 +247,7 @@ def dense_step(layer, x: torch.Tensor, rope, cache: StaticKVCache) -> torch.Tens
     """CausalSelfAttention's decode step over a StaticKVCache (does not advance the position)."""
     B = x.shape[0]
     if not torch.compiler.is_compiling():  # as in nsa_step
-        cache.position.check(cache.position.host)
+        cache.position.check()
     pos = cache.position.t.view(1)
     q, k, v = layer.project(x, rope, positions=pos, bound=cache.capacity)
     _put(cache.k, pos, k)
@@ -280,7 +286,7 @@ class GraphedStep:
                 position.t.add_(1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.position.check(self.position.host)
+        self.position.check()
         if self.graph is None:
             y = self.fn(x)
             self.position.advance()

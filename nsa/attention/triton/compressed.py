@@ -303,11 +303,14 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
-def _tuned(step: str, tiles: dict, q, k_cmp, block: int, stride: int, run) -> str | None:
-    """The tuned tile variant of `step` (None: the reference; no tuning for fp32 or when tune.wanted
-    says no): run(name) computes the step's result with that tile on the tuning slice."""
-    if q.element_size() != 2 or not tune.wanted(q):
-        return None
+def _tunes(q) -> bool:
+    """Are the tiles tuned for these queries? 2-byte inputs only, and when tune.wanted says so."""
+    return q.element_size() == 2 and tune.wanted(q)
+
+
+def _tuned(step: str, tiles: dict, q, k_cmp, block: int, stride: int, run) -> str:
+    """The tuned tile variant of `step`: run(name) computes the step's result with that tile on the
+    tuning slice (callers check _tunes first)."""
     key = tune.shape_key(step, q, k_cmp, f"l{block}", f"d{stride}")
     return tune.pick(key, {name: (lambda name=name: run(name)) for name in tiles}, tune.differs, q.device)
 
@@ -318,6 +321,10 @@ def _lse_compared(out, lse):
 
 
 def forward_tile(q, k_cmp, v_cmp, block: int, stride: int, q_start: int) -> str | None:
+    """The forward's tuned tile (None: the reference, also whenever nothing is tuned: no slicing then,
+    decode and short calls are host-bound)."""
+    if not _tunes(q):
+        return None
     b = tune.slice_batch(q)
     ks, vs, (qs,) = k_cmp[:b], v_cmp[:b], tune.prefix(q)
     return _tuned("compressed_fwd", FWD_TILES, q, k_cmp, block, stride,
@@ -326,7 +333,7 @@ def forward_tile(q, k_cmp, v_cmp, block: int, stride: int, q_start: int) -> str 
 
 def backward_tiles(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int):
     """(dq_tile, dkv_tile): each kernel tuned on its own (the other's gradient is not computed)."""
-    if q.element_size() != 2 or not tune.wanted(q):
+    if not _tunes(q):
         return None, None
     b = tune.slice_batch(q)
     ks, vs, (qs, outs, lses, gos) = k_cmp[:b], v_cmp[:b], tune.prefix(q, out, lse, grad_out)
