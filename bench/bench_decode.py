@@ -8,6 +8,7 @@ The caches are filled with random keys/values of the right shapes (decode cost d
 cache sizes, so no 64k prefill is needed). One JSON line per measurement: impl, context, batch,
 ms_per_step (median), tokens_read (per sequence; NSA: compressed + selected blocks * l' + window;
 full: all), paper_tokens (floor((S - l)/d) + n*l' + w), device. Then a table with ratios.
+ms_mean beside the median: in NSA's static step 1 token in d also compresses a block.
 
 Batch matters for what the latency shows. At batch 1 one layer's step reads little (full attention
 at 64k: 33 MB of bf16 K/V in M7C's layout, ~11 us of HBM time on an H100), so both are bound by
@@ -17,15 +18,18 @@ pays off once the reads dominate, i.e. with many sequences decoding together (--
 Modes (--modes): "eager" uses the growing caches (nsa/attention/cache.py), one launch per kernel;
 "graph" uses the static caches (nsa/attention/static_decode.py: buffers of context + steps tokens,
 the position a device tensor) and replays the step as a CUDA graph (on CPU: the static step, eager),
-so what remains is the GPU time of the kernels; "compiled" is "graph" with the step through
-torch.compile first (Inductor fuses its small kernels; a compile per shape, tens of seconds on a GPU).
-Rows carry "mode".
+so what remains is the GPU time of the kernels; NSA's attention there is the fused decode kernel
+(triton/decode.py) on CUDA; "graph_torch" is "graph" with NSA's attention in PyTorch ops instead
+(NSA_DECODE=torch; full attention is the same as in "graph"); "compiled" is "graph" with the step
+through torch.compile first (Inductor fuses the remaining small kernels; a compile per shape, tens of
+seconds on a GPU). Rows carry "mode".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -72,8 +76,16 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
     layer = build_attention(cfg).to(device=device, dtype=dtype).eval()
     rope = RotaryEmbedding(cfg.head_dim)
     x = torch.randn(batch, 1, cfg.dim, device=device, dtype=dtype)
-    if mode in ("graph", "compiled"):
-        cache = filled_cache(impl, cfg, context, device, dtype, batch, static=(layer, context + steps + 1))
+    # static caches: d + 1 warm-up steps, so that both step graphs (with and without a compressed
+    # token to compute, static_decode.GraphedStep) are captured (and compiled) before the timing
+    warm = 1 if mode == "eager" else cfg.nsa.cmp_stride + 1
+    if mode in ("graph", "graph_torch", "compiled"):
+        if mode == "graph_torch":
+            os.environ["NSA_DECODE"] = "torch"  # read when the static cache is made
+        try:
+            cache = filled_cache(impl, cfg, context, device, dtype, batch, static=(layer, context + warm + steps))
+        finally:
+            os.environ.pop("NSA_DECODE", None)
         step = GraphedStep(lambda x_: layer.decode_step(x_, rope, cache), x, cache.position,
                            compile=mode == "compiled")
     else:
@@ -82,12 +94,12 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
         def step(x_):
             return layer.decode_step(x_, rope, cache)
     times = []
-    for i in range(steps + 1):
+    for i in range(warm + steps):
         sync(device)
         t0 = time.perf_counter()
         step(x)
         sync(device)
-        if i:  # first step is warm-up
+        if i >= warm:
             times.append((time.perf_counter() - t0) * 1e3)
     n = cfg.nsa
     S = cache.length
@@ -95,6 +107,8 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
     return {
         "impl": impl, "mode": mode, "context": context, "batch": batch,
         "ms_per_step": round(statistics.median(times), 3),
+        "ms_mean": round(statistics.mean(times), 3),  # 1 step in d also computes a compressed token
+        "fused": getattr(cache, "fused", None) is not None,
         "tokens_read": reads,
         "paper_tokens": (S - n.cmp_block) // n.cmp_stride + n.n_selected * n.slc_block + n.window,
         "device": device_name(device),
@@ -109,7 +123,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1", help="comma-separated sequences decoding together, e.g. 1,32")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", default="eager,graph", help="comma-separated: eager (growing caches), graph "
-                    "(static caches, the step replayed as a CUDA graph), compiled (graph after torch.compile)")
+                    "(static caches, the step replayed as a CUDA graph), graph_torch (graph with NSA's attention "
+                    "in PyTorch ops, not the fused kernel), compiled (graph after torch.compile)")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -130,14 +145,14 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     if not args.json_only:
         by = {(r["impl"], r["mode"], r["context"], r["batch"]): r for r in rows}
-        print(f"\n{'mode':>8} {'batch':>5} {'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} "
+        print(f"\n{'mode':>11} {'batch':>5} {'context':>8} {'nsa ms':>8} {'full ms':>8} {'full/nsa':>9} "
               f"{'nsa reads':>10} "
               f"{'paper':>8} {'full reads':>11} {'read ratio':>11}")
         for (impl, mode, ctx, batch), r in by.items():
             f = by.get(("full", mode, ctx, batch))
             if impl != "nsa" or f is None or r["ms_per_step"] is None or f["ms_per_step"] is None:
                 continue
-            print(f"{mode:>8} {batch:>5} {ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} "
+            print(f"{mode:>11} {batch:>5} {ctx:>8} {r['ms_per_step']:>8.2f} {f['ms_per_step']:>8.2f} "
                   f"{f['ms_per_step'] / r['ms_per_step']:>9.2f} {r['tokens_read']:>10} {r['paper_tokens']:>8} "
                   f"{f['tokens_read']:>11} {f['tokens_read'] / r['tokens_read']:>11.1f}")
 

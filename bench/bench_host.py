@@ -11,8 +11,9 @@ through the Triton interpreter with their launches replaced by no-ops (TRITON_IN
 here; no GPU needed), on tiny shapes where PyTorch's own ops cost little more than their dispatch;
 what remains is our wrappers, autograd, and the launches' count. The RoPE kernel is used as on CUDA.
 Per pass (fwd, fwd_bwd, decode, decode_static: the static-cache step a CUDA graph replays, whose op
-count is the graph's kernel count): CPU microseconds per call (the lowest of --repeats batch means), the number of PyTorch
-ops that launch a kernel (views excluded) and the number of Triton launches. One JSON line each,
+count is the graph's kernel count; the common step, without a compressed token to compute: d - 1 in
+d): CPU microseconds per call (the lowest of --repeats batch means), the number of PyTorch ops that
+launch a kernel (views excluded) and the number of Triton launches. One JSON line each,
 then a table. Run it before and after a change to the layer's host code; the numbers are CPU times
 and move with the machine, so compare within one run.
 """

@@ -140,6 +140,25 @@ def test_static_decode_matches_dynamic_decode(attention, prompt, monkeypatch):
         model.prefill(torch.randint(0, 100, (3, 10)), model.new_static_caches(batch=2, capacity=60)[0])
 
 
+def test_decode_position_knows_when_a_compressed_block_completes():
+    """`emitting` (a host bool: which step graph to replay) is true exactly at the positions t where
+    a block of l = 8 tokens every d = 4 completes (t + 1 - l >= 0, a multiple of d)."""
+    from nsa.attention.static_decode import DecodePosition
+
+    position = DecodePosition("cpu", 40)
+    assert not position.emitting  # no NSA cache yet: nothing to compress
+    position.compresses(8, 4)
+    position.set(3)
+    seen = []
+    for _ in range(20):
+        seen.append((position.host, position.emitting))
+        position.advance()
+    assert [t for t, e in seen if e] == [7, 11, 15, 19]
+    assert int(position.t) == position.host == 23
+    with pytest.raises(ValueError, match="cannot share one DecodePosition"):
+        position.compresses(16, 8)
+
+
 @pytest.mark.slow
 def test_static_decode_step_compiles_as_one_graph():
     """GraphedStep(compile=True): the static NSA layer step goes through torch.compile as one graph
@@ -186,7 +205,7 @@ def test_static_decode_replays_as_a_cuda_graph(attention):
             other, other_position = model.new_static_caches(batch=3, capacity=90)
             model.prefill(seq[:, :30], other)
         step = GraphedStep(lambda ids: model.decode_step(ids, graphed), seq[:, 30], position)
-        assert step.graph is not None
+        assert step.graphs
         for t in range(30, 90):
             want = model.decode_step(seq[:, t], other).float()
             if dtype != torch.float32:
@@ -194,6 +213,8 @@ def test_static_decode_replays_as_a_cuda_graph(attention):
             got = step(seq[:, t]).float()
             assert (got - want).abs().max() <= tol * want.abs().max(), (dtype, t)
         assert int(position.t) == 90
+        if attention == "nsa":  # one graph for steps that compute a compressed token, one for the others
+            assert set(step.graphs) == {False, True}
 
 
 def test_cache_buffer_slides_like_a_list():

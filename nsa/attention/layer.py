@@ -108,14 +108,16 @@ class NSAttention(nn.Module):
         ends = (torch.arange(first_block, first_block + n, device=k_raw.device)) * d + l - 1
         return rope(k_c, ends, (first_block + n) * d + l), v_c
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, S, 3] gate values in (0, 1) for (cmp, slc, win)."""
+    def gates(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """[B, H, S, 3] gate values in (0, 1) for (cmp, slc, win); record: keep their mean per branch
+        (`last_gate_mean`, for the training log)."""
         B, S, _ = x.shape
         logits = self.gate(x)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         g = torch.sigmoid(logits).view(B, S, self.n_heads, 3).transpose(1, 2)
-        self.last_gate_mean = g.detach().mean(dim=(0, 1, 2))
+        if record:
+            self.last_gate_mean = g.detach().mean(dim=(0, 1, 2))
         return g
 
     def kernels(self, q: torch.Tensor):
@@ -175,19 +177,21 @@ class NSAttention(nn.Module):
                 o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
         return (o_cmp, o_slc, o_win), idx
 
-    def combine(self, x, outs) -> torch.Tensor:
+    def combine(self, x, outs, record_gates: bool = True) -> torch.Tensor:
         """Gated sum of the branch outputs (Eq. 5), then the output projection. With the Triton kernels
         (eager, all three branches on) one fused kernel each way (triton/combine.py); under
-        torch.compile Inductor fuses the PyTorch version itself."""
+        torch.compile Inductor fuses the PyTorch version itself. record_gates=False (decode): leave
+        `last_gate_mean` as the last forward left it (two kernels fewer per step)."""
         B, S, _ = x.shape
         tk = self._fused_combine(outs)
         if tk is not None:
             logits = self.gate(x)
-            with torch.no_grad():
-                self.last_gate_mean = torch.sigmoid(logits.float()).view(-1, 3).mean(0)
+            if record_gates:
+                with torch.no_grad():
+                    self.last_gate_mean = torch.sigmoid(logits.float()).view(-1, 3).mean(0)
             return self.wo(tk.gate_combine(logits, *outs))
         dtype = next(o for o in outs if o is not None).dtype
-        g = self.gates(x).to(dtype)
+        g = self.gates(x, record_gates).to(dtype)
         o = sum(g[..., i : i + 1] * out for i, out in enumerate(outs) if out is not None)
         return self.wo(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
@@ -222,7 +226,7 @@ class NSAttention(nn.Module):
             q, cache.cmp_kv(), cache.slc_kv(), cache.win_kv(), q_start=t, win_start=cache.win_start
         )
         cache.count_reads(idx, self.nsa)
-        return self.combine(x, outs)
+        return self.combine(x, outs, record_gates=False)
 
 
 class CausalSelfAttention(nn.Module):

@@ -8,18 +8,23 @@ faster than NSA's although NSA reads 11x fewer tokens at 64k). Here every buffer
 step runs the same kernels on the same memory each time, with masks in place of lengths and no host
 synchronisation; `GraphedStep` captures it (one layer or the whole model) and replays it per token.
 
-NSA step (`StaticNSACache`, `nsa_step`), the three branches in PyTorch over the fixed buffers, the
-same arithmetic as the dynamic decode (nsa.attention.ops, which the tests compare it with):
-* compressed: softmax over every compressed slot, masked to the blocks complete by t; the same
+NSA step (`StaticNSACache`, `nsa_step`): the token's keys/values written at t, then the three
+branches over the fixed buffers (`attend`), the same arithmetic as the dynamic decode
+(nsa.attention.ops, which the tests compare it with):
+* compressed: softmax over the compressed slots, masked to the blocks complete by t; the same
   probabilities give the selection scores (Eqs. 8-10: overlap map, group sum, forced initial and
   local blocks, future blocks excluded, stable top-n: ties to the lower block index);
-* selected: the n chosen blocks gathered from the raw-token buffer, clipped at t;
+* selected: the n chosen blocks read from the raw-token buffer, clipped at t;
 * window: a ring buffer of the last w tokens and the positions they hold;
-* a compressed token is computed every step from a ring of the last l raw tokens and written only
-  when a block completes at t (a masked write), so the control flow never depends on t.
-What the step reads: the growing part of the cache as in the paper's count (`tokens_read`), except
-that the compressed branch scans all capacity / d compressed slots, valid or not (a few percent of
-full attention's reads at the same capacity).
+* a compressed token is computed from a ring of the last l raw tokens on the steps where a block
+  completes (1 in d): `position.emitting`, a host bool, so no device value decides the control
+  flow; GraphedStep keeps one graph per value.
+Where the layer runs the Triton kernels (CUDA), `attend` is one fused kernel (triton/decode.py: one
+program per sequence and KV group, every cached token it reads loaded once); elsewhere, or with
+NSA_DECODE=torch, PyTorch ops (`attend_torch`, ~80 small kernels per layer, its reference).
+What the step reads: the paper's count (`tokens_read`); the PyTorch ops scan all capacity / d
+compressed slots, valid or not (a few percent of full attention's reads at the same capacity), the
+kernel only the visible ones.
 
 Dense step (`StaticKVCache`, `dense_step`): SDPA over the whole buffer with a mask t' <= t (size the
 capacity to the context to compare it fairly).
@@ -34,6 +39,7 @@ Usage (a model; a single layer works the same way with `layer.decode_step`):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +51,31 @@ from nsa.errors import UserError
 
 class DecodePosition:
     """Position of the next token: a device tensor (what the captured kernels read) and its host
-    mirror (for capacity checks without waiting for the GPU). Shared by all layers of a model."""
+    mirror (for capacity checks without waiting for the GPU). Shared by all layers of a model.
+
+    `emitting`: does a compressed block complete at the next token (t + 1 - l >= 0, a multiple of d)?
+    A host bool kept with the mirror, so a step computes the compressed token only then (1 step in
+    d) and GraphedStep keeps one graph per value (torch.compile: one guard, two variants)."""
 
     def __init__(self, device, capacity: int):
         self.t = torch.zeros((), dtype=torch.int64, device=device)
         self.host = 0
         self.capacity = capacity
+        self.compression: tuple[int, int] | None = None  # (l, d) of the NSA caches sharing the position
+        self.emitting = False
+
+    def compresses(self, block: int, stride: int) -> None:
+        """An NSA cache with compressed blocks of `block` tokens every `stride` shares this position."""
+        if self.compression not in (None, (block, stride)):
+            raise ValueError(f"static caches with compressed blocks {self.compression} and {(block, stride)} "
+                             "cannot share one DecodePosition")
+        self.compression = (block, stride)
+        self._moved()
+
+    def _moved(self) -> None:
+        if self.compression is not None:
+            l, d = self.compression
+            self.emitting = self.host + 1 >= l and (self.host + 1 - l) % d == 0
 
     def check_batch(self, got: int, want: int) -> None:
         if got != want:
@@ -63,6 +88,7 @@ class DecodePosition:
             raise self._past(t, "the prompt")
         self.t.fill_(t)
         self.host = t
+        self._moved()
 
     def check(self) -> None:
         """Before a step: is there room for the token at position `host`?"""
@@ -76,7 +102,36 @@ class DecodePosition:
     def advance(self) -> None:
         """Eager stepping: move to the next token (GraphedStep does this inside its graph)."""
         self.t.add_(1)
+        self.stepped()
+
+    def stepped(self) -> None:
+        """The host side of a step (the device tensor was advanced by the step itself)."""
         self.host += 1
+        self._moved()
+
+
+def decode_impl() -> str:
+    """NSA_DECODE: "fused" (default: the one-kernel decode attention, triton/decode.py, wherever the
+    layer runs the Triton kernels) or "torch" (the PyTorch ops of attend_torch, for comparison)."""
+    impl = os.environ.get("NSA_DECODE", "fused")
+    if impl not in ("fused", "torch"):
+        raise UserError(f"NSA_DECODE={impl!r}: expected fused or torch")
+    return impl
+
+
+def fused_kernel(layer, device, dtype):
+    """The fused decode op for a cache on (device, dtype), or None (PyTorch): NSA_DECODE=torch, the
+    layer would not run its Triton kernels on such tensors (CPU, a failed self-check), or the fused
+    kernel failed its own (selfcheck.decode_ok; skipped when model.nsa.impl=triton forces the kernels)."""
+    device = torch.device(device)
+    if decode_impl() == "torch" or layer.kernels(torch.empty(0, device=device, dtype=dtype)) is None:
+        return None
+    from nsa.attention.triton import decode  # noqa: F401  (registers the op)
+    from nsa.attention.triton.selfcheck import decode_ok
+
+    if layer.nsa.impl != "triton" and not decode_ok(device, dtype):  # impl=triton: no checks, as the layer
+        return None
+    return torch.ops.nsa.static_decode.default
 
 
 def _put(buf: torch.Tensor, slot: torch.Tensor, x: torch.Tensor) -> None:
@@ -117,10 +172,19 @@ class StaticNSACache:
         self.n_slc = num_slc_blocks(capacity, nsa.slc_block)
         self.map_idx = self.map_idx.clamp_max(self.n_slc - 1)
         self._last = None  # (idx, t) of the last step, for tokens_read
+        self.fused = fused_kernel(layer, device, dtype)
+        position.compresses(nsa.cmp_block, nsa.cmp_stride)
 
     @property
     def length(self) -> int:
         return self.position.host
+
+    def write(self, t: torch.Tensor, slc_kv, win_kv, raw_kv) -> None:
+        """A decode token's keys/values [B, G, 1, D] into the buffers at the device position t (the
+        fused path's one kernel; nsa_step writes with index_copy_ otherwise)."""
+        from nsa.attention.triton.decode import static_write
+
+        static_write(t, self, slc_kv, win_kv, raw_kv)
 
     def fill(self, k_raw, v_raw, cmp_kv, slc_kv, win_kv) -> None:
         """Prefill from the projections of a full forward over S tokens (positions 0..S-1)."""
@@ -161,61 +225,83 @@ def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tenso
         cache.position.check()  # an index past the buffers would fail on the device
     t = cache.position.t
     pos = t.view(1)
-    B = x.shape[0]
-    G, D = layer.n_kv, layer.head_dim
-    r = layer.n_heads // G
-    l, d, lp, w = nsa.cmp_block, nsa.cmp_stride, nsa.slc_block, nsa.window
+    l, d, w = nsa.cmp_block, nsa.cmp_stride, nsa.window
     q, (k_cr, v_cr), (k_s, v_s), (k_w, v_w) = layer.project(x, rope, positions=pos, bound=cache.capacity)
-    _put(cache.slc_k, pos, k_s)
-    _put(cache.slc_v, pos, v_s)
-    w_slot = pos % w
-    _put(cache.win_k, w_slot, k_w)
-    _put(cache.win_v, w_slot, v_w)
-    cache.win_pos.index_copy_(0, w_slot, pos)
-    r_slot = pos % l
-    _put(cache.raw_k, r_slot, k_cr)
-    _put(cache.raw_v, r_slot, v_cr)
+    if cache.fused is not None and not torch.compiler.is_compiling():  # one kernel for the writes
+        cache.write(t, (k_s, v_s), (k_w, v_w), (k_cr, v_cr))
+    else:
+        _put(cache.slc_k, pos, k_s)
+        _put(cache.slc_v, pos, v_s)
+        w_slot = pos % w
+        _put(cache.win_k, w_slot, k_w)
+        _put(cache.win_v, w_slot, v_w)
+        cache.win_pos.index_copy_(0, w_slot, pos)
+        r_slot = pos % l
+        _put(cache.raw_k, r_slot, k_cr)
+        _put(cache.raw_v, r_slot, v_cr)
 
-    # the compressed token of the block [t+1-l, t], kept only if that block completes at t
-    ring = (t + 1 - l + torch.arange(l, device=x.device)) % l  # oldest first
-    k_c = layer.compress_k(cache.raw_k.index_select(2, ring), d)
-    v_c = layer.compress_v(cache.raw_v.index_select(2, ring), d)
-    k_c = rope(k_c, pos, cache.capacity)  # rotated at the block's last token, t
-    emit = (t + 1 >= l) & ((t + 1 - l) % d == 0)
-    i_slot = ((t + 1 - l).clamp_min(0) // d).clamp_max(cache.cmp_k.shape[2] - 1).view(1)
-    for buf, new in ((cache.cmp_k, k_c), (cache.cmp_v, v_c)):
-        _put(buf, i_slot, torch.where(emit, new.to(buf.dtype), buf.index_select(2, i_slot)))
+    if cache.position.emitting:  # the block [t+1-l, t] completes at t: its compressed token, at slot i
+        ring = (t + 1 - l + torch.arange(l, device=x.device)) % l  # oldest first
+        k_c = layer.compress_k(cache.raw_k.index_select(2, ring), d)
+        v_c = layer.compress_v(cache.raw_v.index_select(2, ring), d)
+        k_c = rope(k_c, pos, cache.capacity)  # rotated at the block's last token, t
+        i_slot = ((t + 1 - l) // d).clamp(0, cache.cmp_k.shape[2] - 1).view(1)
+        _put(cache.cmp_k, i_slot, k_c)
+        _put(cache.cmp_v, i_slot, v_c)
 
-    qg = q.reshape(B, G, r, D)
-    use_cmp, use_slc, use_win = layer.enabled
-    o_cmp = o_slc = o_win = None
+    o_cmp, o_slc, o_win, idx = attend(q, cache, t, nsa.n_selected, layer.enabled)
+    if idx is not None:
+        cache._last = (idx, t.clone())  # t itself advances after the step
+    return layer.combine(x, (o_cmp, o_slc, o_win), record_gates=False)
+
+
+def attend(q: torch.Tensor, cache: StaticNSACache, t: torch.Tensor, n_selected: int, enabled):
+    """The three branches for the decode queries q [B, H, 1, D] at position t over the cache (its
+    slots for t already written) -> (o_cmp, o_slc, o_win) [B, H, 1, D] (None: branch off) and the
+    selected blocks [B, G, n] (-1 = none; None without selection). The fused Triton kernel
+    (triton/decode.py) when the cache was made for it, else `attend_torch`."""
+    if cache.fused is None:
+        return attend_torch(q, cache, t, n_selected, enabled)
+    c = cache
+    outs = c.fused(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t.view(1), c.cmp_block,
+                   c.cmp_stride, c.slc_block, n_selected, *enabled)
+    return tuple(o if on else None for o, on in zip(outs, (*enabled, enabled[1])))
+
+
+def attend_torch(q: torch.Tensor, cache: StaticNSACache, t: torch.Tensor, n_selected: int, enabled):
+    """`attend` in PyTorch ops: the reference for the fused kernel and the CPU path."""
+    B, H, _, D = q.shape
+    G = cache.cmp_k.shape[1]
+    l, d, lp, w = cache.cmp_block, cache.cmp_stride, cache.slc_block, cache.window
+    qg = q.reshape(B, G, H // G, D)
+    use_cmp, use_slc, use_win = enabled
+    o_cmp = o_slc = o_win = idx = None
     if use_cmp or use_slc:
         n_vis = ((t - l + 1).clamp_min(-d) // d + 1).clamp(0, cache.cmp_k.shape[2])
-        valid = (torch.arange(cache.cmp_k.shape[2], device=x.device) < n_vis).view(1, 1, 1, -1)
+        valid = (torch.arange(cache.cmp_k.shape[2], device=q.device) < n_vis).view(1, 1, 1, -1)
         o, p_cmp = _attend(qg, cache.cmp_k, cache.cmp_v, valid)
         o_cmp = o if use_cmp else None
     if use_slc:
         p_grp = p_cmp.sum(dim=2)  # Eq. 10 [B, G, n_cmp]
-        scores = torch.zeros(B, G, cache.n_slc, device=x.device)
+        scores = torch.zeros(B, G, cache.n_slc, device=q.device)
         for slot in range(cache.map_idx.shape[1]):  # Eq. 9 along the sparse overlap map
             scores.scatter_add_(-1, cache.map_idx[:, slot].expand(B, G, -1), p_grp * cache.map_w[:, slot])
-        j = torch.arange(cache.n_slc, device=x.device)
+        j = torch.arange(cache.n_slc, device=q.device)
         cur = t // lp
         scores = scores.masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
         scores = scores.masked_fill(j > cur, float("-inf"))
         vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        n = min(nsa.n_selected, cache.n_slc)
+        n = min(n_selected, cache.n_slc)
         idx = torch.where(vals[..., :n] > float("-inf"), order[..., :n], -1)  # [B, G, n]
-        tok = idx[..., None] * lp + torch.arange(lp, device=x.device)  # [B, G, n, l']
+        tok = idx[..., None] * lp + torch.arange(lp, device=q.device)  # [B, G, n, l']
         ok = (idx[..., None] >= 0) & (tok <= t)
         tok = tok.clamp(0, cache.capacity - 1).reshape(B, G, n * lp, 1).expand(-1, -1, -1, D)
         o_slc, _ = _attend(qg, cache.slc_k.gather(2, tok), cache.slc_v.gather(2, tok), ok.view(B, G, 1, n * lp))
-        cache._last = (idx, t.clone())  # t itself advances after the step
     if use_win:
         ok = (cache.win_pos >= 0) & (cache.win_pos > t - w) & (cache.win_pos <= t)
         o_win, _ = _attend(qg, cache.win_k, cache.win_v, ok.view(1, 1, 1, -1))
-    outs = tuple(None if o is None else o.reshape(B, G * r, 1, D).to(q.dtype) for o in (o_cmp, o_slc, o_win))
-    return layer.combine(x, outs)
+    outs = tuple(None if o is None else o.reshape(B, H, 1, D).to(q.dtype) for o in (o_cmp, o_slc, o_win))
+    return (*outs, idx)
 
 
 class StaticKVCache:
@@ -259,39 +345,50 @@ def dense_step(layer, x: torch.Tensor, rope, cache: StaticKVCache) -> torch.Tens
 
 
 class GraphedStep:
-    """fn(x) -> y, one decode step over static caches, then the position advanced. On CUDA it is
-    captured once as a CUDA graph (after `warmup` eager calls, which compile and self-check the
-    kernels; they write the current position's slots, which every real step overwrites) and each
-    call copies x into the graph's input and replays it. Elsewhere it runs eagerly.
-    compile=True: fn goes through torch.compile first (one graph, no breaks: Inductor fuses the
-    step's ~130 small kernels per NSA layer, which the graph then replays).
+    """fn(x) -> y, one decode step over static caches, then the position advanced. On CUDA each step
+    replays a CUDA graph: one per value of `position.emitting` (the step computes a compressed token
+    1 step in d; the two graphs share one memory pool), each captured when first needed, after
+    `warmup` eager calls (which compile and self-check the kernels; they write the current
+    position's slots, which the real step then overwrites); a call copies x into the graph's input
+    and replays it. Elsewhere it runs eagerly.
+    compile=True: fn goes through torch.compile first (one graph per variant, no breaks: Inductor
+    fuses the step's small kernels, which the CUDA graph then replays).
     The returned tensor is the graph's output buffer: the next call overwrites it."""
 
     def __init__(self, fn, example: torch.Tensor, position: DecodePosition, warmup: int = 2, compile: bool = False):
         if compile:
             fn = torch.compile(fn, dynamic=False, fullgraph=True)
-        self.fn, self.position = fn, position
-        self.graph = None
-        if example.is_cuda:
-            self.x = example.clone()
-            side = torch.cuda.Stream(example.device)
-            side.wait_stream(torch.cuda.current_stream(example.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    fn(self.x)
-            torch.cuda.current_stream(example.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.y = fn(self.x)
-                position.t.add_(1)
+        self.fn, self.position, self.warmup = fn, position, warmup
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.x = example.clone() if example.is_cuda else None
+        if self.x is not None:
+            self._capture()
+
+    def _capture(self) -> None:
+        device = self.x.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(self.x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            y = self.fn(self.x)
+            self.position.t.add_(1)
+        self.graphs[self.position.emitting] = (graph, y)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.position.check()
-        if self.graph is None:
+        if self.x is None:
             y = self.fn(x)
             self.position.advance()
             return y
         self.x.copy_(x)
-        self.graph.replay()
-        self.position.host += 1
-        return self.y
+        if self.position.emitting not in self.graphs:
+            self._capture()
+        graph, y = self.graphs[self.position.emitting]
+        graph.replay()
+        self.position.stepped()
+        return y

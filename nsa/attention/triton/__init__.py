@@ -15,6 +15,8 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
   the scoring kernel (NSA_SELECT=fused, default) or from a score buffer by torch.topk (topk);
 * gate_combine(logits, o_cmp, o_slc, o_win) -> [B,S,H*D]: the gated sum of the three branch
   outputs (Eq. 5) in the output projection's layout, from the gate MLP's logits [B,S,3H];
+* decode.static_decode / decode.static_write: the static-cache decode step's three branches in one
+  kernel (torch op nsa::static_decode) and its cache writes, used by nsa.attention.static_decode;
 * available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
 
 `chunk` is accepted for signature compatibility with ops (ignored by the attention kernels).

@@ -35,7 +35,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nsa.attention.triton import combine, compressed, rope, select, selected, window
+    from nsa.attention.triton import combine, compressed, decode, rope, select, selected, window
     from nsa.attention.triton import _common
     from nsa.attention.triton._common import launch_warps, num_warps, pad_pow2
     from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
@@ -107,6 +107,18 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (combine._combine_bwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                 ]
+                # fused static decode: the paper's geometry (l=32, d=16, n=16), 64k and 256k-token caches
+                for ns_pad in (1024, 4096):
+                    jobs.append((decode._decode_kernel,
+                                 dict(Q=t, CK=t, CV=t, SK=t, SV=t, WK=t, WV=t, WPOS="*i64", T="*i64", SCR=f, PGRP=f,
+                                      IDX="*i32", OC=t, OS=t, OW=t),
+                                 dict(R=group, RP=pad_pow2(group), D=D, D_PAD=pad_pow2(D), L=32, DS=16, LP=slc_block,
+                                      LP_PAD=pad_pow2(slc_block), NSEL=16, NS_PAD=ns_pad,
+                                      NI=decode.overlap_terms(32, 16, slc_block), BC=decode.BC, BW=decode.BW,
+                                      USE_CMP=True, USE_SLC=True, USE_WIN=True, **dots), decode.NUM_WARPS))
+                jobs.append((decode._write_kernel, dict(T="*i64", SK=t, SV=t, WK=t, WV=t, WPOS="*i64", RK=t, RV=t,
+                                                        NKS=t, NVS=t, NKW=t, NVW=t, NKR=t, NVR=t),
+                             dict(D=D, D_PAD=pad_pow2(D, 1)), 1))
                 if esize == 2 and D > 64:  # the candidate window tile (window.WIDE_FWD_TILE)
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
@@ -143,6 +155,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN", "KPB") if "MODE" in consts)
                         tag += f" QT={consts['QT']}" if "QT" in consts else ""
                         tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
+                        tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
                         tag += f" BM={consts['BM']} BN={consts['BN']} w{warps}" if "_cmp_" in kernel.__name__ else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)

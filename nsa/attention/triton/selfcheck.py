@@ -5,7 +5,8 @@ still miscompile. Before the first NSA forward on a device, `kernels_ok(device, 
 kernels (compressed, selection, selected, window, gate-and-combine) on small random inputs against
 the PyTorch branches (nsa.attention.ops), forward and gradients, and remembers the verdict for the
 process. The layer falls back to PyTorch (with a warning) when it fails, so `model.nsa.impl: auto`
-is never silently wrong.
+is never silently wrong. `decode_ok` does the same for the fused static-decode kernel (against
+static_decode.attend_torch) before the first static cache uses it.
 """
 
 from __future__ import annotations
@@ -70,15 +71,74 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def kernels_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    key = (device.type, device.index, dtype)
+def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The fused decode kernel (triton/decode.py) against the PyTorch static step on random caches."""
+    from nsa.attention.layer import NSAttention
+    from nsa.attention.static_decode import DecodePosition, StaticNSACache, attend_torch
+    from nsa.attention.triton.decode import static_decode
+    from nsa.config import ModelConfig
+
+    g = torch.Generator().manual_seed(0)
+    B, G, r, D, l, d, lp, n, w, capacity, t = 2, 2, 3, 64, 16, 8, 32, 4, 40, 300, 250
+    cfg = ModelConfig.from_dict({"dim": 16, "n_heads": G * r, "n_kv_heads": G, "head_dim": D, "nsa": {
+        "cmp_block": l, "cmp_stride": d, "slc_block": lp, "n_selected": n, "window": w, "impl": "torch"}})
+    cache = StaticNSACache(NSAttention(cfg), B, capacity, DecodePosition(device, capacity), device, dtype)
+    for buf in (cache.slc_k, cache.slc_v, cache.cmp_k, cache.cmp_v, cache.win_k, cache.win_v):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    kept = torch.arange(t - w + 1, t + 1, device=device)
+    cache.win_pos[kept % w] = kept
+    q = torch.randn(B, G * r, 1, D, generator=g).to(device=device, dtype=dtype)
+    t_dev = torch.tensor(t, device=device)
+    c = cache
+    *got, idx = static_decode(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t_dev.view(1),
+                              l, d, lp, n, True, True, True)
+    *want, want_idx = attend_torch(q, cache, t_dev, n, (True, True, True))
+    for name, a, b in zip(("compressed", "selected", "window"), got, want):
+        if not torch.isfinite(a.float()).all() or rel_error(a, b) > TOL[dtype]:
+            return f"fused decode {name} output differs from the PyTorch step (relative error {rel_error(a, b):.2e})"
+    if dtype == torch.float32 and not torch.equal(idx.long(), want_idx):
+        return "fused decode block selection differs from the PyTorch step"
+    news = [torch.randn(B, G, 1, D, generator=g).to(device=device, dtype=dtype) for _ in range(6)]
+    before = [buf.clone() for buf in (c.slc_k, c.slc_v, c.win_k, c.win_v, c.raw_k, c.raw_v)]
+    cache.write(t_dev, news[0:2], news[2:4], news[4:6])
+    for buf, old, slot, new in zip((c.slc_k, c.slc_v, c.win_k, c.win_v, c.raw_k, c.raw_v), before,
+                                   (t, t, t % w, t % w, t % l, t % l), news):
+        old[:, :, slot] = new[:, :, 0]
+        if not torch.equal(buf, old):
+            return "the fused decode's cache write differs from an indexed copy"
+    if int(c.win_pos[t % w]) != t:
+        return "the fused decode's cache write did not record the window position"
+    return None
+
+
+def _verdict(key: tuple, what: str, problem, device: torch.device, dtype: torch.dtype) -> bool:
+    """Run `problem` once per key (any exception is a failure), warn on a failure, remember it."""
     if key not in _VERDICTS:
+        _VERDICTS[key] = "re-entered its own self-check"  # a check that reaches itself uses PyTorch
         try:
-            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-                _VERDICTS[key] = _problem(device, dtype)
+            _VERDICTS[key] = problem(device, dtype)
         except Exception as e:  # noqa: BLE001 - any failure (compile, launch) means "don't use them"
             _VERDICTS[key] = f"{type(e).__name__}: {e}"
         if _VERDICTS[key]:
-            print(f"[nsa] WARNING: Triton NSA kernels failed their self-check on {device} {dtype}: "
-                  f"{_VERDICTS[key][:300]}. Using the PyTorch path (slower, correct).", file=sys.stderr, flush=True)
+            print(f"[nsa] WARNING: {what} failed {'its' if what.endswith('kernel') else 'their'} self-check on "
+                  f"{device} {dtype}: {_VERDICTS[key][:300]}. Using the PyTorch path (slower, correct).",
+                  file=sys.stderr, flush=True)
     return _VERDICTS[key] is None
+
+
+def kernels_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    def problem(device, dtype):
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            return _problem(device, dtype)
+
+    return _verdict((device.type, device.index, dtype), "Triton NSA kernels", problem, device, dtype)
+
+
+def decode_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Separate from kernels_ok: a failing decode kernel only sends static decode to PyTorch ops."""
+    def problem(device, dtype):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return _decode_problem(device, dtype)
+
+    return _verdict(("decode", device.type, device.index, dtype), "the fused NSA decode kernel", problem,
+                    device, dtype)

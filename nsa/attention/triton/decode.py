@@ -1,0 +1,277 @@
+"""NSA's decode attention over the static caches (static_decode.py) as one Triton kernel.
+
+Replayed as a CUDA graph, a decode step costs the GPU time of its kernels, and at a few microseconds
+each the PyTorch static step's ~80 attention ops per layer (masked softmaxes, the overlap-map scatter,
+a sort, gathers of the selected blocks) cost more than full attention reads at 64k (BENCHMARKS.md).
+Here one program per (sequence, KV group) does all three branches for the group's r query heads,
+which share every K/V load (the paper's group-centric layout), reading each cached token once:
+
+1. compressed: the compressed slots complete by t (only those: the loop stops at the visible count),
+   online softmax; the scores (log2 units) go to a small fp32 scratch [B*G, r, n_cmp];
+2. selection (Eqs. 8-10): the probabilities exp2(s - lse) summed over the group's heads, per
+   compressed slot (a second scratch), then per selection block through the overlap map computed
+   from the geometry (weight = overlap tokens / d, as blocks.overlap_map); forced initial and local
+   blocks, future blocks excluded; top-n by repeated argmax, ties to the lower block index (what
+   the PyTorch step's stable sort gives), -1 past the valid blocks;
+3. selected: the n blocks straight from the raw-token buffer (no gathered copy), clipped at t;
+4. window: the ring buffer's slots holding positions in (t - w, t].
+The scratch stores and loads are separated by CTA barriers (written and read by the same program).
+
+The position t is a device tensor, so the launch is the same at every step (graph-capturable), and
+the call is a torch custom op (`nsa::static_decode`), so a step through torch.compile keeps it as
+one opaque node in its single graph. Reference and CPU fallback: static_decode.attend_torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.attention.triton._common import LOG2E, check_inputs, dot_config, pad_pow2
+
+BC = 64  # compressed slots per tile
+BW = 64  # window ring slots per tile
+NUM_WARPS = 4
+
+
+@triton.jit
+def _scores(q, k, valid, qk_scale, PREC: tl.constexpr):
+    """Scores of the query rows against a key tile, in log2 units, -inf where not valid."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online(s, v, m_i, l_i, acc, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of an online softmax (base 2) given its scores; returns the new (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_rows(O, base, acc, l_i, rows, offs_d, rmask, dmask, D: tl.constexpr):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key: zeros, as the PyTorch step
+    tl.store(O + base + rows[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_kernel(
+    Q, CK, CV, SK, SV, WK, WV, WPOS, T, SCR, PGRP, IDX, OC, OS, OW,
+    s_qb, s_qh, s_qd,
+    G, NC, NS, CAP, WIN, scale,
+    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    L: tl.constexpr, DS: tl.constexpr, LP: tl.constexpr, LP_PAD: tl.constexpr,
+    NSEL: tl.constexpr, NS_PAD: tl.constexpr, NI: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
+    USE_CMP: tl.constexpr, USE_SLC: tl.constexpr, USE_WIN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # b * G + g
+    b = pid // G
+    g = pid % G
+    t = tl.load(T).to(tl.int64)
+    rows = tl.arange(0, RP)
+    rmask = rows < R
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    q = tl.load(Q + b * s_qb + (g * R + rows)[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+    qk_scale = scale * LOG2E
+    out_base = pid * R * D  # outputs [B, H, 1, D] contiguous: head g * R + row of sequence b
+
+    if USE_CMP or USE_SLC:
+        tt = t + 1 - L
+        n_vis = tl.minimum(tl.where(tt >= 0, tl.maximum(tt, 0) // DS + 1, 0), NC)
+        offs_c = tl.arange(0, BC)
+        c_base = pid * NC * D
+        m_i = tl.full([RP], float("-inf"), tl.float32)
+        l_i = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D_PAD], tl.float32)
+        for c0 in range(0, n_vis, BC):
+            cin = (c0 + offs_c) < n_vis
+            c_off = c_base + (c0 + offs_c)[:, None] * D + offs_d[None, :]
+            c_mask = cin[:, None] & dmask[None, :]
+            kc = tl.load(CK + c_off, mask=c_mask, other=0.0).to(DOT_T)
+            vc = tl.load(CV + c_off, mask=c_mask, other=0.0).to(DOT_T)
+            s = _scores(q, kc, cin, qk_scale, PREC)
+            if USE_SLC:  # kept for the probabilities once the LSE is known
+                tl.store(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :], s,
+                         mask=rmask[:, None] & cin[None, :])
+            m_i, l_i, acc = _online(s, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        if USE_CMP:
+            _store_rows(OC, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
+
+    if USE_SLC:
+        lse2 = m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
+        tl.debug_barrier()
+        for c0 in range(0, n_vis, BC):  # Eq. 10: probabilities summed over the group's heads
+            cin = (c0 + offs_c) < n_vis
+            s2 = tl.load(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :],
+                         mask=rmask[:, None] & cin[None, :], other=float("-inf"))
+            tl.store(PGRP + pid * NC + c0 + offs_c, tl.sum(tl.math.exp2(s2 - lse2[:, None]), 0), mask=cin)
+        tl.debug_barrier()
+        # Eq. 9: selection block j gets compressed blocks i = i_lo(j) .. with weight overlap / d
+        j = tl.arange(0, NS_PAD)
+        first_tok = j * LP - L + 1  # block i overlaps j iff i*d + l - 1 >= j*l'
+        i_lo = tl.where(first_tok > 0, (tl.maximum(first_tok, 0) + DS - 1) // DS, 0)
+        score = tl.zeros([NS_PAD], tl.float32)
+        for term in tl.static_range(NI):
+            i = i_lo + term
+            lo = tl.maximum(i * DS, j * LP)
+            hi = tl.minimum(i * DS + L, (j + 1) * LP)
+            hit = (hi > lo) & (i < n_vis) & (j < NS)
+            p_i = tl.load(PGRP + pid * NC + i, mask=hit, other=0.0)
+            score += tl.where(hit, p_i * ((hi - lo).to(tl.float32) / DS), 0.0)
+        cur = t // LP
+        score = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), score)
+        score = tl.where((j > cur) | (j >= NS), float("-inf"), score)
+        for n in range(NSEL):  # top-n, ties to the lower index; -1 once only -inf is left
+            best = tl.max(score, 0)
+            pick = tl.min(tl.where(score == best, j, NS_PAD), 0)
+            tl.store(IDX + pid * NSEL + n, tl.where(best > float("-inf"), pick, -1).to(tl.int32))
+            score = tl.where(j == pick, float("-inf"), score)
+        tl.debug_barrier()
+        offs_t = tl.arange(0, LP_PAD)
+        s_base = pid * CAP * D
+        m_i = tl.full([RP], float("-inf"), tl.float32)
+        l_i = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D_PAD], tl.float32)
+        for n in range(NSEL):
+            blk = tl.load(IDX + pid * NSEL + n).to(tl.int64)
+            tok = blk * LP + offs_t
+            tok_ok = (blk >= 0) & (offs_t < LP) & (tok <= t)
+            s_off = s_base + tok[:, None] * D + offs_d[None, :]
+            s_mask = tok_ok[:, None] & dmask[None, :]
+            ks = tl.load(SK + s_off, mask=s_mask, other=0.0).to(DOT_T)
+            vs = tl.load(SV + s_off, mask=s_mask, other=0.0).to(DOT_T)
+            m_i, l_i, acc = _online(_scores(q, ks, tok_ok, qk_scale, PREC), vs, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        _store_rows(OS, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
+
+    if USE_WIN:
+        offs_w = tl.arange(0, BW)
+        w_base = pid * WIN * D
+        m_i = tl.full([RP], float("-inf"), tl.float32)
+        l_i = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D_PAD], tl.float32)
+        for w0 in range(0, WIN, BW):
+            slot = w0 + offs_w
+            pos = tl.load(WPOS + slot, mask=slot < WIN, other=-1)
+            w_ok = (slot < WIN) & (pos >= 0) & (pos > t - WIN) & (pos <= t)
+            w_off = w_base + slot[:, None] * D + offs_d[None, :]
+            w_mask = w_ok[:, None] & dmask[None, :]
+            kw = tl.load(WK + w_off, mask=w_mask, other=0.0).to(DOT_T)
+            vw = tl.load(WV + w_off, mask=w_mask, other=0.0).to(DOT_T)
+            m_i, l_i, acc = _online(_scores(q, kw, w_ok, qk_scale, PREC), vw, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        _store_rows(OW, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
+
+
+@triton.jit
+def _copy_row(DST, dst_off, SRC, src_off, s_d, offs_d, dmask):
+    tl.store(DST + dst_off + offs_d, tl.load(SRC + src_off + offs_d * s_d, mask=dmask).to(DST.dtype.element_ty),
+             mask=dmask)
+
+
+@triton.jit
+def _write_kernel(
+    T, SK, SV, WK, WV, WPOS, RK, RV, NKS, NVS, NKW, NVW, NKR, NVR,
+    s_ksb, s_ksg, s_ksd, s_vsb, s_vsg, s_vsd, s_kwb, s_kwg, s_kwd, s_vwb, s_vwg, s_vwd,
+    s_krb, s_krg, s_krd, s_vrb, s_vrg, s_vrd,
+    G, CAP, WIN, L, D: tl.constexpr, D_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # b * G + g
+    b = pid // G
+    g = pid % G
+    t = tl.load(T).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    row = (pid * CAP + t) * D  # selection buffer: position t at slot t
+    _copy_row(SK, row, NKS, b * s_ksb + g * s_ksg, s_ksd, offs_d, dmask)
+    _copy_row(SV, row, NVS, b * s_vsb + g * s_vsg, s_vsd, offs_d, dmask)
+    row = (pid * WIN + t % WIN) * D  # window ring: slot t % w
+    _copy_row(WK, row, NKW, b * s_kwb + g * s_kwg, s_kwd, offs_d, dmask)
+    _copy_row(WV, row, NVW, b * s_vwb + g * s_vwg, s_vwd, offs_d, dmask)
+    row = (pid * L + t % L) * D  # raw-token ring for the compression: slot t % l
+    _copy_row(RK, row, NKR, b * s_krb + g * s_krg, s_krd, offs_d, dmask)
+    _copy_row(RV, row, NVR, b * s_vrb + g * s_vrg, s_vrd, offs_d, dmask)
+    if pid == 0:
+        tl.store(WPOS + t % WIN, t)
+
+
+def static_write(t: torch.Tensor, cache, slc_kv, win_kv, raw_kv) -> None:
+    """The decode token's keys/values ([B, G, 1, D] each, any strides) into a StaticNSACache at the
+    device position t: selection buffer slot t, window ring slot t % w (and its position), raw ring
+    slot t % l; one launch instead of seven index_copy_ and two remainders. Not for torch.compile
+    (Inductor fuses the PyTorch writes itself)."""
+    B, G, _, D = slc_kv[0].shape
+    news = (*slc_kv, *win_kv, *raw_kv)
+    check_inputs("static_write", cache.slc_k, *news)
+    strides = [s for x in news for s in (x.stride(0), x.stride(1), x.stride(3))]
+    _write_kernel[(B * G,)](
+        t, cache.slc_k, cache.slc_v, cache.win_k, cache.win_v, cache.win_pos, cache.raw_k, cache.raw_v, *news,
+        *strides, G, cache.slc_k.shape[2], cache.win_k.shape[2], cache.raw_k.shape[2], D=D, D_PAD=pad_pow2(D, 1),
+        num_warps=1)
+
+
+def overlap_terms(cmp_block: int, cmp_stride: int, slc_block: int) -> int:
+    """Most compressed blocks one selection block overlaps (the kernel's unrolled Eq. 9 terms)."""
+    return (slc_block + cmp_block - 2) // cmp_stride + 2
+
+
+@torch.library.custom_op("nsa::static_decode", mutates_args=())
+def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc_k: torch.Tensor,
+                  slc_v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, win_pos: torch.Tensor,
+                  t: torch.Tensor, cmp_block: int, cmp_stride: int, slc_block: int, n_selected: int,
+                  use_cmp: bool, use_slc: bool, use_win: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode query per head, q [B, H, 1, D] at position t (a 1-element int64 device tensor),
+    over static caches [B, G, *, D] (contiguous) -> (o_cmp, o_slc, o_win) [B, H, 1, D] (a branch
+    switched off: an empty tensor) and the selected blocks int32 [B, G, n] (-1 = none)."""
+    check_inputs("static_decode", q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v)
+    B, H, _, D = q.shape
+    G, NC, CAP, WIN = cmp_k.shape[1], cmp_k.shape[2], slc_k.shape[2], win_k.shape[2]
+    R = H // G
+    NS = -(-CAP // slc_block)
+    nsel = min(n_selected, NS)
+    for buf in (cmp_k, cmp_v, slc_k, slc_v, win_k, win_v):
+        if not buf.is_contiguous():
+            raise ValueError("nsa triton static_decode: the cache buffers must be contiguous")
+    dev = q.device
+
+    def out(on):
+        return torch.empty(B, H, 1, D, device=dev, dtype=q.dtype) if on else q.new_empty(0)
+
+    o_cmp, o_slc, o_win = out(use_cmp), out(use_slc), out(use_win)
+    idx = torch.full((B, G, nsel), -1, device=dev, dtype=torch.int32)
+    scores = torch.empty(B * G, R, NC if use_slc else 0, device=dev, dtype=torch.float32)
+    p_grp = torch.empty(B * G, NC if use_slc else 0, device=dev, dtype=torch.float32)
+    _decode_kernel[(B * G,)](
+        q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, o_cmp, o_slc, o_win,
+        q.stride(0), q.stride(1), q.stride(3),
+        G, NC, NS, CAP, WIN, 1.0 / math.sqrt(D),
+        R=R, RP=pad_pow2(R), D=D, D_PAD=pad_pow2(D), L=cmp_block, DS=cmp_stride, LP=slc_block,
+        LP_PAD=pad_pow2(slc_block), NSEL=nsel, NS_PAD=pad_pow2(NS), NI=overlap_terms(cmp_block, cmp_stride, slc_block),
+        BC=BC, BW=BW, USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **dot_config(q.dtype),
+        num_warps=NUM_WARPS,
+    )
+    return o_cmp, o_slc, o_win, idx
+
+
+@static_decode.register_fake
+def _(q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, cmp_block, cmp_stride, slc_block, n_selected,
+      use_cmp, use_slc, use_win):
+    B, H, _, D = q.shape
+    G = cmp_k.shape[1]
+    nsel = min(n_selected, -(-slc_k.shape[2] // slc_block))
+
+    def out(on):
+        return q.new_empty(B, H, 1, D) if on else q.new_empty(0)
+
+    return out(use_cmp), out(use_slc), out(use_win), q.new_empty(B, G, nsel, dtype=torch.int32)

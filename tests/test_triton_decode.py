@@ -1,0 +1,165 @@
+"""The fused decode attention kernel (nsa/attention/triton/decode.py) against the PyTorch static step
+it replaces (static_decode.attend_torch), and a model decoding through it against the growing caches.
+
+Without CUDA the kernel runs on CPU through the Triton interpreter (tests/triton_setup.py). Covered:
+float32 (<= 1e-4 relative max error per branch) and bfloat16 (<= 2e-2), the selected blocks identical
+(and in the same order); GQA r in {1, 2, 6, 16}; head dims 16, 24 (padded), 32, 64; several
+compressed tiles (> 64 visible slots), selection blocks not a power of two per tile; positions with no
+compressed block yet (t < l), inside the first selection block, on block boundaries, and the window
+ring wrapped; branches switched off (ablations).
+
+Run: .venv/bin/python -m pytest tests/test_triton_decode.py -q
+"""
+
+import pytest
+import torch
+
+from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter on before triton loads)
+    BF16, DEVICE, F32, TOL, interpreter, needs_kernels, nsa_triton, rel_err,
+)
+
+from nsa.attention.layer import NSAttention  # noqa: E402
+from nsa.attention.rope import RotaryEmbedding  # noqa: E402
+from nsa.attention.static_decode import DecodePosition, StaticNSACache, attend, attend_torch  # noqa: E402
+from nsa.config import ModelConfig  # noqa: E402
+from nsa.model import build_model  # noqa: E402
+
+pytestmark = needs_kernels
+
+
+def static_cache(G, r, D, l, d, lp, n, w, capacity, dtype, batch=2, branches="cmp,slc,win", impl="triton"):
+    cfg = ModelConfig.from_dict({"dim": 32, "n_heads": G * r, "n_kv_heads": G, "head_dim": D, "nsa": {
+        "cmp_block": l, "cmp_stride": d, "slc_block": lp, "n_selected": n, "window": w, "impl": impl,
+        "branches": branches}})
+    layer = NSAttention(cfg).to(device=DEVICE, dtype=dtype).eval()
+    return layer, StaticNSACache(layer, batch, capacity, DecodePosition(DEVICE, capacity), DEVICE, dtype)
+
+
+def fill_random(cache, t, seed):
+    """Random contents in every buffer (slots past t too: the kernel must not read them) and the
+    window ring holding positions (t - w, t]."""
+    g = torch.Generator().manual_seed(seed)
+    for buf in (cache.slc_k, cache.slc_v, cache.cmp_k, cache.cmp_v, cache.win_k, cache.win_v):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    w = cache.window
+    cache.win_pos.fill_(-1)
+    kept = torch.arange(max(0, t - w + 1), t + 1, device=DEVICE)
+    cache.win_pos[kept % w] = kept
+
+
+GEOMETRIES = [  # G, r, D, l, d, lp, n, w, capacity, positions
+    (2, 3, 16, 8, 4, 8, 3, 12, 70, (0, 6, 7, 8, 37, 69)),
+    (1, 6, 32, 32, 16, 64, 16, 512, 300, (31, 63, 64, 200, 299)),
+    (2, 16, 64, 16, 8, 32, 4, 20, 130, (5, 15, 16, 95, 129)),
+    (2, 1, 24, 8, 4, 16, 5, 40, 400, (150, 277, 399)),  # > 64 visible compressed slots: several tiles
+    (1, 2, 16, 12, 6, 24, 4, 30, 160, (11, 100, 159)),  # l, l' not powers of two
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "G{}r{}D{}_l{}d{}lp{}n{}w{}_cap{}".format(*g[:9]))
+def test_fused_decode_matches_torch_step(dtype, geometry):
+    G, r, D, l, d, lp, n, w, capacity, positions = geometry
+    _, cache = static_cache(G, r, D, l, d, lp, n, w, capacity, dtype)
+    assert cache.fused is not None
+    for i, t in enumerate(positions):
+        fill_random(cache, t, seed=t)
+        q = torch.randn(2, G * r, 1, D, generator=torch.Generator().manual_seed(100 + i)).to(DEVICE, dtype)
+        t_dev = torch.tensor(t, device=DEVICE)
+        *got, idx = attend(q, cache, t_dev, n, (True, True, True))
+        *want, want_idx = attend_torch(q, cache, t_dev, n, (True, True, True))
+        assert idx.dtype == torch.int32 and torch.equal(idx.long(), want_idx), t  # same blocks, same order
+        for name, a, b in zip(("cmp", "slc", "win"), got, want):
+            assert a.shape == b.shape == (2, G * r, 1, D) and a.dtype == dtype
+            err = rel_err(a, b)
+            assert err <= TOL[dtype], f"t={t} {name}: relative max error {err:.2e}"
+        if t < l - 1:  # no compressed block complete yet: the branch is zero, as in PyTorch
+            assert got[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("branches", ["slc,win", "cmp,win", "win", "cmp,slc"])
+def test_fused_decode_ablations(branches):
+    """Switched-off branches come back as None; the others (and the selection, which needs the
+    compressed scores even without the compressed branch) as in PyTorch."""
+    enabled = tuple(b in branches.split(",") for b in ("cmp", "slc", "win"))
+    _, cache = static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32, branches=branches)
+    fill_random(cache, 50, seed=1)
+    q = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    t = torch.tensor(50, device=DEVICE)
+    got, want = attend(q, cache, t, 3, enabled), attend_torch(q, cache, t, 3, enabled)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) <= TOL[F32] if a.is_floating_point() else torch.equal(a.long(), b)
+
+
+def test_fused_decode_off_by_env(monkeypatch):
+    monkeypatch.setenv("NSA_DECODE", "torch")
+    assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32)[1].fused is None
+    monkeypatch.setenv("NSA_DECODE", "fast")
+    with pytest.raises(Exception, match="NSA_DECODE='fast': expected fused or torch"):
+        static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32)
+    monkeypatch.delenv("NSA_DECODE")
+    assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32, impl="torch")[1].fused is None  # the layer's choice
+
+
+def test_model_decodes_through_the_fused_kernel():
+    """A whole model (impl=triton) decoding over static caches through the fused kernel gives the
+    growing caches' logits and tokens read at every step: compressed tokens emitted during decode,
+    the window ring wrapping, selection blocks filling."""
+    from nsa.attention.static_decode import GraphedStep
+
+    cfg = dict(vocab_size=100, dim=32, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, ffn_hidden=64,
+               nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, n_selected=3, window=12, impl="triton"))
+    torch.manual_seed(3)
+    model = build_model(cfg).to(DEVICE).eval()
+    reference = build_model({**cfg, "nsa": {**cfg["nsa"], "impl": "torch"}}).to(DEVICE).eval()
+    reference.load_state_dict(model.state_dict())  # the same weights on the PyTorch path (faster interpreted)
+    seq = torch.randint(0, 100, (2, 30), device=DEVICE)
+    _, dynamic = reference.prefill(seq[:, :10])
+    caches, position = model.new_static_caches(batch=2, capacity=30)
+    assert all(c.fused is not None for c in caches)
+    reference.prefill(seq[:, :10], caches)
+    step = GraphedStep(lambda ids: model.decode_step(ids, caches), seq[:, 10], position)
+    for t in range(10, 30):
+        want = reference.decode_step(seq[:, t], dynamic)
+        got = step(seq[:, t])
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), t
+        assert caches[1].tokens_read == dynamic[1].tokens_read, t
+
+
+@pytest.mark.slow
+def test_fused_decode_step_compiles_as_one_graph():
+    """Through torch.compile (fullgraph: the op `nsa::static_decode` is one opaque node with a fake
+    implementation for tracing) the fused step gives the eager one's outputs and reads (~25 s on CPU)."""
+    from nsa.attention.static_decode import GraphedStep
+
+    layer, first = static_cache(2, 3, 16, 8, 4, 8, 3, 12, 40, F32)
+    second = StaticNSACache(layer, 2, 40, DecodePosition(DEVICE, 40), DEVICE, F32)
+    rope = RotaryEmbedding(16)
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    for cache in (first, second):
+        layer(x[:, :11], rope, cache)
+    eager = GraphedStep(lambda x_: layer.decode_step(x_, rope, first), x[:, 11:12], first.position)
+    compiled = GraphedStep(lambda x_: layer.decode_step(x_, rope, second), x[:, 11:12], second.position,
+                           compile=True)
+    for t in range(11, 20):
+        want = eager(x[:, t:t + 1])
+        assert (compiled(x[:, t:t + 1]) - want).abs().max() <= 1e-5, t
+        assert second.tokens_read == first.tokens_read, t
+
+
+def test_failed_decode_self_check_means_pytorch_step(monkeypatch, capsys):
+    """A fused decode kernel that fails its one-time check on a device is not used (the other
+    kernels still are), with a warning naming it."""
+    from nsa.attention.triton import selfcheck
+
+    # impl=auto on a device where the layer runs the kernels (on CPU it never would)
+    monkeypatch.setattr(NSAttention, "kernels", lambda self, q: nsa_triton)
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32, impl="auto")[1].fused is not None  # the check passes
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    monkeypatch.setattr(selfcheck, "_decode_problem", lambda device, dtype: "simulated miscompile")
+    assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32, impl="auto")[1].fused is None
+    assert "the fused NSA decode kernel failed its self-check" in capsys.readouterr().err
+    assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32)[1].fused is not None  # impl=triton: no check
