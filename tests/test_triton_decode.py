@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter on before triton loads)
-    BF16, DEVICE, F32, TOL, interpreter, needs_kernels, nsa_triton, rel_err,
+    AVAILABLE, BF16, DEVICE, F32, TOL, interpreter, needs_kernels, nsa_triton, rel_err,
 )
+
+if AVAILABLE:
+    from nsa.attention.triton import decode
 
 from nsa.attention.layer import NSAttention  # noqa: E402
 from nsa.attention.rope import RotaryEmbedding  # noqa: E402
@@ -47,6 +50,13 @@ def fill_random(cache, t, seed):
     cache.win_pos[kept % w] = kept
 
 
+def fused(q, cache, t, n, enabled, splits):
+    """The fused op with an explicit number of compressed-scan splits (`attend` lets it choose: 1 on CPU)."""
+    c = cache
+    return decode.static_decode(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t.view(1),
+                                c.cmp_block, c.cmp_stride, c.slc_block, n, *enabled, splits)
+
+
 GEOMETRIES = [  # G, r, D, l, d, lp, n, w, capacity, positions
     (2, 3, 16, 8, 4, 8, 3, 12, 70, (0, 6, 7, 8, 37, 69)),
     (1, 6, 32, 32, 16, 64, 16, 512, 300, (31, 63, 64, 200, 299)),
@@ -66,15 +76,16 @@ def test_fused_decode_matches_torch_step(dtype, geometry):
         fill_random(cache, t, seed=t)
         q = torch.randn(2, G * r, 1, D, generator=torch.Generator().manual_seed(100 + i)).to(DEVICE, dtype)
         t_dev = torch.tensor(t, device=DEVICE)
-        *got, idx = attend(q, cache, t_dev, n, (True, True, True))
         *want, want_idx = attend_torch(q, cache, t_dev, n, (True, True, True))
-        assert idx.dtype == torch.int32 and torch.equal(idx.long(), want_idx), t  # same blocks, same order
-        for name, a, b in zip(("cmp", "slc", "win"), got, want):
-            assert a.shape == b.shape == (2, G * r, 1, D) and a.dtype == dtype
-            err = rel_err(a, b)
-            assert err <= TOL[dtype], f"t={t} {name}: relative max error {err:.2e}"
-        if t < l - 1:  # no compressed block complete yet: the branch is zero, as in PyTorch
-            assert got[0].abs().max() == 0
+        for splits in (1, 3):  # the compressed scan in the one kernel, or split over 3 programs and merged
+            *got, idx = fused(q, cache, t_dev, n, (True, True, True), splits)
+            assert idx.dtype == torch.int32 and torch.equal(idx.long(), want_idx), (t, splits)  # same order too
+            for name, a, b in zip(("cmp", "slc", "win"), got, want):
+                assert a.shape == b.shape == (2, G * r, 1, D) and a.dtype == dtype
+                err = rel_err(a, b)
+                assert err <= TOL[dtype], f"t={t} splits={splits} {name}: relative max error {err:.2e}"
+            if t < l - 1:  # no compressed block complete yet: the branch is zero, as in PyTorch
+                assert got[0].abs().max() == 0
 
 
 @pytest.mark.parametrize("branches", ["slc,win", "cmp,win", "win", "cmp,slc"])
@@ -86,11 +97,29 @@ def test_fused_decode_ablations(branches):
     fill_random(cache, 50, seed=1)
     q = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     t = torch.tensor(50, device=DEVICE)
-    got, want = attend(q, cache, t, 3, enabled), attend_torch(q, cache, t, 3, enabled)
+    want = attend_torch(q, cache, t, 3, enabled)
+    got = attend(q, cache, t, 3, enabled)
     for a, b in zip(got, want):
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(a, b) <= TOL[F32] if a.is_floating_point() else torch.equal(a.long(), b)
+    *split, idx = fused(q, cache, t, 3, enabled, 2)
+    for a, b, on in zip((*split, idx), want, (*enabled, enabled[1])):
+        if on:
+            assert rel_err(a, b) <= TOL[F32] if a.is_floating_point() else torch.equal(a.long(), b)
+
+
+def test_scan_splits_fill_the_gpu(monkeypatch):
+    """Batch 1 has only G programs: the compressed scan is split so that B*G*splits covers the SMs once,
+    each split keeping >= 4 tiles of 64 slots; a full batch is not split; off CUDA never."""
+    monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert decode.scan_splits(2, 4095, cuda) == 16  # M7C at 64k, batch 1: 64 tiles -> 16 splits of 4
+    assert decode.scan_splits(2, 1000, cuda) == 4  # 16 tiles
+    assert decode.scan_splits(64, 4095, cuda) == 3  # batch 32: 64 programs -> 3 per (sequence, group)
+    assert decode.scan_splits(256, 4095, cuda) == 1
+    assert decode.scan_splits(2, 100, cuda) == 1
+    assert decode.scan_splits(2, 4095, torch.device("cpu")) == 1
 
 
 def test_fused_decode_off_by_env(monkeypatch):

@@ -264,7 +264,7 @@ def attend(q: torch.Tensor, cache: StaticNSACache, t: torch.Tensor, n_selected: 
         return attend_torch(q, cache, t, n_selected, enabled)
     c = cache
     outs = c.fused(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t.view(1), c.cmp_block,
-                   c.cmp_stride, c.slc_block, n_selected, *enabled)
+                   c.cmp_stride, c.slc_block, n_selected, *enabled, 0)
     return tuple(o if on else None for o, on in zip(outs, (*enabled, enabled[1])))
 
 

@@ -107,15 +107,19 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (combine._combine_bwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                 ]
-                # fused static decode: the paper's geometry (l=32, d=16, n=16), 64k and 256k-token caches
-                for ns_pad in (1024, 4096):
+                # fused static decode: the paper's geometry (l=32, d=16, n=16), 64k and 256k-token caches,
+                # the compressed scan in the one kernel or split (its partials merged)
+                dec = dict(R=group, RP=pad_pow2(group), D=D, D_PAD=pad_pow2(D), L=32, DS=16, BC=decode.BC, **dots)
+                for ns_pad, nsplit in ((1024, 1), (4096, 1), (1024, 16)):
                     jobs.append((decode._decode_kernel,
                                  dict(Q=t, CK=t, CV=t, SK=t, SV=t, WK=t, WV=t, WPOS="*i64", T="*i64", SCR=f, PGRP=f,
-                                      IDX="*i32", OC=t, OS=t, OW=t),
-                                 dict(R=group, RP=pad_pow2(group), D=D, D_PAD=pad_pow2(D), L=32, DS=16, LP=slc_block,
-                                      LP_PAD=pad_pow2(slc_block), NSEL=16, NS_PAD=ns_pad,
-                                      NI=decode.overlap_terms(32, 16, slc_block), BC=decode.BC, BW=decode.BW,
-                                      USE_CMP=True, USE_SLC=True, USE_WIN=True, **dots), decode.NUM_WARPS))
+                                      IDX="*i32", OC=t, OS=t, OW=t, PM=f, PL=f, PACC=f),
+                                 dict(dec, LP=slc_block, LP_PAD=pad_pow2(slc_block), NSEL=16, NS_PAD=ns_pad,
+                                      NI=decode.overlap_terms(32, 16, slc_block), BP=decode.BP, BW=decode.BW,
+                                      NSPLIT=nsplit, USE_CMP=True, USE_SLC=True, USE_WIN=True), decode.NUM_WARPS))
+                jobs.append((decode._decode_split_kernel,
+                             dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
+                             dict(dec, NSPLIT=16, USE_SLC=True), decode.NUM_WARPS))
                 jobs.append((decode._write_kernel, dict(T="*i64", SK=t, SV=t, WK=t, WV=t, WPOS="*i64", RK=t, RV=t,
                                                         NKS=t, NVS=t, NKW=t, NVW=t, NKR=t, NVR=t),
                              dict(D=D, D_PAD=pad_pow2(D, 1)), 1))
@@ -156,6 +160,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         tag += f" QT={consts['QT']}" if "QT" in consts else ""
                         tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
                         tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
+                        tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
                         tag += f" BM={consts['BM']} BN={consts['BN']} w{warps}" if "_cmp_" in kernel.__name__ else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)

@@ -16,6 +16,10 @@ which share every K/V load (the paper's group-centric layout), reading each cach
 3. selected: the n blocks straight from the raw-token buffer (no gathered copy), clipped at t;
 4. window: the ring buffer's slots holding positions in (t - w, t].
 The scratch stores and loads are separated by CTA barriers (written and read by the same program).
+With few programs (batch 1 has only G) the compressed scan, the longest part at 64k (4096 slots
+against 16 blocks and the window), is split flash-decoding style: `_decode_split_kernel` runs
+`scan_splits` programs per (sequence, group), each over an equal share of the visible slots' tiles,
+and leaves softmax partials that _decode_kernel merges before the rest.
 
 The position t is a device tensor, so the launch is the same at every step (graph-capturable), and
 the call is a torch custom op (`nsa::static_decode`), so a step through torch.compile keeps it as
@@ -24,6 +28,7 @@ one opaque node in its single graph. Reference and CPU fallback: static_decode.a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,8 +38,25 @@ import triton.language as tl
 from nsa.attention.triton._common import LOG2E, check_inputs, dot_config, pad_pow2
 
 BC = 64  # compressed slots per tile
+BP = 256  # compressed slots per tile of the probability pass (fp32 scores from L2, no dot)
 BW = 64  # window ring slots per tile
 NUM_WARPS = 4
+MIN_SPLIT_TILES = 4  # a split of the compressed scan takes at least this many tiles
+MAX_SPLITS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def scan_splits(programs: int, n_cmp: int, device: torch.device) -> int:
+    """How many programs share each (sequence, group)'s compressed scan: enough to cover the GPU's
+    SMs once (batch 1 has only G programs otherwise), at least MIN_SPLIT_TILES tiles each; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    want = -(-_sm_count(device.index if device.index is not None else torch.cuda.current_device()) // programs)
+    return max(1, min(want, -(-n_cmp // BC) // MIN_SPLIT_TILES, MAX_SPLITS))
 
 
 @triton.jit
@@ -64,59 +86,124 @@ def _store_rows(O, base, acc, l_i, rows, offs_d, rmask, dmask, D: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(
-    Q, CK, CV, SK, SV, WK, WV, WPOS, T, SCR, PGRP, IDX, OC, OS, OW,
-    s_qb, s_qh, s_qd,
-    G, NC, NS, CAP, WIN, scale,
+def _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d, dmask,
+              R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BC: tl.constexpr,
+              USE_SLC: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of the query rows over compressed slots [c_lo, c_hi); with selection the scores
+    (log2 units) also go to SCR [B*G, R, NC]. Returns (m, l, acc)."""
+    offs_c = tl.arange(0, BC)
+    c_base = pid * NC * D
+    m_i = tl.full([RP], float("-inf"), tl.float32)
+    l_i = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, D_PAD], tl.float32)
+    for c0 in range(c_lo, c_hi, BC):
+        cin = (c0 + offs_c) < c_hi
+        c_off = c_base + (c0 + offs_c)[:, None] * D + offs_d[None, :]
+        c_mask = cin[:, None] & dmask[None, :]
+        kc = tl.load(CK + c_off, mask=c_mask, other=0.0).to(DOT_T)
+        vc = tl.load(CV + c_off, mask=c_mask, other=0.0).to(DOT_T)
+        s = _scores(q, kc, cin, qk_scale, PREC)
+        if USE_SLC:  # kept for the probabilities once the LSE is known
+            tl.store(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :], s,
+                     mask=rmask[:, None] & cin[None, :])
+        m_i, l_i, acc = _online(s, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _visible(T, L: tl.constexpr, DS: tl.constexpr, NC):
+    """(t, compressed blocks complete by t)."""
+    t = tl.load(T).to(tl.int64)
+    tt = t + 1 - L
+    return t, tl.minimum(tl.where(tt >= 0, tl.maximum(tt, 0) // DS + 1, 0), NC)
+
+
+@triton.jit
+def _load_q(Q, b, g, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R: tl.constexpr, DOT_T: tl.constexpr):
+    return tl.load(Q + b * s_qb + (g * R + rows)[:, None] * s_qh + offs_d[None, :] * s_qd,
+                   mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, CK, CV, T, SCR, PM, PL, PACC,
+    s_qb, s_qh, s_qd, G, NC, scale,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    L: tl.constexpr, DS: tl.constexpr, LP: tl.constexpr, LP_PAD: tl.constexpr,
-    NSEL: tl.constexpr, NS_PAD: tl.constexpr, NI: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
-    USE_CMP: tl.constexpr, USE_SLC: tl.constexpr, USE_WIN: tl.constexpr,
+    L: tl.constexpr, DS: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, USE_SLC: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # b * G + g
-    b = pid // G
-    g = pid % G
-    t = tl.load(T).to(tl.int64)
+    """Split compressed scan (flash-decoding): program (b * G + g, split) takes an equal share of the
+    visible slots' tiles and leaves its softmax partials (m, l, acc) for _decode_kernel to merge."""
+    pid = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
     rows = tl.arange(0, RP)
     rmask = rows < R
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < D
-    q = tl.load(Q + b * s_qb + (g * R + rows)[:, None] * s_qh + offs_d[None, :] * s_qd,
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+    q = _load_q(Q, pid // G, pid % G, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R, DOT_T)
+    t, n_vis = _visible(T, L, DS, NC)
+    per = ((n_vis + BC - 1) // BC + NSPLIT - 1) // NSPLIT * BC  # slots per split, whole tiles
+    c_lo = sp * per
+    c_hi = tl.minimum(c_lo + per, n_vis)
+    m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, scale * LOG2E, rows, rmask, offs_d, dmask,
+                              R, RP, D, D_PAD, BC, USE_SLC, IN_T, DOT_T, PREC)
+    part = (pid * NSPLIT + sp) * RP + rows
+    tl.store(PM + part, m_i)
+    tl.store(PL + part, l_i)
+    tl.store(PACC + part[:, None] * D_PAD + offs_d[None, :], acc)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, CK, CV, SK, SV, WK, WV, WPOS, T, SCR, PGRP, IDX, OC, OS, OW, PM, PL, PACC,
+    s_qb, s_qh, s_qd,
+    G, NC, NS, CAP, WIN, scale,
+    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    L: tl.constexpr, DS: tl.constexpr, LP: tl.constexpr, LP_PAD: tl.constexpr,
+    NSEL: tl.constexpr, NS_PAD: tl.constexpr, NI: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+    BW: tl.constexpr, NSPLIT: tl.constexpr, USE_CMP: tl.constexpr, USE_SLC: tl.constexpr, USE_WIN: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # b * G + g
+    rows = tl.arange(0, RP)
+    rmask = rows < R
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    q = _load_q(Q, pid // G, pid % G, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R, DOT_T)
     qk_scale = scale * LOG2E
     out_base = pid * R * D  # outputs [B, H, 1, D] contiguous: head g * R + row of sequence b
+    t, n_vis = _visible(T, L, DS, NC)
 
     if USE_CMP or USE_SLC:
-        tt = t + 1 - L
-        n_vis = tl.minimum(tl.where(tt >= 0, tl.maximum(tt, 0) // DS + 1, 0), NC)
-        offs_c = tl.arange(0, BC)
-        c_base = pid * NC * D
-        m_i = tl.full([RP], float("-inf"), tl.float32)
-        l_i = tl.zeros([RP], tl.float32)
-        acc = tl.zeros([RP, D_PAD], tl.float32)
-        for c0 in range(0, n_vis, BC):
-            cin = (c0 + offs_c) < n_vis
-            c_off = c_base + (c0 + offs_c)[:, None] * D + offs_d[None, :]
-            c_mask = cin[:, None] & dmask[None, :]
-            kc = tl.load(CK + c_off, mask=c_mask, other=0.0).to(DOT_T)
-            vc = tl.load(CV + c_off, mask=c_mask, other=0.0).to(DOT_T)
-            s = _scores(q, kc, cin, qk_scale, PREC)
-            if USE_SLC:  # kept for the probabilities once the LSE is known
-                tl.store(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :], s,
-                         mask=rmask[:, None] & cin[None, :])
-            m_i, l_i, acc = _online(s, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        if NSPLIT == 1:
+            m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, 0, n_vis, NC, qk_scale, rows, rmask, offs_d, dmask,
+                                      R, RP, D, D_PAD, BC, USE_SLC, IN_T, DOT_T, PREC)
+        else:  # merge the split scan's partials (_decode_split_kernel)
+            m_i = tl.full([RP], float("-inf"), tl.float32)
+            l_i = tl.zeros([RP], tl.float32)
+            acc = tl.zeros([RP, D_PAD], tl.float32)
+            for sp in range(NSPLIT):
+                part = (pid * NSPLIT + sp) * RP + rows
+                m_s = tl.load(PM + part)
+                m_new = tl.maximum(m_i, m_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_safe)
+                beta = tl.math.exp2(m_s - m_safe)
+                l_i = l_i * alpha + tl.load(PL + part) * beta
+                acc = acc * alpha[:, None] + tl.load(PACC + part[:, None] * D_PAD + offs_d[None, :]) * beta[:, None]
+                m_i = m_new
         if USE_CMP:
             _store_rows(OC, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
     if USE_SLC:
         lse2 = m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
         tl.debug_barrier()
-        for c0 in range(0, n_vis, BC):  # Eq. 10: probabilities summed over the group's heads
-            cin = (c0 + offs_c) < n_vis
-            s2 = tl.load(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :],
-                         mask=rmask[:, None] & cin[None, :], other=float("-inf"))
-            tl.store(PGRP + pid * NC + c0 + offs_c, tl.sum(tl.math.exp2(s2 - lse2[:, None]), 0), mask=cin)
+        offs_p = tl.arange(0, BP)
+        for c0 in range(0, n_vis, BP):  # Eq. 10: probabilities summed over the group's heads
+            pin = (c0 + offs_p) < n_vis
+            s2 = tl.load(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_p[None, :],
+                         mask=rmask[:, None] & pin[None, :], other=float("-inf"))
+            tl.store(PGRP + pid * NC + c0 + offs_p, tl.sum(tl.math.exp2(s2 - lse2[:, None]), 0), mask=pin)
         tl.debug_barrier()
         # Eq. 9: selection block j gets compressed blocks i = i_lo(j) .. with weight overlap / d
         j = tl.arange(0, NS_PAD)
@@ -229,11 +316,12 @@ def overlap_terms(cmp_block: int, cmp_stride: int, slc_block: int) -> int:
 def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc_k: torch.Tensor,
                   slc_v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, win_pos: torch.Tensor,
                   t: torch.Tensor, cmp_block: int, cmp_stride: int, slc_block: int, n_selected: int,
-                  use_cmp: bool, use_slc: bool, use_win: bool,
+                  use_cmp: bool, use_slc: bool, use_win: bool, splits: int,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode query per head, q [B, H, 1, D] at position t (a 1-element int64 device tensor),
     over static caches [B, G, *, D] (contiguous) -> (o_cmp, o_slc, o_win) [B, H, 1, D] (a branch
-    switched off: an empty tensor) and the selected blocks int32 [B, G, n] (-1 = none)."""
+    switched off: an empty tensor) and the selected blocks int32 [B, G, n] (-1 = none).
+    splits: programs per (sequence, group) for the compressed scan (0: `scan_splits` decides)."""
     check_inputs("static_decode", q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v)
     B, H, _, D = q.shape
     G, NC, CAP, WIN = cmp_k.shape[1], cmp_k.shape[2], slc_k.shape[2], win_k.shape[2]
@@ -252,21 +340,29 @@ def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc
     idx = torch.full((B, G, nsel), -1, device=dev, dtype=torch.int32)
     scores = torch.empty(B * G, R, NC if use_slc else 0, device=dev, dtype=torch.float32)
     p_grp = torch.empty(B * G, NC if use_slc else 0, device=dev, dtype=torch.float32)
+    nsplit = (splits or scan_splits(B * G, NC, dev)) if (use_cmp or use_slc) else 1
+    RP, D_PAD = pad_pow2(R), pad_pow2(D)
+    partials = [torch.empty(n, device=dev, dtype=torch.float32) for n in
+                ((B * G * nsplit * RP,) * 2 + (B * G * nsplit * RP * D_PAD,) if nsplit > 1 else (0, 0, 0))]
+    shape = dict(R=R, RP=RP, D=D, D_PAD=D_PAD, L=cmp_block, DS=cmp_stride, BC=BC, **dot_config(q.dtype))
+    if nsplit > 1:
+        _decode_split_kernel[(B * G, nsplit)](
+            q, cmp_k, cmp_v, t, scores, *partials, q.stride(0), q.stride(1), q.stride(3), G, NC, 1.0 / math.sqrt(D),
+            NSPLIT=nsplit, USE_SLC=use_slc, **shape, num_warps=NUM_WARPS)
     _decode_kernel[(B * G,)](
-        q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, o_cmp, o_slc, o_win,
+        q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, o_cmp, o_slc, o_win, *partials,
         q.stride(0), q.stride(1), q.stride(3),
         G, NC, NS, CAP, WIN, 1.0 / math.sqrt(D),
-        R=R, RP=pad_pow2(R), D=D, D_PAD=pad_pow2(D), L=cmp_block, DS=cmp_stride, LP=slc_block,
-        LP_PAD=pad_pow2(slc_block), NSEL=nsel, NS_PAD=pad_pow2(NS), NI=overlap_terms(cmp_block, cmp_stride, slc_block),
-        BC=BC, BW=BW, USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **dot_config(q.dtype),
-        num_warps=NUM_WARPS,
+        LP=slc_block, LP_PAD=pad_pow2(slc_block), NSEL=nsel, NS_PAD=pad_pow2(NS),
+        NI=overlap_terms(cmp_block, cmp_stride, slc_block), BP=BP, BW=BW, NSPLIT=nsplit,
+        USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **shape, num_warps=NUM_WARPS,
     )
     return o_cmp, o_slc, o_win, idx
 
 
 @static_decode.register_fake
 def _(q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, cmp_block, cmp_stride, slc_block, n_selected,
-      use_cmp, use_slc, use_win):
+      use_cmp, use_slc, use_win, splits):
     B, H, _, D = q.shape
     G = cmp_k.shape[1]
     nsel = min(n_selected, -(-slc_k.shape[2] // slc_block))

@@ -90,14 +90,16 @@ def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     q = torch.randn(B, G * r, 1, D, generator=g).to(device=device, dtype=dtype)
     t_dev = torch.tensor(t, device=device)
     c = cache
-    *got, idx = static_decode(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t_dev.view(1),
-                              l, d, lp, n, True, True, True)
     *want, want_idx = attend_torch(q, cache, t_dev, n, (True, True, True))
-    for name, a, b in zip(("compressed", "selected", "window"), got, want):
-        if not torch.isfinite(a.float()).all() or rel_error(a, b) > TOL[dtype]:
-            return f"fused decode {name} output differs from the PyTorch step (relative error {rel_error(a, b):.2e})"
-    if dtype == torch.float32 and not torch.equal(idx.long(), want_idx):
-        return "fused decode block selection differs from the PyTorch step"
+    for splits in (1, 3):  # the compressed scan in the one kernel, and split over programs
+        *got, idx = static_decode(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos,
+                                  t_dev.view(1), l, d, lp, n, True, True, True, splits)
+        for name, a, b in zip(("compressed", "selected", "window"), got, want):
+            if not torch.isfinite(a.float()).all() or rel_error(a, b) > TOL[dtype]:
+                return (f"fused decode ({splits} split) {name} output differs from the PyTorch step "
+                        f"(relative error {rel_error(a, b):.2e})")
+        if dtype == torch.float32 and not torch.equal(idx.long(), want_idx):
+            return f"fused decode ({splits} split) block selection differs from the PyTorch step"
     news = [torch.randn(B, G, 1, D, generator=g).to(device=device, dtype=dtype) for _ in range(6)]
     before = [buf.clone() for buf in (c.slc_k, c.slc_v, c.win_k, c.win_v, c.raw_k, c.raw_v)]
     cache.write(t_dev, news[0:2], news[2:4], news[4:6])
