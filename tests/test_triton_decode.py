@@ -122,6 +122,11 @@ def test_scan_splits_fill_the_gpu(monkeypatch):
     assert decode.scan_splits(2, 4095, torch.device("cpu")) == 1
 
 
+def test_decode_warps_grow_with_the_score_vector():
+    assert [decode.decode_warps(n, 64) for n in (1024, 2048, 4096, 8192)] == [4, 4, 8, 16]
+    assert [decode.decode_warps(n, 128) for n in (1024, 2048, 4096)] == [8, 8, 16]
+
+
 def test_fused_decode_off_by_env(monkeypatch):
     monkeypatch.setenv("NSA_DECODE", "torch")
     assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32)[1].fused is None

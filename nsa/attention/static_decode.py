@@ -26,8 +26,10 @@ What the step reads: the paper's count (`tokens_read`); the PyTorch ops scan all
 compressed slots, valid or not (a few percent of full attention's reads at the same capacity), the
 kernel only the visible ones.
 
-Dense step (`StaticKVCache`, `dense_step`): SDPA over the whole buffer with a mask t' <= t (size the
-capacity to the context to compare it fairly).
+Dense step (`StaticKVCache`, `dense_step`): SDPA over the whole buffer with a mask t' <= t, the usual
+static-cache formulation (size the capacity to the context to compare it fairly; SDPA picks its
+memory-efficient kernel for a mask, which does not split the keys over programs as flash-decoding
+does, so also compare with the growing cache's unmasked SDPA).
 
 Usage (a model; a single layer works the same way with `layer.decode_step`):
     caches, position = model.new_static_caches(batch, capacity, device, dtype)

@@ -116,10 +116,11 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                       IDX="*i32", OC=t, OS=t, OW=t, PM=f, PL=f, PACC=f),
                                  dict(dec, LP=slc_block, LP_PAD=pad_pow2(slc_block), NSEL=16, NS_PAD=ns_pad,
                                       NI=decode.overlap_terms(32, 16, slc_block), BP=decode.BP, BW=decode.BW,
-                                      NSPLIT=nsplit, USE_CMP=True, USE_SLC=True, USE_WIN=True), decode.NUM_WARPS))
+                                      NSPLIT=nsplit, USE_CMP=True, USE_SLC=True, USE_WIN=True),
+                                 decode.decode_warps(ns_pad, D)))
                 jobs.append((decode._decode_split_kernel,
                              dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
-                             dict(dec, NSPLIT=16, USE_SLC=True), decode.NUM_WARPS))
+                             dict(dec, NSPLIT=16, USE_SLC=True), num_warps(D)))
                 jobs.append((decode._write_kernel, dict(T="*i64", SK=t, SV=t, WK=t, WV=t, WPOS="*i64", RK=t, RV=t,
                                                         NKS=t, NVS=t, NKW=t, NVW=t, NKR=t, NVR=t),
                              dict(D=D, D_PAD=pad_pow2(D, 1)), 1))

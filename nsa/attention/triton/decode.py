@@ -35,12 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import LOG2E, check_inputs, dot_config, pad_pow2
+from nsa.attention.triton._common import LOG2E, check_inputs, dot_config, num_warps, pad_pow2
 
 BC = 64  # compressed slots per tile
 BP = 256  # compressed slots per tile of the probability pass (fp32 scores from L2, no dot)
 BW = 64  # window ring slots per tile
-NUM_WARPS = 4
 MIN_SPLIT_TILES = 4  # a split of the compressed scan takes at least this many tiles
 MAX_SPLITS = 32
 
@@ -48,6 +47,15 @@ MAX_SPLITS = 32
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_warps(ns_pad: int, head_dim: int) -> int:
+    """The main kernel keeps all selection-block scores in registers. ptxas -v (sm90, bf16, r <= 16)
+    reports no spills at head dim 64 with 4 warps up to 2048 blocks (128k tokens at l' = 64) and with
+    8 up to 4096; at head dim 128 with 8 warps up to 2048 (4 warps spill at 1024). Beyond: 16 warps."""
+    if head_dim <= 64 and ns_pad <= 2048:
+        return 4
+    return 8 if ns_pad * max(1, head_dim // 64) <= 4096 else 16
 
 
 def scan_splits(programs: int, n_cmp: int, device: torch.device) -> int:
@@ -76,6 +84,17 @@ def _online(s, v, m_i, l_i, acc, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: 
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_rows(q, K, V, row_off, ok, offs_d, dmask, m_i, l_i, acc, qk_scale, IN_T: tl.constexpr,
+                 DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """The key/value rows starting at element offsets row_off (those with ok) into the online softmax."""
+    off = row_off[:, None] + offs_d[None, :]
+    mask = ok[:, None] & dmask[None, :]
+    k = tl.load(K + off, mask=mask, other=0.0).to(DOT_T)
+    v = tl.load(V + off, mask=mask, other=0.0).to(DOT_T)
+    return _online(_scores(q, k, ok, qk_scale, PREC), v, m_i, l_i, acc, IN_T, DOT_T, PREC)
 
 
 @triton.jit
@@ -235,11 +254,8 @@ def _decode_kernel(
             blk = tl.load(IDX + pid * NSEL + n).to(tl.int64)
             tok = blk * LP + offs_t
             tok_ok = (blk >= 0) & (offs_t < LP) & (tok <= t)
-            s_off = s_base + tok[:, None] * D + offs_d[None, :]
-            s_mask = tok_ok[:, None] & dmask[None, :]
-            ks = tl.load(SK + s_off, mask=s_mask, other=0.0).to(DOT_T)
-            vs = tl.load(SV + s_off, mask=s_mask, other=0.0).to(DOT_T)
-            m_i, l_i, acc = _online(_scores(q, ks, tok_ok, qk_scale, PREC), vs, m_i, l_i, acc, IN_T, DOT_T, PREC)
+            m_i, l_i, acc = _attend_rows(q, SK, SV, s_base + tok * D, tok_ok, offs_d, dmask, m_i, l_i, acc,
+                                         qk_scale, IN_T, DOT_T, PREC)
         _store_rows(OS, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
     if USE_WIN:
@@ -252,11 +268,8 @@ def _decode_kernel(
             slot = w0 + offs_w
             pos = tl.load(WPOS + slot, mask=slot < WIN, other=-1)
             w_ok = (slot < WIN) & (pos >= 0) & (pos > t - WIN) & (pos <= t)
-            w_off = w_base + slot[:, None] * D + offs_d[None, :]
-            w_mask = w_ok[:, None] & dmask[None, :]
-            kw = tl.load(WK + w_off, mask=w_mask, other=0.0).to(DOT_T)
-            vw = tl.load(WV + w_off, mask=w_mask, other=0.0).to(DOT_T)
-            m_i, l_i, acc = _online(_scores(q, kw, w_ok, qk_scale, PREC), vw, m_i, l_i, acc, IN_T, DOT_T, PREC)
+            m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, offs_d, dmask, m_i, l_i, acc,
+                                         qk_scale, IN_T, DOT_T, PREC)
         _store_rows(OW, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
 
@@ -337,25 +350,25 @@ def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc
         return torch.empty(B, H, 1, D, device=dev, dtype=q.dtype) if on else q.new_empty(0)
 
     o_cmp, o_slc, o_win = out(use_cmp), out(use_slc), out(use_win)
-    idx = torch.full((B, G, nsel), -1, device=dev, dtype=torch.int32)
+    idx = torch.empty(B, G, nsel, device=dev, dtype=torch.int32)  # the kernel writes every slot
     scores = torch.empty(B * G, R, NC if use_slc else 0, device=dev, dtype=torch.float32)
     p_grp = torch.empty(B * G, NC if use_slc else 0, device=dev, dtype=torch.float32)
     nsplit = (splits or scan_splits(B * G, NC, dev)) if (use_cmp or use_slc) else 1
     RP, D_PAD = pad_pow2(R), pad_pow2(D)
-    partials = [torch.empty(n, device=dev, dtype=torch.float32) for n in
-                ((B * G * nsplit * RP,) * 2 + (B * G * nsplit * RP * D_PAD,) if nsplit > 1 else (0, 0, 0))]
+    n_part = B * G * nsplit * RP if nsplit > 1 else 0  # the split scan's (m, l, acc) per row
+    partials = tuple(torch.empty(n, device=dev, dtype=torch.float32) for n in (n_part, n_part, n_part * D_PAD))
     shape = dict(R=R, RP=RP, D=D, D_PAD=D_PAD, L=cmp_block, DS=cmp_stride, BC=BC, **dot_config(q.dtype))
     if nsplit > 1:
         _decode_split_kernel[(B * G, nsplit)](
             q, cmp_k, cmp_v, t, scores, *partials, q.stride(0), q.stride(1), q.stride(3), G, NC, 1.0 / math.sqrt(D),
-            NSPLIT=nsplit, USE_SLC=use_slc, **shape, num_warps=NUM_WARPS)
+            NSPLIT=nsplit, USE_SLC=use_slc, **shape, num_warps=num_warps(D))
     _decode_kernel[(B * G,)](
         q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, o_cmp, o_slc, o_win, *partials,
         q.stride(0), q.stride(1), q.stride(3),
         G, NC, NS, CAP, WIN, 1.0 / math.sqrt(D),
         LP=slc_block, LP_PAD=pad_pow2(slc_block), NSEL=nsel, NS_PAD=pad_pow2(NS),
         NI=overlap_terms(cmp_block, cmp_stride, slc_block), BP=BP, BW=BW, NSPLIT=nsplit,
-        USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **shape, num_warps=NUM_WARPS,
+        USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **shape, num_warps=decode_warps(pad_pow2(NS), D),
     )
     return o_cmp, o_slc, o_win, idx
 
