@@ -37,6 +37,10 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
                         triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
   rope_fwd / rope_bwd    RoPE of the queries: "triton" (triton/rope.py) vs "torch" (NSA_ROPE=torch)
+  decode                the fused static-decode kernel (triton/decode.py), one query per head at
+                        position S - 1: "b{batch}_split{n}": batch 1 (and 32 for m7c), the compressed
+                        scan in one program per (sequence, group) ("split1") or split over n programs
+                        (what decode.scan_splits picks for this GPU)
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
 
@@ -235,6 +239,27 @@ def rows_for(layout: str, S: int, device: str):
     for name, fn in (("triton", apply_rope), ("torch", rope.rotate)):
         yield "rope_fwd", name, lambda fn=fn: bench(lambda: fn(q, pos, cos, sin))
         yield "rope_bwd", name, lambda fn=fn: _bwd_time(fn(qr, pos, cos, sin), (qr,), go)
+
+    # the fused static decode (triton/decode.py): one query per head at position S - 1 over static caches
+    # of S tokens, the compressed scan in the main kernel ("split1") or split over programs ("splitsN")
+    from nsa.attention.triton import decode
+
+    def decode_timer(batch: int, splits: int):
+        def run():
+            qd = rnd(batch, HQ, 1, D)
+            bufs = [rnd(batch, G, n, D) for n in (n_cmp, n_cmp, S, S, WINDOW, WINDOW)]
+            kept = torch.arange(S - WINDOW, S, device=device)
+            win_pos = torch.empty(WINDOW, dtype=torch.int64, device=device)
+            win_pos[kept % WINDOW] = kept
+            t = torch.tensor([S - 1], device=device)
+            return bench(lambda: decode.static_decode(qd, *bufs, win_pos, t, L, D_STRIDE, LP, N_SEL, True, True,
+                                                      True, splits))
+        return run
+
+    for batch in (1, 32) if layout == "m7c" else (1,):
+        auto = decode.scan_splits(batch * G, n_cmp, torch.device(device))
+        for splits in sorted({1, auto}):
+            yield "decode", f"b{batch}_split{splits}", decode_timer(batch, splits)
 
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
 
