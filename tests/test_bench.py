@@ -250,9 +250,9 @@ def test_bench_host_counts_launches_and_host_time():
     assert by[("nsa", "fwd")]["triton_launches"] >= 8 and by[("full", "fwd")]["triton_launches"] == 2
     assert by[("nsa", "fwd_bwd")]["triton_launches"] > by[("nsa", "fwd")]["triton_launches"]
     assert by[("nsa", "fwd_bwd")]["torch_ops"] > by[("full", "fwd_bwd")]["torch_ops"]
-    # the static step (the CUDA graph's kernels): NSA's cache writes and its three branches are one kernel
-    # each (triton/decode.py), beside 3 RoPE and the gate-and-combine; no more PyTorch ops than full's
-    assert by[("nsa", "decode_static")]["triton_launches"] == 6 and by[("full", "decode_static")]["triton_launches"] == 2
+    # the static step (the CUDA graph's kernels): NSA's RoPE and cache writes, and its three branches, are
+    # one kernel each (triton/decode.py), beside the gate-and-combine; no more PyTorch ops than full's
+    assert by[("nsa", "decode_static")]["triton_launches"] == 3 and by[("full", "decode_static")]["triton_launches"] == 2
     assert by[("nsa", "decode_static")]["torch_ops"] <= by[("full", "decode_static")]["torch_ops"]
     assert "nsa/full" in proc.stdout
 

@@ -88,6 +88,19 @@ def test_fused_decode_matches_torch_step(dtype, geometry):
                 assert got[0].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("r, D, t", [(1, 16, 0), (6, 24, 37), (16, 64, 69)])
+def test_static_write_rotates_and_writes(dtype, r, D, t):
+    """The fused path's write kernel: q's heads and the selection and window keys rotated at t as
+    RotaryEmbedding does (to the dtype's rounding), every buffer slot written as an indexed copy
+    (unrotated ones exactly), the window position recorded; head dim 24: padded halves."""
+    from nsa.attention.triton import selfcheck
+
+    _, cache = static_cache(2, r, D, 8, 4, 8, 3, 12, 70, dtype)
+    fill_random(cache, max(t - 1, 0), seed=t)
+    assert selfcheck._write_problem(cache, t, torch.Generator().manual_seed(t), r=r) is None
+
+
 @pytest.mark.parametrize("branches", ["slc,win", "cmp,win", "win", "cmp,slc"])
 def test_fused_decode_ablations(branches):
     """Switched-off branches come back as None; the others (and the selection, which needs the

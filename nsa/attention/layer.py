@@ -88,15 +88,18 @@ class NSAttention(nn.Module):
         slc_chunk = max(16, min(1024, (1 << 24) // max(per_query, 1)))
         return 512, slc_chunk
 
-    def project(self, x: torch.Tensor, rope: RotaryEmbedding, start: int = 0, positions=None, bound=None):
+    def project(self, x: torch.Tensor, rope: RotaryEmbedding, start: int = 0, positions=None, bound=None,
+                rotate: bool = True):
         """Queries and the three branches' raw keys/values for tokens at start .. start + S - 1 (or at
-        the device tensor `positions`, all < `bound`: static decode)."""
+        the device tensor `positions`, all < `bound`: static decode). rotate=False: q and the selection
+        and window keys come back unrotated (the fused decode write rotates them itself)."""
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         kv = self.wkv(x).view(B, S, 6, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
         k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = kv.unbind(0)
-        pos, bound = _positions(x, start, positions, bound)
-        q, k_slc, k_win = rope(q, pos, bound), rope(k_slc, pos, bound), rope(k_win, pos, bound)
+        if rotate:
+            pos, bound = _positions(x, start, positions, bound)
+            q, k_slc, k_win = rope(q, pos, bound), rope(k_slc, pos, bound), rope(k_win, pos, bound)
         return q, (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win)
 
     def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, rope: RotaryEmbedding, first_block: int = 0):

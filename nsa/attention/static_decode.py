@@ -20,8 +20,9 @@ branches over the fixed buffers (`attend`), the same arithmetic as the dynamic d
   completes (1 in d): `position.emitting`, a host bool, so no device value decides the control
   flow; GraphedStep keeps one graph per value.
 Where the layer runs the Triton kernels (CUDA), `attend` is one fused kernel (triton/decode.py: one
-program per sequence and KV group, every cached token it reads loaded once); elsewhere, or with
-NSA_DECODE=torch, PyTorch ops (`attend_torch`, ~80 small kernels per layer, its reference).
+program per sequence and KV group, every cached token it reads loaded once) and the RoPE and cache
+writes before it another (`StaticNSACache.write`); elsewhere, or with NSA_DECODE=torch, PyTorch ops
+(`attend_torch`, ~80 small kernels per layer, its reference).
 What the step reads: the paper's count (`tokens_read`); the PyTorch ops scan all capacity / d
 compressed slots, valid or not (a few percent of full attention's reads at the same capacity), the
 kernel only the visible ones.
@@ -181,12 +182,14 @@ class StaticNSACache:
     def length(self) -> int:
         return self.position.host
 
-    def write(self, t: torch.Tensor, slc_kv, win_kv, raw_kv) -> None:
-        """A decode token's keys/values [B, G, 1, D] into the buffers at the device position t (the
-        fused path's one kernel; nsa_step writes with index_copy_ otherwise)."""
+    def write(self, t: torch.Tensor, q: torch.Tensor, slc_kv, win_kv, raw_kv, rope) -> torch.Tensor:
+        """The fused path's one kernel for a decode token at the device position t: RoPE on the
+        unrotated q [B, H, 1, D] and the selection and window keys, every buffer write; returns the
+        rotated q (nsa_step rotates in `project` and writes with index_copy_ otherwise)."""
         from nsa.attention.triton.decode import static_write
 
-        static_write(t, self, slc_kv, win_kv, raw_kv)
+        cos, sin = rope.tables(self.capacity, q.device, torch.float32)
+        return static_write(t, self, q, slc_kv, win_kv, raw_kv, cos, sin)
 
     def fill(self, k_raw, v_raw, cmp_kv, slc_kv, win_kv) -> None:
         """Prefill from the projections of a full forward over S tokens (positions 0..S-1)."""
@@ -228,9 +231,11 @@ def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tenso
     t = cache.position.t
     pos = t.view(1)
     l, d, w = nsa.cmp_block, nsa.cmp_stride, nsa.window
-    q, (k_cr, v_cr), (k_s, v_s), (k_w, v_w) = layer.project(x, rope, positions=pos, bound=cache.capacity)
-    if cache.fused is not None and not torch.compiler.is_compiling():  # one kernel for the writes
-        cache.write(t, (k_s, v_s), (k_w, v_w), (k_cr, v_cr))
+    one_write = cache.fused is not None and not torch.compiler.is_compiling()  # RoPE and writes: one kernel
+    q, (k_cr, v_cr), (k_s, v_s), (k_w, v_w) = layer.project(x, rope, positions=pos, bound=cache.capacity,
+                                                            rotate=not one_write)
+    if one_write:
+        q = cache.write(t, q, (k_s, v_s), (k_w, v_w), (k_cr, v_cr), rope)
     else:
         _put(cache.slc_k, pos, k_s)
         _put(cache.slc_v, pos, v_s)

@@ -121,9 +121,11 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 jobs.append((decode._decode_split_kernel,
                              dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
                              dict(dec, NSPLIT=16, USE_SLC=True), num_warps(D)))
-                jobs.append((decode._write_kernel, dict(T="*i64", SK=t, SV=t, WK=t, WV=t, WPOS="*i64", RK=t, RV=t,
-                                                        NKS=t, NVS=t, NKW=t, NVW=t, NKR=t, NVR=t),
-                             dict(D=D, D_PAD=pad_pow2(D, 1)), 1))
+                jobs.append((decode._write_kernel, dict(T="*i64", Q=t, QO=t, COS=f, SIN=f, SK=t, SV=t, WK=t, WV=t,
+                                                        WPOS="*i64", RK=t, RV=t, NKS=t, NVS=t, NKW=t, NVW=t, NKR=t,
+                                                        NVR=t),
+                             dict(R=group, RP=pad_pow2(group, 1), D=D, D_PAD=pad_pow2(D, 1), HALF=D // 2,
+                                  HALF_PAD=pad_pow2(D // 2, 1)), 1))
                 if esize == 2 and D > 64:  # the candidate window tile (window.WIDE_FWD_TILE)
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused

@@ -21,6 +21,10 @@ against 16 blocks and the window), is split flash-decoding style: `_decode_split
 `scan_splits` programs per (sequence, group), each over an equal share of the visible slots' tiles,
 and leaves softmax partials that _decode_kernel merges before the rest.
 
+Before it, `static_write` (one program per sequence and group) rotates the query heads and the
+selection and window keys at t and writes every cache slot of the new token: the step's RoPE and
+writes, eleven PyTorch/Triton kernels otherwise, in one launch.
+
 The position t is a device tensor, so the launch is the same at every step (graph-capturable), and
 the call is a torch custom op (`nsa::static_decode`), so a step through torch.compile keeps it as
 one opaque node in its single graph. Reference and CPU fallback: static_decode.attend_torch.
@@ -280,11 +284,22 @@ def _copy_row(DST, dst_off, SRC, src_off, s_d, offs_d, dmask):
 
 
 @triton.jit
+def _rotate_row(DST, dst_off, SRC, src_off, s_d, c, s, offs_h, hmask, HALF: tl.constexpr):
+    """RoPE (rotate-half, fp32, as nsa.attention.rope) of a row, or of rows when the offsets are
+    [rows, 1]: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin."""
+    x1 = tl.load(SRC + src_off + offs_h * s_d, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(SRC + src_off + (offs_h + HALF) * s_d, mask=hmask, other=0.0).to(tl.float32)
+    tl.store(DST + dst_off + offs_h, (x1 * c - x2 * s).to(DST.dtype.element_ty), mask=hmask)
+    tl.store(DST + dst_off + HALF + offs_h, (x2 * c + x1 * s).to(DST.dtype.element_ty), mask=hmask)
+
+
+@triton.jit
 def _write_kernel(
-    T, SK, SV, WK, WV, WPOS, RK, RV, NKS, NVS, NKW, NVW, NKR, NVR,
-    s_ksb, s_ksg, s_ksd, s_vsb, s_vsg, s_vsd, s_kwb, s_kwg, s_kwd, s_vwb, s_vwg, s_vwd,
+    T, Q, QO, COS, SIN, SK, SV, WK, WV, WPOS, RK, RV, NKS, NVS, NKW, NVW, NKR, NVR,
+    s_qb, s_qh, s_qd, s_ksb, s_ksg, s_ksd, s_vsb, s_vsg, s_vsd, s_kwb, s_kwg, s_kwd, s_vwb, s_vwg, s_vwd,
     s_krb, s_krg, s_krd, s_vrb, s_vrg, s_vrd,
-    G, CAP, WIN, L, D: tl.constexpr, D_PAD: tl.constexpr,
+    G, CAP, WIN, L, s_tab, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # b * G + g
     b = pid // G
@@ -292,32 +307,46 @@ def _write_kernel(
     t = tl.load(T).to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < D
+    offs_h = tl.arange(0, HALF_PAD)
+    hmask = offs_h < HALF
+    c = tl.load(COS + t * s_tab + offs_h, mask=hmask, other=0.0)  # the tables' fp32 row at t
+    s = tl.load(SIN + t * s_tab + offs_h, mask=hmask, other=0.0)
+    rows = tl.arange(0, RP)  # the group's query heads, rotated into QO [B, H, 1, D] (contiguous)
+    _rotate_row(QO, (pid * R + rows)[:, None] * D, Q, b * s_qb + (g * R + rows)[:, None] * s_qh, s_qd,
+                c[None, :], s[None, :], offs_h[None, :], (rows < R)[:, None] & hmask[None, :], HALF)
     row = (pid * CAP + t) * D  # selection buffer: position t at slot t
-    _copy_row(SK, row, NKS, b * s_ksb + g * s_ksg, s_ksd, offs_d, dmask)
+    _rotate_row(SK, row, NKS, b * s_ksb + g * s_ksg, s_ksd, c, s, offs_h, hmask, HALF)
     _copy_row(SV, row, NVS, b * s_vsb + g * s_vsg, s_vsd, offs_d, dmask)
     row = (pid * WIN + t % WIN) * D  # window ring: slot t % w
-    _copy_row(WK, row, NKW, b * s_kwb + g * s_kwg, s_kwd, offs_d, dmask)
+    _rotate_row(WK, row, NKW, b * s_kwb + g * s_kwg, s_kwd, c, s, offs_h, hmask, HALF)
     _copy_row(WV, row, NVW, b * s_vwb + g * s_vwg, s_vwd, offs_d, dmask)
-    row = (pid * L + t % L) * D  # raw-token ring for the compression: slot t % l
+    row = (pid * L + t % L) * D  # raw-token ring for the compression (unrotated): slot t % l
     _copy_row(RK, row, NKR, b * s_krb + g * s_krg, s_krd, offs_d, dmask)
     _copy_row(RV, row, NVR, b * s_vrb + g * s_vrg, s_vrd, offs_d, dmask)
     if pid == 0:
         tl.store(WPOS + t % WIN, t)
 
 
-def static_write(t: torch.Tensor, cache, slc_kv, win_kv, raw_kv) -> None:
-    """The decode token's keys/values ([B, G, 1, D] each, any strides) into a StaticNSACache at the
-    device position t: selection buffer slot t, window ring slot t % w (and its position), raw ring
-    slot t % l; one launch instead of seven index_copy_ and two remainders. Not for torch.compile
-    (Inductor fuses the PyTorch writes itself)."""
-    B, G, _, D = slc_kv[0].shape
+def static_write(t: torch.Tensor, cache, q: torch.Tensor, slc_kv, win_kv, raw_kv, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    """A decode token into a StaticNSACache at the device position t, in one launch: RoPE at t (fp32
+    tables cos/sin [>= capacity, D], as RotaryEmbedding.tables) on the unrotated queries q [B, H, 1, D]
+    and the selection and window keys; those keys and values to selection slot t and window ring slot
+    t % w (and its position), the raw compression keys/values to ring slot t % l (all [B, G, 1, D],
+    any strides). Returns the rotated queries [B, H, 1, D]. Replaces three RoPE kernels, seven
+    index_copy_ and two remainders; not for torch.compile (Inductor fuses the PyTorch version)."""
+    B, H, _, D = q.shape
+    G = cache.slc_k.shape[1]
     news = (*slc_kv, *win_kv, *raw_kv)
-    check_inputs("static_write", cache.slc_k, *news)
-    strides = [s for x in news for s in (x.stride(0), x.stride(1), x.stride(3))]
+    check_inputs("static_write", q, cache.slc_k, *news)
+    q_rot = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    strides = [s for x in (q, *news) for s in (x.stride(0), x.stride(1), x.stride(3))]
     _write_kernel[(B * G,)](
-        t, cache.slc_k, cache.slc_v, cache.win_k, cache.win_v, cache.win_pos, cache.raw_k, cache.raw_v, *news,
-        *strides, G, cache.slc_k.shape[2], cache.win_k.shape[2], cache.raw_k.shape[2], D=D, D_PAD=pad_pow2(D, 1),
-        num_warps=1)
+        t, q, q_rot, cos, sin, cache.slc_k, cache.slc_v, cache.win_k, cache.win_v, cache.win_pos, cache.raw_k,
+        cache.raw_v, *news, *strides, G, cache.slc_k.shape[2], cache.win_k.shape[2], cache.raw_k.shape[2],
+        cos.stride(0), R=H // G, RP=pad_pow2(H // G, 1), D=D, D_PAD=pad_pow2(D, 1), HALF=D // 2,
+        HALF_PAD=pad_pow2(D // 2, 1), num_warps=1)
+    return q_rot
 
 
 def overlap_terms(cmp_block: int, cmp_stride: int, slc_block: int) -> int:

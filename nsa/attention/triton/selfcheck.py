@@ -100,16 +100,37 @@ def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
                         f"(relative error {rel_error(a, b):.2e})")
         if dtype == torch.float32 and not torch.equal(idx.long(), want_idx):
             return f"fused decode ({splits} split) block selection differs from the PyTorch step"
+    problem = _write_problem(cache, t, torch.Generator().manual_seed(1))
+    return None if problem is None else f"the fused decode's cache write: {problem}"
+
+
+def _write_problem(cache, t: int, g: torch.Generator, r: int = 3) -> str | None:
+    """static_write (RoPE on q's r heads per group and two keys, six buffer writes) against the PyTorch
+    rotation and indexed copies; the unrotated copies must be exact."""
+    from nsa.attention.rope import RotaryEmbedding
+
+    c = cache
+    B, G, _, D = c.slc_k.shape
+    device, dtype = c.slc_k.device, c.slc_k.dtype
+    rope = RotaryEmbedding(D).to(device)
+    q = torch.randn(B, r * G, 1, D, generator=g).to(device=device, dtype=dtype)
     news = [torch.randn(B, G, 1, D, generator=g).to(device=device, dtype=dtype) for _ in range(6)]
-    before = [buf.clone() for buf in (c.slc_k, c.slc_v, c.win_k, c.win_v, c.raw_k, c.raw_v)]
-    cache.write(t_dev, news[0:2], news[2:4], news[4:6])
-    for buf, old, slot, new in zip((c.slc_k, c.slc_v, c.win_k, c.win_v, c.raw_k, c.raw_v), before,
-                                   (t, t, t % w, t % w, t % l, t % l), news):
-        old[:, :, slot] = new[:, :, 0]
-        if not torch.equal(buf, old):
-            return "the fused decode's cache write differs from an indexed copy"
-    if int(c.win_pos[t % w]) != t:
-        return "the fused decode's cache write did not record the window position"
+    bufs = (c.slc_k, c.slc_v, c.win_k, c.win_v, c.raw_k, c.raw_v)
+    want = [buf.clone() for buf in bufs]
+    cos, sin = rope.tables(c.capacity, device, torch.float32)
+    pos = torch.tensor([t], device=device)
+    rotated = (0, 2)  # the selection and window keys
+    for i, (old, slot, new) in enumerate(zip(want, (t, t, t % c.window, t % c.window, t % c.cmp_block,
+                                                    t % c.cmp_block), news)):
+        old[:, :, slot] = (rope.rotate(new, pos, cos, sin) if i in rotated else new)[:, :, 0]
+    q_rot = cache.write(pos.view(()), q, news[0:2], news[2:4], news[4:6], rope)
+    if rel_error(q_rot, rope.rotate(q, pos, cos, sin)) > TOL[dtype]:
+        return "the rotated queries differ from the PyTorch rotation"
+    for i, (buf, old) in enumerate(zip(bufs, want)):
+        if not (rel_error(buf, old) <= TOL[dtype] if i in rotated else torch.equal(buf, old)):
+            return "a buffer differs from an indexed copy"
+    if int(c.win_pos[t % c.window]) != t:
+        return "the window position was not recorded"
     return None
 
 
