@@ -7,12 +7,12 @@
 # keeps going after a failure and ends with a summary of what ran / failed / timed out / was skipped).
 # The number is each step's cap in seconds; together they exceed the budget on purpose: whatever is
 # left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
-#   kernel_tests        120  pytest tests/test_triton_kernels.py tests/test_triton_window.py
+#   kernel_tests        180  pytest tests/test_triton_kernels.py tests/test_triton_window.py
 #                            tests/test_triton_tune.py tests/test_triton_decode.py tests/test_model.py
 #                            on the real GPU (not the interpreter; test_model.py for the CUDA-graph decode)
-#   decode               90  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound), eager
+#   decode              120  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound), eager
 #                            and replayed as CUDA graphs over static caches (NSA: the fused decode kernel)
-#   decode_compiled     150  bench_decode at 64k, batch 1 and 32: the static step with NSA's attention in
+#   decode_compiled     240  bench_decode at 64k, batch 1 and 32: the static step with NSA's attention in
 #                            PyTorch ops (graph_torch, what the fused kernel replaced), and the static
 #                            step through torch.compile, then replayed as a CUDA graph
 #   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
@@ -212,13 +212,13 @@ fi
 # it only runs ptxas without a GPU, which the real CUDA runs here supersede
 XDIST=()
 if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
-step kernel_tests 120 - \
+step kernel_tests 180 - \
     "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
     tests/test_triton_window.py tests/test_triton_tune.py tests/test_triton_decode.py tests/test_model.py \
     -k "not compile_for_sm90"
-step decode 90 decode \
+step decode 120 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
-step decode_compiled 150 decode \
+step decode_compiled 240 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 65536 --batches 1,32 --steps 20 --modes graph_torch,compiled
 step kernels 130 kernels \
     "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
