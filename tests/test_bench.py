@@ -151,6 +151,27 @@ def test_bench_decode_eager_and_static_modes():
         assert re.search(rf"^ *{mode} +1 +1024 ", proc.stdout, re.M), mode
 
 
+def test_demo_64k_runs_on_cpu_at_reduced_length():
+    """scripts/demo_64k.py end to end on CPU (a few training steps, two short contexts): one row per
+    context with timings, the decode step's reads by branch (compressed blocks complete by t = S - 1,
+    n selected blocks of l', the window) and a summary table; on CPU the step is not a CUDA graph."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "demo_64k.py"), "--device", "cpu", "--train-steps", "20",
+         "--train-len", "128", "--contexts", "256,1024", "--depths", "0.5"],
+        cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["context"] for r in rows] == [256, 1024]
+    l, d, lp, n, w = 8, 4, 8, 4, 16  # the demo model's geometry
+    for r in rows:
+        t = r["context"] - 1
+        assert r["tokens_read_by_branch"] == {"cmp": (t - l + 1) // d + 1, "slc": n * lp, "win": w}
+        assert r["tokens_read_nsa"] == sum(r["tokens_read_by_branch"].values())
+        assert r["tokens_read_full"] == r["context"] and r["trials"] == 1 and 0 <= r["retrieved"] <= 1
+        assert r["prefill_s"] > 0 and r["decode_step_ms"] > 0 and r["decode_graph"] is False
+    assert re.search(r"^ +1024 +[01]/1 ", proc.stdout, re.M)
+
+
 def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
     """bench_trainer.py: the shipped trainer on synthetic tokens gives one row with medians from its
     training.csv; a trainer that fails (here: a bad override) gives a row with its error and exit 1.
