@@ -372,6 +372,7 @@ class GraphedStep:
             self._capture()
 
     def _capture(self) -> None:
+        self.position.check()  # the warm-up calls write the current position's slots
         device = self.x.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
