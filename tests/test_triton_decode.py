@@ -6,7 +6,11 @@ float32 (<= 1e-4 relative max error per branch) and bfloat16 (<= 2e-2), the sele
 (and in the same order); GQA r in {1, 2, 6, 16}; head dims 16, 24 (padded), 32, 64; several
 compressed tiles (> 64 visible slots), selection blocks not a power of two per tile; positions with no
 compressed block yet (t < l), inside the first selection block, on block boundaries, and the window
-ring wrapped; branches switched off (ablations).
+ring wrapped; the compressed scan in one program or split over several (partials merged); branches
+switched off (ablations). Also: the write kernel (RoPE of q and two keys, every cache slot) against
+the PyTorch rotation and indexed copies; the split / num_warps heuristics; NSA_DECODE and the
+self-check fallback; a model decoding through both kernels against the growing caches; the step
+through torch.compile (the custom op as one node) against the eager one.
 
 Run: .venv/bin/python -m pytest tests/test_triton_decode.py -q
 """
