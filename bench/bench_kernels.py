@@ -33,7 +33,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         64-row (query, head) tiles, rows=64)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
-                        "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py)
+                        "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py);
+                        "flash" / "flash3": flash-attn 2 / 3's sliding window, where installed
   combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
                         triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
   rope_fwd / rope_bwd    RoPE of the queries: "triton" (triton/rope.py) vs "torch" (NSA_ROPE=torch)
@@ -194,6 +195,10 @@ def rows_for(layout: str, S: int, device: str):
     win_impls = {"sdpa": lambda *a: ops.window_attention(*a, WINDOW)}
     if hasattr(tk, "window_attention"):
         win_impls["triton"] = lambda *a: tk.window_attention(*a, WINDOW)
+        from nsa.attention import flash_window
+
+        for name in flash_window.installed():  # flash-attn 2 / 3 where installed (NSA_WINDOW=auto times them)
+            win_impls[name] = lambda *a, name=name: flash_window.window_attention(*a, WINDOW, name)
     for name, fn in win_impls.items():
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         yield "win_fwd", name, lambda fn=fn: bench(lambda: fn(q, k, v))

@@ -8,8 +8,9 @@
 # The number is each step's cap in seconds; together they exceed the budget on purpose: whatever is
 # left when the budget runs out is reported as skipped and can be run by a second call (SUITE_ONLY).
 #   kernel_tests        180  pytest tests/test_triton_kernels.py tests/test_triton_window.py
-#                            tests/test_triton_tune.py tests/test_triton_decode.py tests/test_model.py
-#                            on the real GPU (not the interpreter; test_model.py for the CUDA-graph decode)
+#                            tests/test_triton_tune.py tests/test_triton_decode.py tests/test_flash_window.py
+#                            tests/test_model.py on the real GPU (not the interpreter; test_model.py for
+#                            the CUDA-graph decode)
 #   decode              120  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound), eager
 #                            and replayed as CUDA graphs over static caches (NSA: the fused decode kernel)
 #   decode_compiled     240  bench_decode at 64k, batch 1 and 32: the static step with NSA's attention in
@@ -214,7 +215,8 @@ XDIST=()
 if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
 step kernel_tests 180 - \
     "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
-    tests/test_triton_window.py tests/test_triton_tune.py tests/test_triton_decode.py tests/test_model.py \
+    tests/test_triton_window.py tests/test_triton_tune.py tests/test_triton_decode.py tests/test_flash_window.py \
+    tests/test_model.py \
     -k "not compile_for_sm90"
 step decode 120 decode \
     "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20

@@ -129,7 +129,8 @@ class NSAttention(nn.Module):
         auto: Triton on CUDA when importable (fp16/bf16/fp32) and it passes a one-time parity
         self-check on this device (else PyTorch, with a warning); torch: always ops; triton: the
         kernels or a clear error (on CPU they need TRITON_INTERPRET=1, for tests only).
-        With the kernels, the window branch uses the Triton window kernel unless NSA_WINDOW=sdpa."""
+        With the kernels, the window branch uses the Triton window kernel, or flash-attn's where it is
+        installed and faster (NSA_WINDOW, window_impl)."""
         impl = self.nsa.impl
         if impl == "torch" or (impl == "auto" and not q.is_cuda):
             return None
@@ -174,8 +175,9 @@ class NSAttention(nn.Module):
                 )
                 o_slc = ops.selected_attention(q, *slc_kv, idx, nsa.slc_block, q_start, slc_chunk)
         if use_win:
-            if tk is not None and window_impl() == "triton":
-                o_win = tk.window_attention(q, *win_kv, nsa.window, q_start, win_start)
+            impl = window_impl()
+            if tk is not None and impl != "sdpa":
+                o_win = tk.window_attention(q, *win_kv, nsa.window, q_start, win_start, impl=impl)
             else:  # chunked SDPA (also what NSA_WINDOW=sdpa forces on CUDA, for comparison)
                 o_win = ops.window_attention(q, *win_kv, nsa.window, q_start, win_start, chunk)
         return (o_cmp, o_slc, o_win), idx
@@ -282,12 +284,18 @@ def _positions(x: torch.Tensor, start: int, positions, bound):
     return positions, bound
 
 
+WINDOW_IMPLS = ("auto", "triton", "flash", "flash3", "sdpa")
+
+
 def window_impl() -> str:
-    """NSA_WINDOW: "triton" (default; the Triton window kernel whenever the NSA kernels are in use) or
-    "sdpa" (chunked SDPA, ops.window_attention, for comparison)."""
-    impl = os.environ.get("NSA_WINDOW", "triton")
-    if impl not in ("triton", "sdpa"):
-        raise UserError(f"NSA_WINDOW={impl!r}: expected triton or sdpa")
+    """NSA_WINDOW, the window branch's implementation when the NSA kernels are in use: "auto" (default:
+    the Triton window kernel, or flash-attn 2/3's sliding-window kernel where that package is installed,
+    can compute the call and is faster on the first call's timing), "triton", "flash" / "flash3" (that
+    package wherever it can compute the call; see nsa/attention/flash_window.py) or "sdpa" (chunked SDPA,
+    ops.window_attention, for comparison)."""
+    impl = os.environ.get("NSA_WINDOW", "auto")
+    if impl not in WINDOW_IMPLS:
+        raise UserError(f"NSA_WINDOW={impl!r}: expected one of {', '.join(WINDOW_IMPLS)}")
     return impl
 
 

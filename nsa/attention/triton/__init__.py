@@ -8,7 +8,7 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
   group-centric selected-block attention, Triton forward + backward (autograd.Function);
 * compressed_attention(q, k_cmp, v_cmp, block, stride, q_start=0, chunk=None) -> (out, lse)
   compressed-branch attention, Triton forward + backward; lse [B,H,Sq] fp32 (-inf = no block);
-* window_attention(q, k, v, window, q_start=0, k_start=0, chunk=None) -> [B,H,Sq,D]
+* window_attention(q, k, v, window, q_start=0, k_start=0, chunk=None, impl="triton") -> [B,H,Sq,D]
   sliding-window attention over keys at positions (t - window, t], Triton forward + backward;
 * select_blocks(q, k_cmp, cmp_block, cmp_stride, slc_block, n_selected, q_start=0, chunk=None,
   *, lse=None) -> int64 [B,G,Sq,n], identical to ops.select_blocks; the top-n is picked inside

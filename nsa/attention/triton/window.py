@@ -26,6 +26,10 @@ backward cannot use them: 262 KB of shared memory). Not the untuned default (WID
 GPU run that used them had a failing kernel test it could not name before its time ran out
 (BENCHMARKS.md); the GPU tests run both settings, and tuning (tune.py, forward_wide_tile) times both
 per shape and keeps the 128-query tiles only where their output matches the 64-query one.
+
+Where flash-attn is installed (nsa/attention/flash_window.py), `window_attention(..., impl="auto")`, the
+layer's default (NSA_WINDOW), times its sliding-window kernels against these on the first call per shape
+and uses the faster (`implementation`).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa.attention import flash_window
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
     LN2, LOG2E, cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o,
 )
+from nsa.errors import UserError
 
 BM_MAX, BN_MAX = 64, 64
 WIDE_FWD_TILE = False  # True: 2 x BM_MAX forward query tiles for head dim > 64 when not tuning (tuning tries both)
@@ -300,6 +306,55 @@ def forward_wide_tile(q, k, v, window: int, q_start: int, k_start: int) -> bool 
     return tune.pick(key, variants, tune.differs, q.device) == f"bm{2 * BM_MAX}"
 
 
+IMPLEMENTATIONS = ("auto", "triton", *flash_window.MODULES)
+
+
+def implementation(impl: str, q, k, v, window: int, q_start: int, k_start: int) -> str:
+    """Which implementation computes this call: "triton" or a flash-attn package (flash_window.MODULES).
+
+    A named flash-attn package runs wherever it can compute the call (flash_window.unusable); it must
+    import. "auto": flash-attn is a candidate where installed and usable, and the choice is timed by
+    tune.pick on the tuning slice (forward and, for calls that need gradients, backward: flash-attn's
+    backward comes with its forward), the Triton kernel being the reference a candidate must match;
+    without tuning (NSA_TUNE=off, CPU, short calls), the Triton kernel."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"nsa triton window_attention: impl={impl!r}, expected one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "triton":
+        return impl
+    if impl != "auto":
+        if flash_window.load(impl) is None:
+            raise UserError(
+                f"NSA_WINDOW={impl}: the {flash_window.MODULES[impl]} package is not installed here (or does not "
+                f"import). Install flash-attn for this torch and CUDA, or set NSA_WINDOW=auto.")
+        return "triton" if flash_window.unusable(q, k, q_start, k_start) else impl
+    candidates = [name for name in flash_window.installed() if not flash_window.unusable(q, k, q_start, k_start)]
+    if not candidates or not tune.wanted(q):
+        return "triton"
+    grad = needs_grad(q, k, v)
+    b, n_keys = tune.slice_batch(q), max(0, min(k.shape[2], q_start + tune.slice_len(q) - k_start))
+    (qs,) = tune.prefix(q)
+    ks, vs = k[:b, :, :n_keys], v[:b, :, :n_keys]
+    grad_out = torch.randn(qs.shape, generator=torch.Generator().manual_seed(0)).to(qs) if grad else None
+
+    def run(name):
+        leaves = [t.detach().requires_grad_(grad) for t in (qs, ks, vs)]
+        # a graph of its own inside the model's forward: identity hooks keep its saved tensors away from
+        # an enclosing activation checkpoint's hooks (which would count them, and unpack by recomputing)
+        with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            out = window_attention(*leaves, window, q_start, k_start, impl=name)
+        if not grad:
+            return (out,)
+        return (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
+
+    key = tune.shape_key("window_impl", q, k, f"w{window}", f"grad{int(grad)}")
+    return tune.pick(key, {name: (lambda name=name: run(name)) for name in ("triton", *candidates)},
+                     tune.differs, q.device)
+
+
+def _same(t):
+    return t
+
+
 class WindowAttention(torch.autograd.Function):
     """Triton sliding-window attention; saves q, k, v, out and the fp32 LSE for the backward."""
 
@@ -318,11 +373,14 @@ class WindowAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def window_attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0, chunk: int | None = None):
+def window_attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0, chunk: int | None = None,
+                     impl: str = "triton"):
     """Same contract as nsa.attention.ops.window_attention (`chunk` is accepted and ignored).
 
     q [B,H,Sq,D] at positions q_start..; k/v [B,G,N,D] at positions k_start .. k_start + N - 1;
-    query t attends to the keys at positions (t - window, t]; a query with none gets zeros."""
+    query t attends to the keys at positions (t - window, t]; a query with none gets zeros.
+    impl: "triton" (these kernels), "flash" / "flash3" (flash-attn 2 / 3 wherever it can compute the
+    call, else these kernels) or "auto" (timed: see `implementation`)."""
     check_inputs("window_attention", q, k, v)
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"nsa triton window_attention: expected q [B,H,Sq,D] and k, v [B,G,N,D] of one shape, "
@@ -339,6 +397,9 @@ def window_attention(q, k, v, window: int, q_start: int = 0, k_start: int = 0, c
         raise ValueError(f"nsa triton window_attention: q_start and k_start must be >= 0, "
                          f"got {q_start}, {k_start}")
     window, q_start, k_start = int(window), int(q_start), int(k_start)
+    impl = implementation(impl, q, k, v, window, q_start, k_start)
+    if impl != "triton":
+        return flash_window.window_attention(q, k, v, window, impl)
     if not needs_grad(q, k, v):
         return window_forward(q, k, v, window, q_start, k_start, forward_wide_tile(q, k, v, window, q_start, k_start))[0]
     return WindowAttention.apply(q, k, v, window, q_start, k_start)
