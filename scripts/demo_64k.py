@@ -15,9 +15,11 @@ The model is tiny and trained briefly (half the steps at length 64, then lengths
 --train-len: CPU 256, CUDA 2048), so retrieval far beyond the training length shows how far its
 retrieval extrapolates, not what a trained M7C does. Measured on CPU (2026-11-26): trained to 256,
 3/3 found at 256 and 1024, 0/3 at 4096 (1/3 before gradient clipping); trained at 64 only (no
-curriculum), 1/3 at 256, 0/3 at 1024. On an H100, trained from scratch at 2048 the model stayed at
-chance, and with the curriculum it was back at chance after the 50 steps at 2048 (0/3 at 4k-64k,
-BENCHMARKS.md). The reads and timings are exact.
+curriculum), 1/3 at 256, 0/3 at 1024; with RoPE base 1e8 instead of 1e4 (2026-11-27: fewer of the
+16 rotary dims turn through angles unseen in training at 4096), 3/3 at 256, 2/3 at 1024 and 2/3 at 4096,
+but a worse training loss at 256 (0.56 vs 0.08; one run each), so the default stays. On an H100,
+trained from scratch at 2048 the model stayed at chance, and with the curriculum it was back at chance
+after the 50 steps at 2048 (0/3 at 4k-64k, BENCHMARKS.md). The reads and timings are exact.
 Prints one JSON line per context and a summary table.
 """
 
