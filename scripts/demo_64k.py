@@ -13,13 +13,16 @@
 
 The model is tiny and trained briefly (half the steps at length 64, then lengths growing 4x up to
 --train-len: CPU 256, CUDA 2048), so retrieval far beyond the training length shows how far its
-retrieval extrapolates, not what a trained M7C does. Measured on CPU (2026-11-26): trained to 256,
-3/3 found at 256 and 1024, 0/3 at 4096 (1/3 before gradient clipping); trained at 64 only (no
-curriculum), 1/3 at 256, 0/3 at 1024; with RoPE base 1e8 instead of 1e4 (2026-11-27: fewer of the
-16 rotary dims turn through angles unseen in training at 4096), 3/3 at 256, 2/3 at 1024 and 2/3 at 4096,
-but a worse training loss at 256 (0.56 vs 0.08; one run each), so the default stays. On an H100,
-trained from scratch at 2048 the model stayed at chance, and with the curriculum it was back at chance
-after the 50 steps at 2048 (0/3 at 4k-64k, BENCHMARKS.md). The reads and timings are exact.
+retrieval extrapolates, not what a trained M7C does. The reads and timings are exact.
+
+Why RoPE base 1e8 and n = 8 (CPU, 300 steps trained to 1024, one run each, 2026-11-27): with the usual
+base 1e4 and n = 4 the loss jumped at every length step (0.2 -> 0.9 at 64 -> 256, 1.7 at 1024, no
+recovery in 50 steps; on an H100 it was at chance after the 50 steps at 2048, 0/3 needles at 4k-64k);
+n = 8 alone made 64 -> 256 seamless but the model still broke at 1024 (loss 1.5 -> 2.1). With base 1e4
+most of the 8 rotary frequencies of head dim 16 turn through angles at 1024 that training at 256 never
+showed, so content matching across long distances fails; at base 1e8 they are 10^-i per token
+(i = 0..7): four turn less than 0.11 rad over 1024 tokens, three less than 0.7 rad over 64k. Both together: loss 0.004 right after the step to 1024 and 0.002 at the end, 3/3
+needles at 1024 and 2/3 at 4096 (before: 0/3 at 4096 when trained to 256).
 Prints one JSON line per context and a summary table.
 """
 
@@ -41,8 +44,10 @@ from nsa.model import build_model  # noqa: E402
 
 VOCAB, MARK, N_KEYS = 64, 1, 16
 KEYS = torch.arange(VOCAB - N_KEYS, VOCAB)
+# RoPE base 1e8 and 8 selected blocks (5 free besides the forced initial and 2 local ones): with base 1e4
+# and 4 blocks the model broke at every length step of the curriculum (see the module docstring)
 MODEL = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128,
-             nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, n_selected=4, window=16))
+             rope_theta=1e8, nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, n_selected=8, window=16))
 
 
 def needle_batch(n: int, length: int, gen: torch.Generator, depth: float | None = None):
@@ -85,9 +90,8 @@ def train(device: str, steps: int, length: int, seed: int = 0):
         loss = F.cross_entropy(model(x.to(device))[:, -1], key.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # the loss jumps at every length step (x4) and has to recover within that stage (CPU: 0.22 ->
-        # 0.99 at 64 -> 256, back to 0.08 in 125 steps; H100: 0.010 -> 2.83 at 1024 -> 2048, still at
-        # chance after the 50 steps there); clipping keeps a jump from becoming a blow-up
+        # a length step (x4) can make the loss jump (with RoPE base 1e4 it did at every step, see the
+        # module docstring); clipping keeps a jump from becoming a blow-up
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (step + 1) % 25 == 0:

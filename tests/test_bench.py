@@ -162,7 +162,11 @@ def test_demo_64k_runs_on_cpu_at_reduced_length():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["context"] for r in rows] == [256, 1024]
-    l, d, lp, n, w = 8, 4, 8, 4, 16  # the demo model's geometry
+    spec = importlib.util.spec_from_file_location("demo_64k", os.path.join(REPO, "scripts", "demo_64k.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)  # definitions only: main() runs under __main__
+    geometry = demo.MODEL["nsa"]
+    l, d, lp, n, w = (geometry[k] for k in ("cmp_block", "cmp_stride", "slc_block", "n_selected", "window"))
     for r in rows:
         t = r["context"] - 1
         assert r["tokens_read_by_branch"] == {"cmp": (t - l + 1) // d + 1, "slc": n * lp, "win": w}
