@@ -20,7 +20,7 @@ and stay on the Triton kernel. Which one runs where both can is decided by timin
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.util
 import math
 import sys
 
