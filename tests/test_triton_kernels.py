@@ -634,12 +634,13 @@ def test_rope_dispatch_cuda(monkeypatch, dtype):
 
 # ------------------------------------------------- CUDA compilation, no GPU needed (ptxas only)
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_bf16():
+def test_kernels_compile_for_sm90_bf16(tmp_path):
     """Every kernel compiles to a cubin for sm_90 with bf16 inputs through triton's own compiler
     and the ptxas in the triton wheel: catches code the interpreter accepts but the GPU backend
     rejects. Runs in a subprocess without TRITON_INTERPRET (triton's standard library is set up
     differently once imported under the interpreter). All archs/dtypes:
-    `python -m nsa.attention.triton.aot_check`."""
+    `python -m nsa.attention.triton.aot_check`. The PTX dump (--ptx-dir, for diffing refactors)
+    has one file per variant, with code and without source locations."""
     import subprocess
     import sys
 
@@ -647,10 +648,18 @@ def test_kernels_compile_for_sm90_bf16():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "nsa.attention.triton.aot_check", "--arch", "90", "--dtype", "bf16", "--head-dim", "64"],
+        [sys.executable, "-m", "nsa.attention.triton.aot_check", "--arch", "90", "--dtype", "bf16", "--head-dim", "64",
+         "--ptx-dir", str(tmp_path)],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    dumps = sorted(tmp_path.iterdir())
+    assert len(dumps) == proc.stdout.count("OK   sm90"), [d.name for d in dumps]
+    for name in ("_cmp_fwd_kernel", "_slc_bwd_kernel", "_select_scores_kernel", "_decode_kernel"):
+        assert any(name in d.name for d in dumps), name
+    ptx = dumps[0].read_text()
+    assert ".entry" in ptx and "ret;" in ptx
+    assert not any(line.lstrip().startswith((".loc", ".file")) for line in ptx.splitlines())
 
 
 # ---------------------------------------------------------------------------------- layer dispatch

@@ -8,8 +8,8 @@ Conventions used by every kernel in this package:
   the GPU while the interpreter floors; for x >= 0 both agree);
 * under TRITON_INTERPRET=1, bf16 dot operands are upcast to fp32 (DOT_T) after being rounded to
   bf16 (IN_T): the interpreter (triton 3.7.1) stores bf16 as uint16 and its `tl.dot` multiplies
-  the raw integers. On the GPU DOT_T == IN_T and the casts are no-ops. (A nested @triton.jit
-  helper for this costs ~35% of interpreter time, so the casts are written inline.)
+  the raw integers. On the GPU DOT_T == IN_T and the casts are no-ops. (The casts are written
+  inline: a helper call per cast site costs interpreter time even through `device_function`.)
 """
 
 from __future__ import annotations
@@ -141,3 +141,60 @@ def rowsum_do_o(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             grad_out, out, res, *grad_out.stride(), *out.stride(), H, Sq, D=D, D_PAD=pad_pow2(D), BM=bm,
             num_warps=num_warps(D))
     return res
+
+
+def device_function(fn):
+    """@triton.jit for a helper that kernels call (not launched itself). On the GPU the compiler inlines
+    it. Under the interpreter the helper becomes the plain Python function the interpreter would run,
+    called directly: triton 3.7's InterpretedFunction.__call__ re-patches all of triton.language on
+    every nested call, which made the interpreter tests ~15% slower per helper call site."""
+    jitted = triton.jit(fn)
+    if interpreting():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if isinstance(jitted, InterpretedFunction):
+            return jitted.rewrite()
+    return jitted
+
+
+# Flash-attention building blocks shared by the compressed, selected, window and decode kernels
+# (inlined by the compiler: the kernels' GPU code is the same as with the lines written out, which
+# `aot_check --ptx-dir` shows by diffing two dumps). Scores are in log2 units (module docstring).
+@device_function
+def online_softmax(s, v, m_i, l_i, acc, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of an online softmax: scores s [rows, keys] (-inf where masked), values v [keys, D];
+    returns the new running (max, sum, unnormalised output). A row with no key so far keeps max -inf
+    (m_safe keeps exp2 finite)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@device_function
+def softmax_output(acc, m_i, l_i):
+    """(output, natural-log LSE) of the running state; a row that saw no key gives zeros and -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    return out, lse
+
+
+@device_function
+def lse_delta(LSE, DELTA, row, mask):
+    """A backward tile's forward LSE (in log2 units; -inf, a row with no key, becomes 0: every one of
+    its scores is masked anyway) and rowsum(dO * O), from the contiguous [B, H, Sq] buffers."""
+    lse = tl.load(LSE + row, mask=mask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
+    delta = tl.load(DELTA + row, mask=mask, other=0.0)
+    return lse, delta
+
+
+@device_function
+def score_grads(p, do, v, delta, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """dS = P * (dO V^T - delta), rounded to the input dtype for the dK and dQ dots."""
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)

@@ -1,11 +1,16 @@
 """Compile every NSA Triton kernel for a CUDA architecture without a GPU.
 
     python -m nsa.attention.triton.aot_check [--arch 80 90] [--dtype bf16 fp32 fp16] [--head-dim 64 128]
+                                             [--ptx-dir DIR]
 
 Uses triton's own compiler and the ptxas shipped in the triton wheel, so it catches code that the
 interpreter (TRITON_INTERPRET=1) accepts but the GPU backend rejects. It must run in a process
 where TRITON_INTERPRET is unset (triton's standard library is decorated differently under the
 interpreter). Prints one line per kernel and exits non-zero on any failure.
+
+--ptx-dir DIR writes each compiled variant's PTX, without its source-location lines, to one file
+per job: a change meant to restructure the kernel source only (shared helpers, renames) can then
+be shown not to change the GPU code by diffing two dumps (`diff -r before/ after/`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,19 @@ LAUNCH_NAMES = {("_slc_fwd_kernel", None): "selected_fwd", ("_slc_bwd_kernel", T
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
 
-def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True) -> bool:
+def strip_locations(ptx: str) -> str:
+    """PTX without what moves when source lines move: `.loc`/`.file` directives and debug sections."""
+    out = []
+    for line in ptx.splitlines():
+        if line.lstrip().startswith(".section") and ".debug" in line:
+            break  # the debug sections come last
+        if not line.lstrip().startswith((".loc", ".file", "$L__tmp")):
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True,
+                ptx_dir=None) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check: unset TRITON_INTERPRET (the compiler cannot run in interpreter mode)")
     import torch
@@ -140,7 +157,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                  dict(rd, BM=SEL_BM, BN=bn, NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
                                       KPB=kpb, BNA=pad_pow2(nj * kpb), PREC_W="ieee" if dtn == "fp32" else "tf32",
                                       **dots)))
-                for kernel, ptrs, consts, *fixed_warps in jobs:
+                for job_no, (kernel, ptrs, consts, *fixed_warps) in enumerate(jobs):
                     warps = launch_warps(LAUNCH_NAMES.get((kernel.__name__, consts.get("DKV_ATOMIC")), ""), D)
                     if consts.get("QT", 1) > 1:  # as selected._warps
                         warps = num_warps(D)
@@ -155,6 +172,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         limit = SHARED_LIMIT.get(arch)
                         good = bool(out.asm.get("cubin")) and (limit is None or out.metadata.shared <= limit)
                         msg = f"shared={out.metadata.shared}B" + (f" > the sm{arch} limit {limit}B" if not good else "")
+                        if ptx_dir:
+                            name = f"sm{arch}_{dtn}_d{D}_{job_no:02d}_{kernel.__name__}_w{warps}.ptx"
+                            with open(os.path.join(ptx_dir, name), "w") as fh:
+                                fh.write(strip_locations(out.asm["ptx"]))
                     except Exception as exc:  # report every failure, then fail
                         good, msg = False, f"{type(exc).__name__}: {exc}"
                     ok &= good
@@ -175,8 +196,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--ptx-dir", help="write each variant's PTX (source locations stripped) here")
     args = ap.parse_args(argv)
-    ok = compile_all(args.arch, args.dtype, args.head_dim)
+    if args.ptx_dir:
+        os.makedirs(args.ptx_dir, exist_ok=True)
+    ok = compile_all(args.arch, args.dtype, args.head_dim, ptx_dir=args.ptx_dir)
     print("aot_check: all kernels compiled" if ok else "aot_check: FAILURES")
     return 0 if ok else 1
 

@@ -21,12 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import cdiv, check_inputs, needs_grad, pad_pow2
+from nsa.attention.triton._common import cdiv, check_inputs, device_function, needs_grad, pad_pow2
 
 BT = 64  # tokens per program
 
 
-@triton.jit
+@device_function
 def _program_tile(LG, s_lb, s_lt, s_lc, H, S, D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr):
     """This program's (batch, head), token and dim offsets, masks and the three fp32 gates [BT]."""
     pid_t = tl.program_id(0)

@@ -39,7 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import LOG2E, check_inputs, dot_config, num_warps, pad_pow2
+from nsa.attention.triton._common import (
+    LOG2E, check_inputs, device_function, dot_config, num_warps, online_softmax, pad_pow2,
+)
 
 BC = 64  # compressed slots per tile
 BP = 256  # compressed slots per tile of the probability pass (fp32 scores from L2, no dot)
@@ -71,26 +73,14 @@ def scan_splits(programs: int, n_cmp: int, device: torch.device) -> int:
     return max(1, min(want, -(-n_cmp // BC) // MIN_SPLIT_TILES, MAX_SPLITS))
 
 
-@triton.jit
+@device_function
 def _scores(q, k, valid, qk_scale, PREC: tl.constexpr):
     """Scores of the query rows against a key tile, in log2 units, -inf where not valid."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     return tl.where(valid[None, :], s, float("-inf"))
 
 
-@triton.jit
-def _online(s, v, m_i, l_i, acc, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of an online softmax (base 2) given its scores; returns the new (m, l, acc)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
-    return m_new, l_i, acc
-
-
-@triton.jit
+@device_function
 def _attend_rows(q, K, V, row_off, ok, offs_d, dmask, m_i, l_i, acc, qk_scale, IN_T: tl.constexpr,
                  DOT_T: tl.constexpr, PREC: tl.constexpr):
     """The key/value rows starting at element offsets row_off (those with ok) into the online softmax."""
@@ -98,17 +88,17 @@ def _attend_rows(q, K, V, row_off, ok, offs_d, dmask, m_i, l_i, acc, qk_scale, I
     mask = ok[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=mask, other=0.0).to(DOT_T)
     v = tl.load(V + off, mask=mask, other=0.0).to(DOT_T)
-    return _online(_scores(q, k, ok, qk_scale, PREC), v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    return online_softmax(_scores(q, k, ok, qk_scale, PREC), v, m_i, l_i, acc, IN_T, DOT_T, PREC)
 
 
-@triton.jit
+@device_function
 def _store_rows(O, base, acc, l_i, rows, offs_d, rmask, dmask, D: tl.constexpr):
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key: zeros, as the PyTorch step
     tl.store(O + base + rows[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@device_function
 def _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d, dmask,
               R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BC: tl.constexpr,
               USE_SLC: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
@@ -129,11 +119,11 @@ def _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d
         if USE_SLC:  # kept for the probabilities once the LSE is known
             tl.store(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :], s,
                      mask=rmask[:, None] & cin[None, :])
-        m_i, l_i, acc = _online(s, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        m_i, l_i, acc = online_softmax(s, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
     return m_i, l_i, acc
 
 
-@triton.jit
+@device_function
 def _visible(T, L: tl.constexpr, DS: tl.constexpr, NC):
     """(t, compressed blocks complete by t)."""
     t = tl.load(T).to(tl.int64)
@@ -141,7 +131,7 @@ def _visible(T, L: tl.constexpr, DS: tl.constexpr, NC):
     return t, tl.minimum(tl.where(tt >= 0, tl.maximum(tt, 0) // DS + 1, 0), NC)
 
 
-@triton.jit
+@device_function
 def _load_q(Q, b, g, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R: tl.constexpr, DOT_T: tl.constexpr):
     return tl.load(Q + b * s_qb + (g * R + rows)[:, None] * s_qh + offs_d[None, :] * s_qd,
                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
@@ -277,13 +267,13 @@ def _decode_kernel(
         _store_rows(OW, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
 
-@triton.jit
+@device_function
 def _copy_row(DST, dst_off, SRC, src_off, s_d, offs_d, dmask):
     tl.store(DST + dst_off + offs_d, tl.load(SRC + src_off + offs_d * s_d, mask=dmask).to(DST.dtype.element_ty),
              mask=dmask)
 
 
-@triton.jit
+@device_function
 def _rotate_row(DST, dst_off, SRC, src_off, s_d, c, s, offs_h, hmask, HALF: tl.constexpr):
     """RoPE (rotate-half, fp32, as nsa.attention.rope) of a row, or of rows when the offsets are
     [rows, 1]: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin."""

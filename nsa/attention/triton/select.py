@@ -70,7 +70,9 @@ import triton
 import triton.language as tl
 
 from nsa.attention.blocks import num_slc_blocks
-from nsa.attention.triton._common import LOG2E, cdiv, check_inputs, dot_config, env_choice, launch_warps, pad_pow2
+from nsa.attention.triton._common import (
+    LOG2E, cdiv, check_inputs, device_function, dot_config, env_choice, launch_warps, pad_pow2,
+)
 
 SELECT_MODES = ("fused", "topk")
 BM = 64  # queries per program
@@ -96,7 +98,7 @@ def select_mode() -> str:
     return env_choice("NSA_SELECT", SELECT_MODES)
 
 
-@triton.jit
+@device_function
 def _bitonic_pass(x, ROWS: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, S: tl.constexpr, DESC: tl.constexpr):
     # One compare-and-swap pass of a bitonic network on each row of x [ROWS, NP]: entries S apart
     # are ordered, descending if DESC (else ascending) within the aligned blocks of K entries whose
@@ -117,7 +119,7 @@ def _bitonic_pass(x, ROWS: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, S: t
     return tl.reshape(y, [ROWS, NP])
 
 
-@triton.jit
+@device_function
 def _bitonic_sort(x, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr, DESC: tl.constexpr):
     for st in tl.static_range(1, LOG_NP + 1):
         for i in tl.static_range(st):
@@ -125,7 +127,7 @@ def _bitonic_sort(x, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr,
     return x
 
 
-@triton.jit
+@device_function
 def _bitonic_merge(x, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr, DESC: tl.constexpr):
     # sorts rows that are bitonic sequences (the last stage of _bitonic_sort)
     for i in tl.static_range(LOG_NP):
@@ -133,7 +135,7 @@ def _bitonic_merge(x, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr
     return x
 
 
-@triton.jit
+@device_function
 def _merge_top(top, key, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.constexpr):
     # Bitonic top-k step: with `top` [ROWS, NP] sorted descending and the tile `key` sorted
     # ascending, their elementwise max holds the NP largest of both, as a bitonic sequence; a
@@ -142,7 +144,7 @@ def _merge_top(top, key, ROWS: tl.constexpr, NP: tl.constexpr, LOG_NP: tl.conste
     return _bitonic_merge(tl.maximum(top, key), ROWS, NP, LOG_NP, True)
 
 
-@triton.jit
+@device_function
 def _group_probs(Q, LSE, k, seen, b, g, tq, mmask, md_mask, offs_d, scale, s_qb, s_qh, s_qt, s_qd, s_lb, s_lh, s_lt,
                  R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     # Eq. 10: p_cmp = exp(q K^T * scale - LSE) of the BK keys in k, summed over the group's R heads [BM, BK]
@@ -158,7 +160,7 @@ def _group_probs(Q, LSE, k, seen, b, g, tq, mmask, md_mask, offs_d, scale, s_qb,
     return p_grp
 
 
-@triton.jit
+@device_function
 def _overlap(cmp_start, slc_start, CB, LS):
     # tokens shared by compressed blocks [cmp_start, +CB) and selection blocks [slc_start, +LS) (broadcast)
     return tl.maximum(tl.minimum(cmp_start + CB, slc_start + LS) - tl.maximum(cmp_start, slc_start), 0).to(tl.float32)

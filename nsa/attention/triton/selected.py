@@ -67,8 +67,8 @@ import triton.language as tl
 
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LN2, LOG2E, TUNING, cdiv, check_inputs, dot_config, env_choice, env_int, launch_warps, needs_grad, num_warps,
-    pad_pow2, rowsum_do_o,
+    LOG2E, TUNING, cdiv, check_inputs, device_function, dot_config, env_choice, env_int, launch_warps, lse_delta,
+    needs_grad, num_warps, online_softmax, pad_pow2, rowsum_do_o, score_grads, softmax_output,
 )
 
 DKV_MODES = ("block", "atomic", "block_dq", "block_dqsum")
@@ -145,17 +145,9 @@ def _slc_fwd_kernel(
         if QT > 1:
             ok = ok & (tl.sum((own == blk.to(tl.int32)).to(tl.int32), 1) > 0)[:, None]
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    out, lse = softmax_output(acc, m_i, l_i)
     o_ptrs = O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)  # LSE: contiguous [B, H, Sq]
@@ -199,9 +191,7 @@ def _slc_bwd_kernel(
     do = tl.load(DO + b * s_db + heads[:, None] * s_dh + tq[:, None] * s_dt + offs_d[None, :] * s_dd,
                  mask=rd_mask, other=0.0).to(DOT_T)
     row = (b * G * R + heads) * Sq + tq  # rows of the contiguous LSE / DELTA [B,H,Sq] and DQ [B,H,Sq,D]
-    lse = tl.load(LSE + row, mask=rmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E  # empty query: every column is masked anyway
-    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+    lse, delta = lse_delta(LSE, DELTA, row, rmask)
 
     dq = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
     lst_row = LST + b * s_lb + g * s_lg + pid_t.to(tl.int64) * s_lt
@@ -228,8 +218,7 @@ def _slc_bwd_kernel(
         if QT > 1:
             ok = ok & (tl.sum((own == blk.to(tl.int32)).to(tl.int32), 1) > 0)[:, None]
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [ROWS_PAD, BLK_PAD]
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
         dq += tl.dot(ds, k, input_precision=PREC)
         if DKV_ATOMIC:
             dv_blk = tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)  # [BLK_PAD, D_PAD]
@@ -240,7 +229,7 @@ def _slc_bwd_kernel(
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rd_mask)
 
 
-@triton.jit
+@device_function
 def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start,
                scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
                D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr):
@@ -253,14 +242,11 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nma
     do = tl.load(DO + b * s_db + h[:, None] * s_dh + tq[:, None] * s_dt + offs_d[None, :] * s_dd,
                  mask=md_mask, other=0.0).to(DOT_T)
     row = (b * H + h) * Sq + tq
-    lse = tl.load(LSE + row, mask=rmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    delta = tl.load(DELTA + row, mask=rmask, other=0.0)
+    lse, delta = lse_delta(LSE, DELTA, row, rmask)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
     p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
     dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+    ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
     dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
     if DQ_MODE == 1:  # a query selects a block once: its n blocks' programs add one share each
         dq = tl.dot(ds, k, input_precision=PREC) * scale
@@ -441,9 +427,7 @@ def _slc_merge_kernel(
             acc += part.to(tl.float32)
     heads = g * R + hh
     if SOFTMAX:
-        empty = l_i == 0.0
-        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+        acc, lse = softmax_output(acc, m_i, l_i)
         tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)
     tl.store(O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
              acc.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])

@@ -43,7 +43,8 @@ import triton.language as tl
 from nsa.attention import flash_window
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LN2, LOG2E, cdiv, check_inputs, dot_config, needs_grad, num_warps, pad_pow2, rowsum_do_o,
+    LOG2E, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2, rowsum_do_o,
+    score_grads, softmax_output,
 )
 from nsa.errors import UserError
 
@@ -110,17 +111,9 @@ def _win_fwd_kernel(
         kpos = k_start + n0 + offs_n
         valid = nin[None, :] & (kpos[None, :] <= t[:, None]) & (kpos[None, :] > t[:, None] - window)
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    out, lse = softmax_output(acc, m_i, l_i)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
@@ -157,9 +150,7 @@ def _win_bwd_dq_kernel(
     do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :] * s_dd,
                  mask=md_mask, other=0.0).to(DOT_T)
     row = (b * H + h) * Sq + offs_m
-    lse = tl.load(LSE + row, mask=mmask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+    lse, delta = lse_delta(LSE, DELTA, row, mmask)
     k_ptrs = K + b * s_kb + g * s_kg + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
     v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
 
@@ -174,8 +165,7 @@ def _win_bwd_dq_kernel(
         valid = (nin[None, :] & mmask[:, None] & (kpos[None, :] <= t[:, None])
                  & (kpos[None, :] > t[:, None] - window))
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
         dq += tl.dot(ds, k, input_precision=PREC)
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
@@ -225,17 +215,14 @@ def _win_bwd_dkdv_kernel(
             q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
             do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
             row = (b * H + h) * Sq + offs_m
-            lse = tl.load(LSE + row, mask=mmask, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-            delta = tl.load(DELTA + row, mask=mmask, other=0.0)
+            lse, delta = lse_delta(LSE, DELTA, row, mmask)
             t = q_start + offs_m
             valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
                      & (kpos[None, :] > t[:, None] - window))
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
             dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = (p * (dp - delta[:, None])).to(IN_T).to(DOT_T)
+            ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
     out_rows = (b * G + g) * N + offs_n  # DK/DV: contiguous [B, G, N, D]
     tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
