@@ -300,19 +300,24 @@ class RuntimeConfig:
 FAULT_KINDS = ("nan", "oom", "crash", "stall", "hang", "compile")
 
 
-def parse_faults(spec: str) -> dict[int, list[str]]:
+def parse_faults(spec: str, rank: int | None = None) -> dict[int, list[str]]:
     """"nan@5,oom@3" -> {5: ["nan"], 3: ["oom"]}. Fault injection exists so tests can prove recovery paths:
     nan = the step's loss becomes NaN, oom = the step raises a CUDA-style OOM once, crash = an exception,
     stall = the step waits (up to 10 min) until a signal arrives, standing in for a long step that gets preempted/killed,
     hang = the step blocks for good, deaf to SIGTERM (a stuck collective or read: only SIGKILL ends it),
     compile = with runtime.compile, the step's compiled forward fails as a torch.compile error would.
+    Every rank fires a fault, unless it names one rank: "compile@1:1" fails rank 1's step 1 only (the
+    spec's faults for `rank`; None: all of them, for validation).
     Each fault fires once per out_dir (recorded in out_dir/.fault_inject_fired), so a resumed run gets past it."""
     out: dict[int, list[str]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        kind, _, step = item.partition("@")
-        if kind not in FAULT_KINDS or not step.isdigit():
-            raise UserError(f"'train.fault_inject' item {item!r} must look like nan@5, oom@3, crash@7, stall@9, hang@9 or compile@1.")
-        out.setdefault(int(step), []).append(kind)
+        kind, _, when = item.partition("@")
+        step, colon, only = when.partition(":")
+        if kind not in FAULT_KINDS or not step.isdigit() or (colon and not only.isdigit()):
+            raise UserError(f"'train.fault_inject' item {item!r} must look like nan@5, oom@3, crash@7, stall@9, hang@9 "
+                            "or compile@1, with :R to fire on rank R only (compile@1:1).")
+        if rank is None or not colon or int(only) == rank:
+            out.setdefault(int(step), []).append(kind)
     return out
 
 

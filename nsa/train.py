@@ -226,7 +226,7 @@ class Trainer:
         self.cfg, self.args, self.info, self.device = cfg, args, info, device
         t, r = cfg.train, cfg.runtime
         self.out_dir = t.out_dir
-        self.faults = parse_faults(t.fault_inject)
+        self.faults = parse_faults(t.fault_inject, info.rank)
         self.accum = cfg.resolve_accumulation(info.world_size)
         self.amp_dtype = resolve_precision(r.precision, device)
         self.tokens_per_step = t.batch_size * t.seq_len * self.accum * info.world_size
@@ -338,6 +338,7 @@ class Trainer:
 
         self.model = model
         self.compiled, self.compiled_steps = bool(cfg.runtime.compile), 0
+        self.compile_failed_here = False  # this rank's compiled step failed during the current step
         if cfg.runtime.compile:
             from nsa.model import compile_model
 
@@ -509,14 +510,30 @@ class Trainer:
             return False
         return isinstance(e, torch._dynamo.exc.TorchDynamoException) or self.compiled_steps == 0
 
-    def _fall_back_to_eager(self, e: Exception) -> None:
-        """Finish the run with the eager model (same weights and optimizer; only speed differs) and say so."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _use_eager(self) -> None:
+        """Run the eager model from now on: same parameters and optimizer, only speed differs. Under DDP
+        the wrapper stays and only its inner module changes (DDP(compiled) -> DDP(model), the same
+        parameters): building a new DDP is a collective, which ranks whose compiled step did not fail,
+        waiting in this step's gradient all-reduce, would never join."""
         self.compiled = False
-        self.model = self._wrap_ddp(self.raw_model)
+        if self.model is not self.raw_model and hasattr(self.model, "no_sync"):  # DDP
+            self.model.module = self.raw_model
+        else:
+            self.model = self.raw_model
+
+    def _fall_back_to_eager(self, e: Exception) -> None:
+        """This rank's compiled step failed: retry it eagerly and say so. The other ranks follow at the
+        end of the step (train_step), so that every rank runs the same code from the next step on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._use_eager()
+        self.compile_failed_here = True
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-        rank0_print(self.info, f"[nsa.train] WARNING: torch.compile failed at step {self.state.step + 1} ({why}); "
-                    "continuing without it (runtime.compile=false skips compiling; same results, slower)")
+        where = f" on rank {self.info.rank}" if self.info.world_size > 1 else ""
+        print(f"[nsa.train] WARNING: torch.compile failed{where} at step {self.state.step + 1} ({why}); "
+              "continuing without it (runtime.compile=false skips compiling; same results, slower)", flush=True)
+        self._record_compile_fallback(why)
+
+    def _record_compile_fallback(self, why: str) -> None:
         if self.metrics:
             self.metrics.update(compile_fallback={"step": self.state.step + 1, "error": why})
         self.incident("compile_fallback", f"torch.compile failed at step {self.state.step + 1}, running eager: {why}",
@@ -531,7 +548,8 @@ class Trainer:
     def _fire_faults(self, step: int) -> list[str]:
         """Injected faults due at `step`, each at most once per out_dir (so a restarted run gets past it)."""
         due = [k for k in self.faults.get(step, []) if f"{k}@{step}" not in self.faults_fired]
-        if due and self.info.is_main:
+        # every rank that fires one records it (a fault may name one rank); appends of a line do not interleave
+        if due and (self.info.is_main or os.path.isdir(self.out_dir)):
             with open(self.faults_fired_path, "a") as f:
                 f.write("".join(f"{k}@{step}\n" for k in due))
         self.faults_fired.update(f"{k}@{step}" for k in due)
@@ -569,8 +587,15 @@ class Trainer:
         grads_ok = math.isfinite(gnorm) or self.scaler.is_enabled()
         bad_local = 0.0 if (math.isfinite(loss) and grads_ok) else 1.0
         stop_local = 1.0 if self.preempt.signum is not None else 0.0
-        bad, stop = dist_utils.all_reduce_max([bad_local, stop_local], self.device)
+        compile_failed_local, self.compile_failed_here = float(self.compile_failed_here), False
+        bad, stop, compile_failed = dist_utils.all_reduce_max([bad_local, stop_local, compile_failed_local],
+                                                              self.device)
         self.stop_requested = stop > 0
+        if compile_failed and self.compiled:  # another rank's compiled step failed: all ranks run eager from now on
+            self._use_eager()
+            rank0_print(self.info, f"[nsa.train] WARNING: torch.compile failed on another rank at step {step}; "
+                        "all ranks continue without it (same results, slower)")
+            self._record_compile_fallback("on another rank (its log has the error)")
         if bad:
             if self.scaler.is_enabled():
                 self.scaler.update()

@@ -106,6 +106,13 @@ def test_resolved_config_round_trip(tmp_path):
 def test_fault_spec():
     assert parse_faults("nan@3, nan@4,oom@2") == {3: ["nan"], 4: ["nan"], 2: ["oom"]}
     assert parse_faults("") == {}
+    # ":R" fires on rank R only; without a rank (validation) every fault counts
+    assert parse_faults("compile@1:1,nan@2", rank=0) == {2: ["nan"]}
+    assert parse_faults("compile@1:1,nan@2", rank=1) == {1: ["compile"], 2: ["nan"]}
+    assert parse_faults("compile@1:1") == {1: ["compile"]}
+    for bad in ("compile@1:", "compile@1:x", "compile@:1"):
+        with pytest.raises(UserError, match="rank R only"):
+            parse_faults(bad)
 
 
 # Five (and more) distinct user mistakes through the real CLI: exit 2, one clear paragraph, no traceback.
