@@ -485,16 +485,20 @@ class Trainer:
                                 f"activation checkpointing; retrying the step")
                 else:
                     raise UserError(self._oom_message("already at the smallest micro-batch with activation checkpointing"))
-                if self.metrics:
-                    self.metrics.update(oom_fallback={"micro_batch": t.batch_size // self.split,
-                                                      "activation_checkpointing": self.raw_model.activation_checkpointing})
-                self.incident("oom_fallback", f"out of memory at step {self.state.step + 1}: micro-batch "
-                              f"{t.batch_size // self.split}, activation checkpointing "
-                              f"{'on' if self.raw_model.activation_checkpointing else 'off'}", step=self.state.step + 1)
+                self._record_oom_fallback("out of memory")
             except Exception as e:  # noqa: BLE001 - only compile failures are handled; anything else re-raises
                 if not self._is_compile_failure(e):
                     raise
                 self._fall_back_to_eager(e)
+
+    def _record_oom_fallback(self, what: str) -> None:
+        t = self.cfg.train
+        if self.metrics:
+            self.metrics.update(oom_fallback={"micro_batch": t.batch_size // self.split,
+                                              "activation_checkpointing": self.raw_model.activation_checkpointing})
+        self.incident("oom_fallback", f"{what} at step {self.state.step + 1}: micro-batch "
+                      f"{t.batch_size // self.split}, activation checkpointing "
+                      f"{'on' if self.raw_model.activation_checkpointing else 'off'}", step=self.state.step + 1)
 
     def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.info.enabled:
@@ -588,9 +592,20 @@ class Trainer:
         bad_local = 0.0 if (math.isfinite(loss) and grads_ok) else 1.0
         stop_local = 1.0 if self.preempt.signum is not None else 0.0
         compile_failed_local, self.compile_failed_here = float(self.compile_failed_here), False
-        bad, stop, compile_failed = dist_utils.all_reduce_max([bad_local, stop_local, compile_failed_local],
-                                                              self.device)
+        checkpointing = self.raw_model.activation_checkpointing
+        bad, stop, compile_failed, split, checkpointing_any = dist_utils.all_reduce_max(
+            [bad_local, stop_local, compile_failed_local, float(self.split), float(checkpointing)], self.device)
         self.stop_requested = stop > 0
+        if split > self.split or (checkpointing_any and not checkpointing):
+            # another rank ran out of memory and fell back: every rank takes the same setting (what the
+            # checkpoint records, so a resumed run does not run out of memory again first)
+            self.split = int(split)
+            if checkpointing_any and not checkpointing:
+                self.raw_model.set_activation_checkpointing(True)
+            rank0_print(self.info, f"[nsa.train] another rank ran out of memory at step {step}: every rank now "
+                        f"uses micro-batch {t.batch_size // self.split}, activation checkpointing "
+                        f"{'on' if self.raw_model.activation_checkpointing else 'off'} (same tokens per step)")
+            self._record_oom_fallback("out of memory on another rank")
         if compile_failed and self.compiled:  # another rank's compiled step failed: all ranks run eager from now on
             self._use_eager()
             rank0_print(self.info, f"[nsa.train] WARNING: torch.compile failed on another rank at step {step}; "

@@ -75,22 +75,29 @@ def test_ddp_two_ranks_preempt_and_exact_resume(tmp_path, ddp_ref):
 
 
 @pytest.mark.slow
-def test_ddp_compile_failure_on_one_rank(tmp_path, ddp_ref):
-    """runtime.compile=true whose compiled step fails on rank 1 only (step 1): rank 1 retries the step eagerly
-    inside the same DDP wrapper while rank 0's compiled step waits for it in the gradient all-reduce (building a
-    new DDP wrapper, a collective rank 0 never joins, hung here before), then every rank runs eager. The run
-    completes with the fallback on record and matches the eager run."""
+def test_ddp_fallbacks_on_one_rank(tmp_path, ddp_ref):
+    """Fallbacks that only rank 1 needs: with runtime.compile=true its compiled step 1 fails, and its step 2 runs
+    out of memory. Rank 1 retries each step within the same DDP wrapper while rank 0 waits for it in the
+    gradient all-reduce (the compile fallback used to build a new DDP wrapper, a collective rank 0 never joined:
+    the job hung), and at the step's end every rank takes the fallback, so they run the same code and the
+    checkpoint records the OOM setting. The run completes with both on record and matches the eager run."""
+    import torch
+
     cfg, ref, _ = ddp_ref
-    out = str(tmp_path / "compile")
-    p = start_train(cfg, "--out-dir", out, "runtime.compile=true", "train.fault_inject=compile@1:1", launcher=TORCHRUN)
+    out = str(tmp_path / "fallbacks")
+    p = start_train(cfg, "--out-dir", out, "runtime.compile=true", "train.fault_inject=compile@1:1,oom@2:1",
+                    launcher=TORCHRUN)
     code, log = finish(p, timeout=300)
     assert code == 0, log
     assert "torch.compile failed on rank 1 at step 1 (InternalTorchDynamoError: injected" in log, log
     assert "torch.compile failed on another rank at step 1; all ranks continue without it" in log, log
+    assert "another rank ran out of memory at step 2: every rank now uses micro-batch 1" in log, log
     m = read_metrics(out)
     assert m["status"] == "completed" and m["compile_fallback"]["step"] == 1, m
-    assert [i["kind"] for i in m["incidents"]] == ["compile_fallback"]
+    assert m["oom_fallback"] == {"micro_batch": 1, "activation_checkpointing": False}, m
+    assert [(i["kind"], i["step"]) for i in m["incidents"]] == [("compile_fallback", 1), ("oom_fallback", 2)]
+    assert torch.load(os.path.join(out, "checkpoint_step8.pt"), weights_only=False)["oom_split"] == 2
     la, lb = losses(ref), losses(out)
     assert [s for s, _ in la] == [s for s, _ in lb]
-    for (s, a), (_, b) in zip(la, lb):  # rank 0's step 1 ran compiled: summation order may differ
+    for (s, a), (_, b) in zip(la, lb):  # rank 0's step 1 ran compiled; from step 2 on, two chunks a micro-batch
         assert abs(a - b) < 1e-4, (s, a, b)
