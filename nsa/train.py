@@ -292,7 +292,7 @@ class Trainer:
             ckpt.clean_temp_files(self.out_dir)
         dist_utils.barrier()
         if info.is_main or os.path.isdir(self.out_dir):  # a resumed run reuses the kernels its first launch chose
-            kernel_tuning.use_cache_file(os.path.join(self.out_dir, "kernel_tuning.json"))
+            kernel_tuning.use_cache_file(os.path.join(self.out_dir, "kernel_tuning.json"), writable=info.is_main)
         self.heartbeat.beat("startup", 0)
         if self.faults and os.path.exists(self.faults_fired_path):
             with open(self.faults_fired_path) as f:

@@ -97,6 +97,27 @@ def test_cache_file_round_trip_and_corrupt_file(monkeypatch, tmp_path, capsys):
     assert json.loads(path.read_text())["choices"]["k2"]["choice"] == "c"  # rewritten whole
 
 
+def test_read_only_cache_file(monkeypatch, tmp_path):
+    """DDP ranks other than 0 (use_cache_file(writable=False)): they take the choices stored there and
+    keep their own in memory, but never write the file that rank 0 writes."""
+    path = tmp_path / "kernel_tuning.json"
+    tune.use_cache_file(str(path))
+    fake_clock(monkeypatch, {"a": 2.0, "b": 1.0})
+    assert tune.pick("k1", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "b"  # rank 0's choice
+    before = path.read_text()
+
+    tune.reset()
+    tune.use_cache_file(str(path), writable=False)
+
+    def must_not_run():
+        raise AssertionError("re-tuned despite the cache")
+
+    assert tune.pick("k1", {"a": must_not_run, "b": must_not_run}, same_or_why, CPU) == "b"
+    fake_clock(monkeypatch, {"a": 1.0, "b": 2.0})
+    assert tune.pick("k2", {"a": lambda: 1, "b": lambda: 1}, same_or_why, CPU) == "a"  # tuned, kept in memory
+    assert tune.choices()["k2"] == "a" and path.read_text() == before
+
+
 def test_retune_times_again_and_replaces_the_cached_choice(monkeypatch, tmp_path):
     """retune() (the trainer's runtime.retune_step): every step is timed again on its next call, the
     new choice replaces the old in the cache file, and a process that loads that file afterwards (a

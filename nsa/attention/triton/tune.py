@@ -24,7 +24,9 @@ keeps the fastest:
   pins its own dimension;
 * a cache file (NSA_TUNE_CACHE=<file.json>, else use_cache_file()'s): choices are read from and added
   to it. The trainer uses <out_dir>/kernel_tuning.json, so a resumed run uses the kernels its first
-  launch chose (same numerics) without timing them again;
+  launch chose (same numerics) without timing them again. Under DDP only rank 0 writes it (the others
+  read it: ranks that rewrote it at the same time lost each other's entries); a resumed run's ranks
+  all use rank 0's choices;
 * retune(): time again (the trainer calls it once, at runtime.retune_step: the first choice saw a
   randomly initialised model, whose block selections are scattered; a trained model's neighbouring
   queries pick mostly the same blocks, which favours the query tiles and the block-centric forward).
@@ -55,6 +57,7 @@ TIMER: Callable[[str, Callable[[], Any]], float] | None = None
 _CHOICES: dict[str, str] = {}  # key -> chosen variant, this process
 _CACHE_LOADED: set[str] = set()
 _DEFAULT_CACHE: list[str | None] = [None]
+_CACHE_WRITABLE = [True]
 
 
 def mode() -> str:
@@ -124,9 +127,11 @@ def make_key(step: str, device: torch.device, *fields) -> str:
     return "|".join([step, _DEVICE_NAMES[device], *(str(f) for f in fields)])
 
 
-def use_cache_file(path: str | None) -> None:
-    """The cache file when NSA_TUNE_CACHE is not set (the trainer: <out_dir>/kernel_tuning.json)."""
+def use_cache_file(path: str | None, writable: bool = True) -> None:
+    """The cache file when NSA_TUNE_CACHE is not set (the trainer: <out_dir>/kernel_tuning.json);
+    writable=False: read choices from it, never write it (every DDP rank but 0)."""
     _DEFAULT_CACHE[0] = path
+    _CACHE_WRITABLE[0] = writable
 
 
 def _cache_file() -> str | None:
@@ -151,7 +156,7 @@ def _load_cache() -> None:
 
 def _save_cache(key: str, choice: str, times: dict[str, float]) -> None:
     path = _cache_file()
-    if not path:
+    if not path or not _CACHE_WRITABLE[0]:
         return
     from nsa.checkpoint import atomic_write_text
 
@@ -243,3 +248,4 @@ def reset() -> None:
     _CHOICES.clear()
     _CACHE_LOADED.clear()
     _DEFAULT_CACHE[0] = None
+    _CACHE_WRITABLE[0] = True
