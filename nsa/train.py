@@ -520,7 +520,7 @@ class Trainer:
         parameters): building a new DDP is a collective, which ranks whose compiled step did not fail,
         waiting in this step's gradient all-reduce, would never join."""
         self.compiled = False
-        if self.model is not self.raw_model and hasattr(self.model, "no_sync"):  # DDP
+        if self.info.enabled:  # wrapped in DDP (_wrap_ddp)
             self.model.module = self.raw_model
         else:
             self.model = self.raw_model
