@@ -50,7 +50,8 @@
 #   OUT=dir                where results go (default artifacts/gpu_suite; files are appended to)
 #   SUITE_BUDGET_S=540     total wall-clock budget; keep it ~60 s under the runner's limit. A step gets
 #                          min(its cap, what is left - 15 s) and is skipped when under 30 s are left.
-#   SUITE_ONLY=a,b         run only these steps (names above), e.g. to finish what a first call skipped
+#   SUITE_ONLY=a,b         run only these steps (names above), in this order, e.g. what a session most needs
+#                          first, or what a first call skipped
 #   SUITE_DRY_RUN=1        print the commands (with their timeouts) and run nothing
 #   SUITE_REPEATS=5        timed repeats per attention measurement
 #   SUITE_WHEELS=.whl      a folder of wheels (e.g. fla_core-0.6.0-py3-none-any.whl) installed with
@@ -213,47 +214,88 @@ fi
 # it only runs ptxas without a GPU, which the real CUDA runs here supersede
 XDIST=()
 if [ "$DRY" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
-step kernel_tests 180 - \
-    "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
-    tests/test_triton_window.py tests/test_triton_tune.py tests/test_triton_decode.py tests/test_flash_window.py \
-    tests/test_model.py \
-    -k "not compile_for_sm90"
-step decode 120 decode \
-    "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
-step decode_compiled 240 decode \
-    "$PY" bench/bench_decode.py --device cuda --contexts 65536 --batches 1,32 --steps 20 --modes graph_torch,compiled
-step kernels 130 kernels \
-    "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
-step attention_paper 90 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
-    --impls nsa,full --cuda-graph
-step attention_m7c 90 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS" \
-    --profile 12 --cuda-graph
-step train_4096 150 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
-    --profile 15
-step train_16384 150 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
-    --profile 15
-# the reference kernel variants, untuned (rows carry "nsa_env"; the tuned rows above carry "tuned")
-step train_4096_untuned 90 train \
-    env NSA_TUNE=off \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
-    --attention nsa --profile 15
-step trainer 200 train \
-    "$PY" bench/bench_trainer.py --config configs/m7c_125m_80g.yaml --steps 20 --batch-tokens 65536 --compile 0,1 \
-    --attention nsa --timeout 150
-step attention_fla 120 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
-    --impls nsa,fla
-step demo_64k 90 demo \
-    "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
-step train_compile 150 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
-step attention_m7c_core 90 attention \
-    "$PY" bench/bench_attention.py --device cuda --layout m7c --scope core --seq-lens $SEQS --repeats "$REPS"
-step train_compile_16384 150 train \
-    "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
+# run_step NAME: one step of the suite (the table at the top says what each shows)
+run_step() {
+    case $1 in
+    kernel_tests)
+        step kernel_tests 180 - \
+            "$PY" -m pytest -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py \
+            tests/test_triton_window.py tests/test_triton_tune.py tests/test_triton_decode.py tests/test_flash_window.py \
+            tests/test_model.py \
+            -k "not compile_for_sm90"
+        ;;
+    decode)
+        step decode 120 decode \
+            "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
+        ;;
+    decode_compiled)
+        step decode_compiled 240 decode \
+            "$PY" bench/bench_decode.py --device cuda --contexts 65536 --batches 1,32 --steps 20 --modes graph_torch,compiled
+        ;;
+    kernels)
+        step kernels 130 kernels \
+            "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
+        ;;
+    attention_paper)
+        step attention_paper 90 attention \
+            "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
+            --impls nsa,full --cuda-graph
+        ;;
+    attention_m7c)
+        step attention_m7c 90 attention \
+            "$PY" bench/bench_attention.py --device cuda --layout m7c --scope layer --seq-lens $SEQS --repeats "$REPS" \
+            --profile 12 --cuda-graph
+        ;;
+    train_4096)
+        step train_4096 150 train \
+            "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
+            --profile 15
+        ;;
+    train_16384)
+        step train_16384 150 train \
+            "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
+            --profile 15
+        ;;
+    train_4096_untuned)
+        # the reference kernel variants, untuned (rows carry "nsa_env"; the tuned rows above carry "tuned")
+        step train_4096_untuned 90 train \
+            env NSA_TUNE=off \
+            "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
+            --attention nsa --profile 15
+        ;;
+    trainer)
+        step trainer 200 train \
+            "$PY" bench/bench_trainer.py --config configs/m7c_125m_80g.yaml --steps 20 --batch-tokens 65536 --compile 0,1 \
+            --attention nsa --timeout 150
+        ;;
+    attention_fla)
+        step attention_fla 120 attention \
+            "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
+            --impls nsa,fla
+        ;;
+    demo_64k)
+        step demo_64k 90 demo \
+            "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
+        ;;
+    train_compile)
+        step train_compile 150 train \
+            "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
+        ;;
+    attention_m7c_core)
+        step attention_m7c_core 90 attention \
+            "$PY" bench/bench_attention.py --device cuda --layout m7c --scope core --seq-lens $SEQS --repeats "$REPS"
+        ;;
+    train_compile_16384)
+        step train_compile_16384 150 train \
+            "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
+        ;;
+    esac
+}
+
+# in the order listed: SUITE_ONLY's order when given (what matters most to this session first), else STEPS's
+ORDER=${ONLY:-${STEPS//,/ }}
+for s in ${ORDER//,/ }; do
+    [[ $STEPS == *",$s,"* ]] && run_step "$s"
+done
 finish
 exit $((INCOMPLETE > 0))

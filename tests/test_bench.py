@@ -126,6 +126,11 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
                    "bench/bench_trainer.py --config configs/m7c_125m_80g.yaml"):
         assert needle in text, needle
     assert all("timeout" in line for line in dry)
+    # SUITE_ONLY runs its steps in its own order
+    env["SUITE_ONLY"] = "train_4096,decode,kernel_tests"
+    proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("[dry-run]")] == \
+        ["train_4096", "decode", "kernel_tests"]
 
 
 def test_bench_decode_eager_and_static_modes():
