@@ -121,6 +121,11 @@ def test_static_decode_matches_dynamic_decode(attention, prompt, monkeypatch):
     logits, _ = model.prefill(seq[:, :prompt], caches)
     assert position.host == prompt and int(position.t) == prompt and caches[0].length == prompt
     step = GraphedStep(lambda ids: model.decode_step(ids, caches), seq[:, prompt], position)
+    # a replayed CUDA graph writes only the tensors it captured: the reads are counted from the cache's
+    # own buffers, which the steps write in place (on the GPU a tensor made by the step was garbage)
+    buffers = [(b, b.data_ptr()) for c in caches for b in (getattr(c, "last_t", None), getattr(c, "last_sel", None))
+               if b is not None]
+    assert len(buffers) == (2 * len(caches) if attention == "nsa" else 0)
     item = torch.Tensor.item
     for t in range(prompt, seq.shape[1]):
         want = model.decode_step(seq[:, t], dynamic)
@@ -130,6 +135,7 @@ def test_static_decode_matches_dynamic_decode(attention, prompt, monkeypatch):
         assert (got - want).abs().max() <= 1e-5, t
         assert caches[0].length == dynamic[0].length == t + 1 == int(position.t)
         assert caches[1].tokens_read == dynamic[1].tokens_read, t
+    assert all(b.data_ptr() == ptr for b, ptr in buffers)
     with pytest.raises(UserError, match="capacity of 60 tokens"):
         step(seq[:, 0])
     with pytest.raises(UserError, match="capacity of 60 tokens"):  # stepping without GraphedStep: same check
@@ -212,6 +218,7 @@ def test_static_decode_replays_as_a_cuda_graph(attention):
                 other_position.advance()
             got = step(seq[:, t]).float()
             assert (got - want).abs().max() <= tol * want.abs().max(), (dtype, t)
+            assert graphed[1].tokens_read == other[1].tokens_read, (dtype, t)  # counted from the replay's writes
         assert int(position.t) == 90
         if attention == "nsa":  # one graph for steps that compute a compressed token, one for the others
             assert set(step.graphs) == {False, True}

@@ -174,7 +174,12 @@ class StaticNSACache:
         self.map_w = map_w.float()
         self.n_slc = num_slc_blocks(capacity, nsa.slc_block)
         self.map_idx = self.map_idx.clamp_max(self.n_slc - 1)
-        self._last = None  # (idx, t) of the last step, for tokens_read
+        # the last step's position and selected blocks, for tokens_read: buffers of the cache, written
+        # in place by the step, because a replayed CUDA graph writes only the tensors it captured (a
+        # tensor the step allocated belongs to the graph's pool, and the next graph reuses that memory)
+        self.last_t = torch.zeros(1, dtype=torch.int64, device=device)
+        self.last_sel = torch.full((batch, G, min(nsa.n_selected, self.n_slc)), -1, dtype=torch.int64, device=device)
+        self.stepped = False
         self.fused = fused_kernel(layer, device, dtype)
         position.compresses(nsa.cmp_block, nsa.cmp_stride)
 
@@ -212,12 +217,11 @@ class StaticNSACache:
     @property
     def tokens_read(self) -> dict[str, int]:
         """Tokens the last step read per KV group, by branch (the paper's count; waits for the GPU)."""
-        if self._last is None:
+        if not self.stepped:
             return {}
-        idx, t = self._last
-        t = int(t)
+        t = int(self.last_t)
         reads = {"cmp": min(max(0, (t - self.cmp_block + 1) // self.cmp_stride + 1), self.cmp_k.shape[2]),
-                 "slc": int((idx[0, 0] >= 0).sum()) * self.slc_block, "win": min(self.window, t + 1)}
+                 "slc": int((self.last_sel[0, 0] >= 0).sum()) * self.slc_block, "win": min(self.window, t + 1)}
         return {**reads, "total": sum(reads.values())}
 
 
@@ -257,8 +261,10 @@ def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tenso
         _put(cache.cmp_v, i_slot, v_c)
 
     o_cmp, o_slc, o_win, idx = attend(q, cache, t, nsa.n_selected, layer.enabled)
-    if idx is not None:
-        cache._last = (idx, t.clone())  # t itself advances after the step
+    if idx is not None:  # what the step read (see StaticNSACache.last_t)
+        cache.last_t.copy_(t.view(1))
+        cache.last_sel.copy_(idx)
+        cache.stepped = True
     return layer.combine(x, (o_cmp, o_slc, o_win), record_gates=False)
 
 
