@@ -247,6 +247,42 @@ def test_gpu_suite_steps_with_fake_python(tmp_path):
     assert "gpu_suite summary" in proc.stdout
 
 
+FAKE_PYTHON_FLA = """#!/usr/bin/env bash
+case "$*" in
+  *"import fla"*) exit 0 ;;
+  *"import xdist"*) exit 1 ;;
+  *pytest*) sleep 1; echo "tests ran" ;;
+  *"--impls fla "*) echo "fla warm-up ran" ;;
+  *bench_attention*) echo '{"impl": "fla", "ms": 1.0}' ;;
+  *) echo "fake python $*" ;;
+esac
+"""
+
+
+def test_gpu_suite_compiles_fla_during_the_kernel_tests(tmp_path):
+    """With attention_fla to run, fla's kernels compile in the background while kernel_tests runs (its
+    first backward autotunes for minutes), and the suite waits for that before the next step; without
+    attention_fla there is no warm-up."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON_FLA)
+    fake.chmod(0o755)
+
+    def suite(only):
+        out = tmp_path / only.replace(",", "_")
+        env = dict(os.environ, PYTHON=str(fake), OUT=str(out), SUITE_ONLY=only, SUITE_BUDGET_S="120",
+                   SUITE_RESERVE_S="0")
+        env.pop("SUITE_DRY_RUN", None)
+        proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return (out / "suite.log").read_text()
+
+    log = suite("kernel_tests,attention_fla")
+    order = [log.index(text) for text in ("fla warm-up (background", "step kernel_tests", "tests ran",
+                                          "fla warm-up: rc=0", "fla warm-up ran", "step attention_fla")]
+    assert order == sorted(order), log
+    assert "fla warm-up" not in suite("kernel_tests,decode")
+
+
 def test_profile_top_ranks_operators(bench_attention):
     """--profile: one run under torch.profiler, the costliest operators (CPU) first, with counts."""
     from common import profile_top  # bench/ is on sys.path while the module fixture is active
