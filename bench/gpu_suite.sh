@@ -18,8 +18,10 @@
 #                            step through torch.compile, then replayed as a CUDA graph
 #   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
-#   attention_paper      90  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
-#                            core, 4k..64k, nsa vs full, eager and replayed as CUDA graphs
+#   attention_paper     120  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
+#                            core, 4k..64k, nsa vs full, eager and replayed as CUDA graphs, each with a
+#                            profile of its 12 costliest kernels (where the 64k time goes; 88 s in run H
+#                            without the profiles)
 #   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full,
 #                            each with a profile of its 12 costliest kernels (--profile) and a CUDA-graph time
 #   train_4096          150  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full (the first
@@ -247,9 +249,9 @@ run_step() {
             "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
         ;;
     attention_paper)
-        step attention_paper 90 attention \
+        step attention_paper 120 attention \
             "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
-            --impls nsa,full --cuda-graph
+            --impls nsa,full --cuda-graph --profile 12
         ;;
     attention_m7c)
         step attention_m7c 90 attention \
