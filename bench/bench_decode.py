@@ -10,7 +10,7 @@ ms_per_step (median), tokens_read (per sequence; NSA: compressed + selected bloc
 full: all), paper_tokens (floor((S - l)/d) + n*l' + w), device. Then a table with ratios.
 ms_mean beside the median: in NSA's static step 1 token in d also compresses a block. The table's
 "best full/nsa" compares each NSA row with full attention's fastest step at that context and batch in
-any mode run (the growing cache's unmasked SDPA may beat the static cache's masked one).
+any mode run (e.g. the growing cache's unmasked SDPA against the static cache's masked one).
 
 Batch matters for what the latency shows. At batch 1 one layer's step reads little (full attention
 at 64k: 33 MB of bf16 K/V in M7C's layout, ~11 us of HBM time on an H100), so both are bound by
@@ -20,9 +20,10 @@ pays off once the reads dominate, i.e. with many sequences decoding together (--
 Modes (--modes): "eager" uses the growing caches (nsa/attention/cache.py), one launch per kernel;
 "graph" uses the static caches (nsa/attention/static_decode.py: buffers of context + steps tokens,
 the position a device tensor) and replays the step as a CUDA graph (on CPU: the static step, eager),
-so what remains is the GPU time of the kernels; NSA's attention there is the fused decode kernel
-(triton/decode.py) on CUDA; "graph_torch" is "graph" with NSA's attention in PyTorch ops instead
-(NSA_DECODE=torch; full attention is the same as in "graph"); "compiled" is "graph" with the step
+so what remains is the GPU time of the kernels; on CUDA NSA's attention there is the fused decode
+kernel (triton/decode.py) and full attention's its dense scan (dense_decode: keys 0..t, split over
+programs); "graph_torch" is "graph" with PyTorch ops instead (NSA_DECODE=torch: NSA's attend_torch,
+and for full attention SDPA over the whole buffer with a mask); "compiled" is "graph" with the step
 through torch.compile first (Inductor fuses the remaining small kernels; a compile per shape, tens of
 seconds on a GPU). Rows carry "mode".
 """

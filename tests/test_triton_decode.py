@@ -214,3 +214,96 @@ def test_failed_decode_self_check_means_pytorch_step(monkeypatch, capsys):
     assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32, impl="auto")[1].fused is None
     assert "the fused NSA decode kernel failed its self-check" in capsys.readouterr().err
     assert static_cache(2, 3, 16, 8, 4, 8, 3, 12, 70, F32)[1].fused is not None  # impl=triton: no check
+
+
+DENSE_CASES = [  # G, r, D, capacity, positions
+    (2, 3, 16, 70, (0, 1, 37, 69)),
+    (1, 6, 32, 300, (63, 64, 200, 299)),  # several 64-slot tiles
+    (2, 16, 64, 130, (5, 129)),
+    (2, 1, 24, 100, (99,)),  # head dim 24: padded
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "G{}r{}D{}_cap{}".format(*c[:4]))
+def test_dense_decode_matches_sdpa(dtype, case):
+    """The dense baseline's decode kernel (the scan with every cached token its own block) against SDPA
+    over keys 0..t, in one program and split over programs (partials merged). The slots past t hold
+    NaN: a read of one would show."""
+    G, r, D, capacity, positions = case
+    g = torch.Generator().manual_seed(capacity)
+    k, v = (torch.randn(2, G, capacity, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    q = torch.randn(2, G * r, 1, D, generator=g).to(DEVICE, dtype)
+    for t in positions:
+        kt, vt = k.clone(), v.clone()
+        kt[:, :, t + 1:] = float("nan")
+        vt[:, :, t + 1:] = float("nan")
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), kt[:, :, : t + 1].float(), vt[:, :, : t + 1].float(), enable_gqa=True)
+        for splits in (1, 3):
+            got = decode.dense_decode(q, kt, vt, torch.tensor([t], device=DEVICE), splits)
+            assert got.dtype == dtype and torch.isfinite(got).all(), (t, splits)
+            assert rel_err(got, want) <= TOL[dtype], (t, splits)
+
+
+def test_dense_static_step_through_the_kernel():
+    """The dense layer's static step through the kernel equals its masked-SDPA step at every position
+    as the position advances, with the same reads."""
+    from nsa.attention.layer import build_attention
+    from nsa.attention.static_decode import StaticKVCache
+
+    cfg = ModelConfig.from_dict({"attention": "full", "dim": 32, "n_heads": 6, "n_kv_heads": 2, "head_dim": 16})
+    torch.manual_seed(5)
+    layer = build_attention(cfg).to(DEVICE).eval()
+    rope = RotaryEmbedding(16)
+    caches = [StaticKVCache(layer, 2, 40, DecodePosition(DEVICE, 40), DEVICE, F32, fused=f) for f in (True, False)]
+    assert caches[0].fused is not None and caches[1].fused is None
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    with torch.no_grad():
+        for cache in caches:
+            layer(x[:, :11], rope, cache)
+    for t in range(11, 20):
+        got, want = (layer.decode_step(x[:, t:t + 1], rope, cache) for cache in caches)
+        assert rel_err(got, want) <= TOL[F32], t
+        for cache in caches:
+            cache.position.advance()
+        assert caches[0].tokens_read == caches[1].tokens_read == t + 1
+
+
+def test_dense_kernel_where_it_can_run(monkeypatch):
+    """auto: CUDA only, unless NSA_DECODE=torch or the decode kernels failed their self-check; fused=True
+    forces it (CPU: through the interpreter)."""
+    from nsa.attention.static_decode import dense_kernel
+    from nsa.attention.triton import selfcheck
+
+    cuda = torch.device("cuda")
+    assert dense_kernel("cpu", F32) is None and dense_kernel("cpu", F32, fused=True) is not None
+    monkeypatch.setattr(selfcheck, "decode_ok", lambda device, dtype: False)
+    assert dense_kernel(cuda, F32) is None
+    monkeypatch.setattr(selfcheck, "decode_ok", lambda device, dtype: True)
+    assert dense_kernel(cuda, BF16) is not None and dense_kernel(cuda, torch.float64) is None
+    monkeypatch.setenv("NSA_DECODE", "torch")
+    assert dense_kernel(cuda, F32) is None
+
+
+@pytest.mark.slow
+def test_dense_static_step_compiles_as_one_graph():
+    """Through torch.compile (fullgraph: `nsa::dense_decode` is one opaque node with a fake implementation)
+    the dense step through the kernel gives the eager step's outputs."""
+    from nsa.attention.layer import build_attention
+    from nsa.attention.static_decode import GraphedStep, StaticKVCache
+
+    cfg = ModelConfig.from_dict({"attention": "full", "dim": 32, "n_heads": 6, "n_kv_heads": 2, "head_dim": 16})
+    torch.manual_seed(7)
+    layer = build_attention(cfg).to(DEVICE).eval()
+    rope = RotaryEmbedding(16)
+    first, second = (StaticKVCache(layer, 2, 30, DecodePosition(DEVICE, 30), DEVICE, F32, fused=True) for _ in range(2))
+    x = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    with torch.no_grad():
+        for cache in (first, second):
+            layer(x[:, :9], rope, cache)
+    eager = GraphedStep(lambda x_: layer.decode_step(x_, rope, first), x[:, 9:10], first.position)
+    compiled = GraphedStep(lambda x_: layer.decode_step(x_, rope, second), x[:, 9:10], second.position, compile=True)
+    for t in range(9, 14):
+        want = eager(x[:, t:t + 1])
+        assert (compiled(x[:, t:t + 1]) - want).abs().max() <= 1e-5, t

@@ -138,6 +138,17 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 jobs.append((decode._decode_split_kernel,
                              dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
                              dict(dec, NSPLIT=16, USE_SLC=True), num_warps(D)))
+                # the dense baseline's decode (dense_decode): the scan with l = d = 1, split, nothing else
+                dense = dict(dec, L=1, DS=1)
+                jobs.append((decode._decode_kernel,
+                             dict(Q=t, CK=t, CV=t, SK=t, SV=t, WK=t, WV=t, WPOS="*i64", T="*i64", SCR=f, PGRP=f,
+                                  IDX="*i32", OC=t, OS=t, OW=t, PM=f, PL=f, PACC=f),
+                             dict(dense, LP=1, LP_PAD=16, NSEL=0, NS_PAD=16, NI=1, BP=decode.BP, BW=decode.BW,
+                                  NSPLIT=16, USE_CMP=True, USE_SLC=False, USE_WIN=False),
+                             decode.decode_warps(16, D)))
+                jobs.append((decode._decode_split_kernel,
+                             dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
+                             dict(dense, NSPLIT=16, USE_SLC=False), num_warps(D)))
                 jobs.append((decode._write_kernel, dict(T="*i64", Q=t, QO=t, COS=f, SIN=f, SK=t, SV=t, WK=t, WV=t,
                                                         WPOS="*i64", RK=t, RV=t, NKS=t, NVS=t, NKW=t, NVW=t, NKR=t,
                                                         NVR=t),
@@ -185,6 +196,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
                         tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
                         tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
+                        tag += " dense" if "_decode" in kernel.__name__ and consts.get("L") == 1 else ""
                         tag += f" BM={consts['BM']} BN={consts['BN']} w{warps}" if "_cmp_" in kernel.__name__ else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)

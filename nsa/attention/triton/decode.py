@@ -356,20 +356,32 @@ def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc
     splits: programs per (sequence, group) for the compressed scan (0: `scan_splits` decides)."""
     check_inputs("static_decode", q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v)
     B, H, _, D = q.shape
+    G = cmp_k.shape[1]
+    nsel = min(n_selected, -(-slc_k.shape[2] // slc_block))
+
+    def out(on):
+        return torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype) if on else q.new_empty(0)
+
+    outs = out(use_cmp), out(use_slc), out(use_win)
+    idx = torch.empty(B, G, nsel, device=q.device, dtype=torch.int32)  # the kernel writes every slot
+    _launch(q, cmp_k, cmp_v, (slc_k, slc_v, win_k, win_v, win_pos), t, outs, idx, cmp_block, cmp_stride, slc_block,
+            use_cmp, use_slc, use_win, splits)
+    return (*outs, idx)
+
+
+def _launch(q, cmp_k, cmp_v, others, t, outs, idx, cmp_block, cmp_stride, slc_block, use_cmp, use_slc, use_win,
+            splits) -> None:
+    """The decode kernels (the split compressed scan first when it pays) into outs = (o_cmp, o_slc, o_win)."""
+    slc_k, slc_v, win_k, win_v, win_pos = others
+    B, H, _, D = q.shape
     G, NC, CAP, WIN = cmp_k.shape[1], cmp_k.shape[2], slc_k.shape[2], win_k.shape[2]
     R = H // G
-    NS = -(-CAP // slc_block)
-    nsel = min(n_selected, NS)
     for buf in (cmp_k, cmp_v, slc_k, slc_v, win_k, win_v):
         if not buf.is_contiguous():
             raise ValueError("nsa triton static_decode: the cache buffers must be contiguous")
     dev = q.device
-
-    def out(on):
-        return torch.empty(B, H, 1, D, device=dev, dtype=q.dtype) if on else q.new_empty(0)
-
-    o_cmp, o_slc, o_win = out(use_cmp), out(use_slc), out(use_win)
-    idx = torch.empty(B, G, nsel, device=dev, dtype=torch.int32)  # the kernel writes every slot
+    NS = -(-CAP // slc_block)
+    NS_PAD = pad_pow2(NS) if use_slc else 16  # selection off: its constants only size code that is not compiled
     scores = torch.empty(B * G, R, NC if use_slc else 0, device=dev, dtype=torch.float32)
     p_grp = torch.empty(B * G, NC if use_slc else 0, device=dev, dtype=torch.float32)
     nsplit = (splits or scan_splits(B * G, NC, dev)) if (use_cmp or use_slc) else 1
@@ -382,14 +394,35 @@ def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc
             q, cmp_k, cmp_v, t, scores, *partials, q.stride(0), q.stride(1), q.stride(3), G, NC, 1.0 / math.sqrt(D),
             NSPLIT=nsplit, USE_SLC=use_slc, **shape, num_warps=num_warps(D))
     _decode_kernel[(B * G,)](
-        q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, o_cmp, o_slc, o_win, *partials,
+        q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, *outs, *partials,
         q.stride(0), q.stride(1), q.stride(3),
         G, NC, NS, CAP, WIN, 1.0 / math.sqrt(D),
-        LP=slc_block, LP_PAD=pad_pow2(slc_block), NSEL=nsel, NS_PAD=pad_pow2(NS),
-        NI=overlap_terms(cmp_block, cmp_stride, slc_block), BP=BP, BW=BW, NSPLIT=nsplit,
-        USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **shape, num_warps=decode_warps(pad_pow2(NS), D),
+        LP=slc_block if use_slc else 1, LP_PAD=pad_pow2(slc_block) if use_slc else 16, NSEL=idx.shape[-1],
+        NS_PAD=NS_PAD, NI=overlap_terms(cmp_block, cmp_stride, slc_block) if use_slc else 1, BP=BP, BW=BW,
+        NSPLIT=nsplit, USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **shape,
+        num_warps=decode_warps(NS_PAD, D),
     )
-    return o_cmp, o_slc, o_win, idx
+
+
+@torch.library.custom_op("nsa::dense_decode", mutates_args=())
+def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, splits: int) -> torch.Tensor:
+    """Full attention's decode step over a static KV cache: q [B, H, 1, D] at position t (a 1-element
+    int64 device tensor) over k/v [B, G, capacity, D] (contiguous, rotated keys), keys 0..t ->
+    [B, H, 1, D]. It is the kernels' compressed scan with l = d = 1: every cached token its own block,
+    t + 1 of them visible, split over programs flash-decoding style (splits: as in static_decode), so
+    it reads only the tokens up to t. The dense baseline's graphed step, against a masked SDPA over
+    the whole buffer (BENCHMARKS.md: 1.95 ms at 64k on an H100, not flash)."""
+    check_inputs("dense_decode", q, k, v)
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    idx = torch.empty(0, device=q.device, dtype=torch.int32)
+    none = q.new_empty(0)
+    _launch(q, k, v, (k, v, k, v, t), t, (o, none, none), idx, 1, 1, 1, True, False, False, splits)
+    return o
+
+
+@dense_decode.register_fake
+def _(q, k, v, t, splits):
+    return torch.empty_like(q)
 
 
 @static_decode.register_fake

@@ -75,7 +75,7 @@ def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     """The fused decode kernel (triton/decode.py) against the PyTorch static step on random caches."""
     from nsa.attention.layer import NSAttention
     from nsa.attention.static_decode import DecodePosition, StaticNSACache, attend_torch
-    from nsa.attention.triton.decode import static_decode
+    from nsa.attention.triton.decode import dense_decode, static_decode
     from nsa.config import ModelConfig
 
     g = torch.Generator().manual_seed(0)
@@ -100,8 +100,21 @@ def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
                         f"(relative error {rel_error(a, b):.2e})")
         if dtype == torch.float32 and not torch.equal(idx.long(), want_idx):
             return f"fused decode ({splits} split) block selection differs from the PyTorch step"
+        # the dense baseline's step (dense_decode: every cached token its own block) against softmax over 0..t
+        dense = dense_decode(q, c.slc_k, c.slc_v, t_dev.view(1), splits)
+        dense_want = dense_reference(q, c.slc_k, c.slc_v, t)
+        if not torch.isfinite(dense.float()).all() or rel_error(dense, dense_want) > TOL[dtype]:
+            return (f"dense decode ({splits} split) differs from softmax over the keys 0..t "
+                    f"(relative error {rel_error(dense, dense_want):.2e})")
     problem = _write_problem(cache, t, torch.Generator().manual_seed(1))
     return None if problem is None else f"the fused decode's cache write: {problem}"
+
+
+def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+    """Full attention of q [B, H, 1, D] over the keys 0..t of k/v [B, G, capacity, D] (GQA), fp32."""
+    r = q.shape[1] // k.shape[1]
+    kt, vt = (x[:, :, : t + 1].float().repeat_interleave(r, dim=1) for x in (k, v))
+    return torch.softmax(q.float() @ kt.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ vt
 
 
 def _write_problem(cache, t: int, g: torch.Generator, r: int = 3) -> str | None:
