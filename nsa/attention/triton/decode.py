@@ -28,6 +28,10 @@ writes, eleven PyTorch/Triton kernels otherwise, in one launch.
 The position t is a device tensor, so the launch is the same at every step (graph-capturable), and
 the call is a torch custom op (`nsa::static_decode`), so a step through torch.compile keeps it as
 one opaque node in its single graph. Reference and CPU fallback: static_decode.attend_torch.
+
+The dense baseline's static step uses the same kernels (`nsa::dense_decode`): the compressed scan
+with l = d = 1 is full attention over the tokens 0..t, split over programs like the NSA scan, and
+selection and window are compiled out.
 """
 
 from __future__ import annotations
@@ -378,7 +382,7 @@ def _launch(q, cmp_k, cmp_v, others, t, outs, idx, cmp_block, cmp_stride, slc_bl
     R = H // G
     for buf in (cmp_k, cmp_v, slc_k, slc_v, win_k, win_v):
         if not buf.is_contiguous():
-            raise ValueError("nsa triton static_decode: the cache buffers must be contiguous")
+            raise ValueError("nsa triton decode: the cache buffers must be contiguous")
     dev = q.device
     NS = -(-CAP // slc_block)
     NS_PAD = pad_pow2(NS) if use_slc else 16  # selection off: its constants only size code that is not compiled

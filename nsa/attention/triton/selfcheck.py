@@ -72,7 +72,8 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """The fused decode kernel (triton/decode.py) against the PyTorch static step on random caches."""
+    """The fused decode kernel (triton/decode.py) against the PyTorch static step on random caches, and
+    the dense baseline's decode (dense_decode) against softmax over the keys 0..t."""
     from nsa.attention.layer import NSAttention
     from nsa.attention.static_decode import DecodePosition, StaticNSACache, attend_torch
     from nsa.attention.triton.decode import dense_decode, static_decode
@@ -102,7 +103,7 @@ def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
             return f"fused decode ({splits} split) block selection differs from the PyTorch step"
         # the dense baseline's step (dense_decode: every cached token its own block) against softmax over 0..t
         dense = dense_decode(q, c.slc_k, c.slc_v, t_dev.view(1), splits)
-        dense_want = dense_reference(q, c.slc_k, c.slc_v, t)
+        dense_want = _dense_reference(q, c.slc_k, c.slc_v, t)
         if not torch.isfinite(dense.float()).all() or rel_error(dense, dense_want) > TOL[dtype]:
             return (f"dense decode ({splits} split) differs from softmax over the keys 0..t "
                     f"(relative error {rel_error(dense, dense_want):.2e})")
@@ -110,7 +111,7 @@ def _decode_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     return None if problem is None else f"the fused decode's cache write: {problem}"
 
 
-def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
     """Full attention of q [B, H, 1, D] over the keys 0..t of k/v [B, G, capacity, D] (GQA), fp32."""
     r = q.shape[1] // k.shape[1]
     kt, vt = (x[:, :, : t + 1].float().repeat_interleave(r, dim=1) for x in (k, v))
