@@ -25,7 +25,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         of distinct blocks per tile, e.g. "qt4_union26.1of64"
   slc_bwd               selected attention backward: "atomic" (one kernel, fp32 atomics per query and
                         slot) vs "block" (dQ kernel + block-centric dK/dV kernel over the inverted
-                        index, its sort included), with num_warps variants for the block kernels, vs
+                        index, its sort included), with num_warps variants for the block kernels
+                        ("block_dkdv_w8", "block_dq_w4", "block_dq_w8"; "block" is the defaults), vs
                         "block_dq" (the block-centric kernel alone, adding dQ with atomics), vs
                         "block_dqsum" (the same storing per-(query, slot) dQ shares, summed after), and
                         "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward), and
@@ -174,8 +175,9 @@ def rows_for(layout: str, S: int, device: str):
     o_slc, lse_slc = selected.selected_forward(q, k, v, idx, LP)
     yield "slc_bwd", "atomic", lambda: bench(
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="atomic"))
+    # dQ at 2 warps spills registers (ptxas -v, sm_90a) yet measured fastest with triton 3.6: 4 and 8 check that
     for kernel, w in (("selected_bwd_dkdv", None), ("selected_bwd_dkdv", 8 if D <= 64 else 4),
-                      ("selected_bwd_dq", 2)):
+                      ("selected_bwd_dq", 4), ("selected_bwd_dq", 8)):
         name = "block" if w is None else f"block_{kernel.rsplit('_', 1)[-1]}_w{w}"
         yield "slc_bwd", name, lambda kernel=kernel, w=w: tuned(kernel, w, lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block"))
