@@ -15,7 +15,8 @@ Scopes (--scope layer|core|both; default: layer for m7c, core for paper):
   layer  the whole attention module, projections included: x [B,S,dim] -> [B,S,dim]
   core   attention only, from already-projected (random) q, k, v:
            nsa   the layer's `compress` (the learnable phi MLP, l=32 stride 16) + `branches`
-                 (compressed, selection, selected, window) + gate-weighted sum; no wq/wkv/wo/gate MLP.
+                 (compressed, selection, selected, window) + the layer's gated sum (`mix`: on CUDA
+                 one fused Triton kernel each way, as in the layer); no wq/wkv/wo/gate MLP.
                  NSA has separate keys/values per branch, so it gets 3 k/v pairs.
            full  F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
            fla   fla.ops.nsa.parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts=n,
@@ -150,10 +151,10 @@ def sdpa_setup(device: str, dtype: torch.dtype, hq: int, h: int, d: int, backend
         return contextlib.nullcontext, True, "auto (flash backend unavailable for this dtype/device), enable_gqa"
 
 
-def random_gates(batch: int, seq_len: int, heads: int, device: str) -> torch.Tensor:
-    """[B, S, HQ, 3] gate values in (0, 1) for (cmp, slc, win): sigmoid of fixed random logits."""
+def random_gate_logits(batch: int, seq_len: int, heads: int, device: str) -> torch.Tensor:
+    """[B, S, HQ, 3] fixed random gate logits for (cmp, slc, win); the gates are their sigmoids."""
     g = torch.Generator().manual_seed(1)
-    return torch.sigmoid(torch.randn(batch, seq_len, heads, 3, generator=g)).to(device)
+    return torch.randn(batch, seq_len, heads, 3, generator=g).to(device)
 
 
 def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: str, dt: torch.dtype,
@@ -184,7 +185,7 @@ def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: 
         params, inputs, out_shape = list(layer.parameters()), [x], (B, S, cfg.dim)
         forward = lambda: layer(x, rope)  # noqa: E731
     else:
-        gates = random_gates(B, S, HQ, device).to(dt)
+        logits = random_gate_logits(B, S, HQ, device)
         if impl == "nsa":
             # only compress_k/v (phi) are used: a small dim keeps the unused wq/wkv/wo/gate MLP small
             small = ModelConfig.from_dict({"attention": "nsa", **LAYOUTS[layout], "dim": 64})
@@ -192,7 +193,7 @@ def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: 
             rope = RotaryEmbedding(cfg.head_dim)
             q = rnd(B, S, HQ, D)
             kv = [rnd(B, S, H, D) for _ in range(6)]  # raw cmp k/v, slc k/v, win k/v: [B, S, G, D]
-            g = [gates[..., i].transpose(1, 2).unsqueeze(-1) for i in range(3)]  # [B, HQ, S, 1]
+            logits = logits.to(dt).view(B, S, 3 * HQ)  # logits[..., 3h + c], as the layer's gate MLP gives them
             extra["nsa_path"] = "triton" if layer.kernels(torch.empty(0, device=device, dtype=dt)) is not None else "torch"
 
             def forward():
@@ -200,10 +201,10 @@ def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: 
                 kc, vc, ks, vs, kw, vw = (t.transpose(1, 2) for t in kv)
                 cmp_kv = layer.compress(kc, vc, rope)
                 outs, _ = layer.branches(qt, cmp_kv, (ks, vs), (kw, vw))
-                return sum(gi * o for gi, o in zip(g, outs) if o is not None)
+                return layer.mix(logits, outs)  # the layer's gated sum: one fused kernel each way on CUDA
 
             params, inputs = [p for m in (layer.compress_k, layer.compress_v) for p in m.parameters()], [q, *kv]
-            ctx, out_shape = contextlib.nullcontext, (B, HQ, S, D)
+            ctx, out_shape = contextlib.nullcontext, (B, S, HQ * D)
         elif impl == "full":
             q, k, v = rnd(B, S, HQ, D), rnd(B, S, H, D), rnd(B, S, H, D)
             ctx, gqa, label = sdpa_setup(device, dt, HQ, H, D, sdpa)
@@ -224,7 +225,7 @@ def setup(impl: str, layout: str, scope: str, seq_len: int, pass_: str, device: 
 
             window = n.window if flash_attn_installed() else 0
             q, k, v = rnd(B, S, HQ, D), rnd(B, S, H, D), rnd(B, S, H, D)
-            g_cmp, g_slc, g_swa = (gates[..., i].contiguous() for i in range(3))
+            g_cmp, g_slc, g_swa = (torch.sigmoid(logits[..., i]).to(dt).contiguous() for i in range(3))
             extra.update({
                 "fla": getattr(fla, "__version__", "?"), "fla_window": window > 0,
                 "notes": FLA_NOTES + ("" if window else "; window branch OFF: flash_attn is not installed, "

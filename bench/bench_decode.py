@@ -25,7 +25,13 @@ kernel (triton/decode.py) and full attention's its dense scan (dense_decode: key
 programs); "graph_torch" is "graph" with PyTorch ops instead (NSA_DECODE=torch: NSA's attend_torch,
 and for full attention SDPA over the whole buffer with a mask); "compiled" is "graph" with the step
 through torch.compile first (Inductor fuses the remaining small kernels; a compile per shape, tens of
-seconds on a GPU). Rows carry "mode".
+seconds on a GPU). Rows carry "mode". On CUDA each "compiled" measurement runs in a fresh process: a
+failed graph capture leaves the process's CUDA RNG state unusable ("Offset increment outside graph
+capture"), which would fail every later row too. A failed row's traceback goes to stderr.
+
+Reads: a step reads every visible compressed block, i.e. blocks 0..floor((S - l)/d), one more than the
+paper's floor((S - l)/d) (its Eq. 7 numbers the blocks from 1), so "nsa reads" = "paper" + 1 is
+the formula; the table's last line checks that for every row.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+import traceback
 
-from common import device_name, sync
+from common import device_name, run_isolated, sync
 
 import torch  # noqa: E402
 
@@ -89,6 +97,7 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
             cache = filled_cache(impl, cfg, context, device, dtype, batch, static=(layer, context + warm + steps))
         finally:
             os.environ.pop("NSA_DECODE", None)
+        rope.reserve(cache.capacity, device, dtype)  # as model.new_static_caches does
         step = GraphedStep(lambda x_: layer.decode_step(x_, rope, cache), x, cache.position,
                            compile=mode == "compiled")
     else:
@@ -119,6 +128,27 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
     }
 
 
+def one_row(impl: str, context: int, batch: int, mode: str, args, dtype) -> dict:
+    """One measurement as a row; a failure (out of memory at a big batch x context, a failed graph
+    capture) is a row with "error", not a crash. "compiled" on CUDA runs in a fresh process (see above)."""
+    failed = {"impl": impl, "mode": mode, "context": context, "batch": batch, "ms_per_step": None,
+              "device": device_name(args.device)}
+    if mode == "compiled" and args.device == "cuda":
+        try:
+            return run_isolated(__file__, ["--device", args.device, "--steps", str(args.steps),
+                                           "--_one", f"{impl}:{context}:{batch}:{mode}"])
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return {**failed, "error": str(e).strip().splitlines()[-1][:300]}
+    try:
+        return measure(impl, context, args.device, dtype, args.steps, batch, mode)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        traceback.print_exc()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return {**failed, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -129,21 +159,20 @@ def main() -> None:
                     "(static caches, the step replayed as a CUDA graph), graph_torch (graph with NSA's attention "
                     "in PyTorch ops, not the fused kernel), compiled (graph after torch.compile)")
     ap.add_argument("--json-only", action="store_true")
+    ap.add_argument("--_one", help=argparse.SUPPRESS)  # impl:context:batch:mode, one row (a fresh process)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args._one:
+        impl, context, batch, mode = args._one.split(":")
+        # uncaught: a failure exits non-zero with its traceback, which the parent shows
+        print(json.dumps(measure(impl, int(context), args.device, dtype, args.steps, int(batch), mode)))
+        return
     rows = []
     for mode in args.modes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             for context in (int(c) for c in args.contexts.split(",")):
                 for impl in ("nsa", "full"):
-                    try:
-                        row = measure(impl, context, args.device, dtype, args.steps, batch, mode)
-                    except Exception as e:  # noqa: BLE001 - out of memory at a big batch x context, a failed
-                        # graph capture: a row, not a crash
-                        row = {"impl": impl, "mode": mode, "context": context, "batch": batch, "ms_per_step": None,
-                               "error": f"{type(e).__name__}: {str(e)[:300]}", "device": device_name(args.device)}
-                        if args.device == "cuda":
-                            torch.cuda.empty_cache()
+                    row = one_row(impl, context, batch, mode, args, dtype)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if not args.json_only:
@@ -164,6 +193,11 @@ def main() -> None:
                   f"{f['ms_per_step'] / r['ms_per_step']:>9.2f} {best_full[(ctx, batch)] / r['ms_per_step']:>14.2f} "
                   f"{r['tokens_read']:>10} {r['paper_tokens']:>8} "
                   f"{f['tokens_read']:>11} {f['tokens_read'] / r['tokens_read']:>11.1f}")
+        nsa = [r for r in rows if r["impl"] == "nsa" and r.get("tokens_read") is not None]
+        off = [r for r in nsa if r["tokens_read"] != r["paper_tokens"] + 1]
+        print("check: NSA reads = floor((S - l)/d) + 1 + n*l' + w (\"paper\" + 1, blocks numbered from 0): "
+              + (f"met in all {len(nsa)} rows" if not off else
+                 "NOT met in " + ", ".join(f"{r['mode']} b{r['batch']} {r['context']}" for r in off)))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ class M7C(nn.Module):
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         position = static_decode.DecodePosition(device, capacity)
+        self.rope.reserve(capacity, device, dtype)  # a compiled step then finds its tables (see reserve)
         kind = static_decode.StaticNSACache if self.cfg.attention == "nsa" else static_decode.StaticKVCache
         return [kind(block.attn, batch, capacity, position, device, dtype) for block in self.blocks], position
 

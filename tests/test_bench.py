@@ -154,6 +154,20 @@ def test_bench_decode_eager_and_static_modes():
     assert by[("graph", "full")]["tokens_read"] == 1024 + 17 + 2  # warm-up: d + 1 (both step graphs)
     for mode in modes:
         assert re.search(rf"^ *{mode} +1 +1024 ", proc.stdout, re.M), mode
+    assert "check: NSA reads = floor((S - l)/d) + 1 + n*l' + w" in proc.stdout and "met in all 3 rows" in proc.stdout
+
+
+def test_bench_decode_one_row_in_a_fresh_process(bench_attention):  # the fixture puts bench/ on sys.path
+    """The protocol behind a CUDA "compiled" row (each in a fresh process, as a failed graph capture
+    spoils the process's CUDA RNG state): `--_one impl:context:batch:mode` prints one row; a failure
+    exits non-zero and its traceback reaches the parent's error."""
+    from common import run_isolated
+
+    script = os.path.join(BENCH, "bench_decode.py")
+    row = run_isolated(script, ["--device", "cpu", "--steps", "2", "--_one", "nsa:1024:1:graph"])
+    assert (row["impl"], row["mode"], row["context"], row["tokens_read"]) == ("nsa", "graph", 1024, row["paper_tokens"] + 1)
+    with pytest.raises(RuntimeError, match=r"(?s)Traceback.*attention"):
+        run_isolated(script, ["--device", "cpu", "--steps", "2", "--_one", "dense:256:1:graph"])
 
 
 def test_demo_64k_runs_on_cpu_at_reduced_length():

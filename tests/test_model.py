@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
 from nsa.errors import UserError
 from nsa.model import M7C, build_model
@@ -253,6 +254,22 @@ def test_flops_per_token_counts_sparse_attention():
     assert nsa.attention_flops_per_token(1 << 16) < nsa.attention_flops_per_token(1 << 12) * 2.5
     assert full.attention_flops_per_token(1 << 16) > full.attention_flops_per_token(1 << 12) * 15
     assert nsa.flops_per_token(64) > 6 * nsa.num_params(exclude_embeddings=True)
+
+
+def test_static_caches_reserve_the_rope_tables():
+    """new_static_caches builds the RoPE tables for its whole capacity (past the 4096 built by default),
+    so a step traced by torch.compile reads them rather than building them inside its graph (a side
+    effect that made the second call compile again: one more compile, and one a CUDA-graph capture
+    could hit). The tables are those forward() looks up: same key, same values as built on demand."""
+    model = build_model(TINY).eval()
+    model.new_static_caches(batch=1, capacity=5000)
+    cos, sin = model.rope._cache[(torch.device("cpu"), torch.float32)]
+    assert cos.shape[0] >= 5000
+    fresh = RotaryEmbedding(model.rope.head_dim, model.rope.theta).tables(5000, torch.device("cpu"), torch.float32)
+    assert torch.equal(cos[:5000], fresh[0][:5000]) and torch.equal(sin[:5000], fresh[1][:5000])
+    before = model.rope._cache
+    model.rope(torch.randn(1, 2, 1, model.rope.head_dim), torch.tensor([4999]), 5000)
+    assert model.rope._cache is before and model.rope._cache[(torch.device("cpu"), torch.float32)][0] is cos
 
 
 def test_gate_stats_reported_for_nsa_only():

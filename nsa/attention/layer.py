@@ -111,18 +111,6 @@ class NSAttention(nn.Module):
         ends = (torch.arange(first_block, first_block + n, device=k_raw.device)) * d + l - 1
         return rope(k_c, ends, (first_block + n) * d + l), v_c
 
-    def gates(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
-        """[B, H, S, 3] gate values in (0, 1) for (cmp, slc, win); record: keep their mean per branch
-        (`last_gate_mean`, for the training log)."""
-        B, S, _ = x.shape
-        logits = self.gate(x)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        g = torch.sigmoid(logits).view(B, S, self.n_heads, 3).transpose(1, 2)
-        if record:
-            self.last_gate_mean = g.detach().mean(dim=(0, 1, 2))
-        return g
-
     def kernels(self, q: torch.Tensor):
         """The Triton kernel module for these inputs, or None for the PyTorch path (`ops`).
 
@@ -183,22 +171,30 @@ class NSAttention(nn.Module):
         return (o_cmp, o_slc, o_win), idx
 
     def combine(self, x, outs, record_gates: bool = True) -> torch.Tensor:
-        """Gated sum of the branch outputs (Eq. 5), then the output projection. With the Triton kernels
-        (eager, all three branches on) one fused kernel each way (triton/combine.py); under
-        torch.compile Inductor fuses the PyTorch version itself. record_gates=False (decode): leave
-        `last_gate_mean` as the last forward left it (two kernels fewer per step)."""
-        B, S, _ = x.shape
+        """Gated sum of the branch outputs (Eq. 5), then the output projection. record_gates=False
+        (decode): leave `last_gate_mean` (the gates' mean per branch, for the training log) as the
+        last forward left it (two kernels fewer per step)."""
+        logits = self.gate(x)
+        if record_gates:
+            with torch.no_grad():
+                self.last_gate_mean = torch.sigmoid(logits.float()).view(-1, 3).mean(0)
+        return self.wo(self.mix(logits, outs))
+
+    def mix(self, logits: torch.Tensor, outs) -> torch.Tensor:
+        """sum_c sigmoid(logits[..., 3h + c]) * o_c: gate logits [B, S, 3H] and the branch outputs
+        [B, H, S, D] (None: branch off) -> [B, S, H*D], the output projection's input. With the Triton
+        kernels (eager, all three branches on) one fused kernel each way (triton/combine.py); under
+        torch.compile Inductor fuses the PyTorch version itself."""
         tk = self._fused_combine(outs)
         if tk is not None:
-            logits = self.gate(x)
-            if record_gates:
-                with torch.no_grad():
-                    self.last_gate_mean = torch.sigmoid(logits.float()).view(-1, 3).mean(0)
-            return self.wo(tk.gate_combine(logits, *outs))
+            return tk.gate_combine(logits, *outs)
+        B, S, _ = logits.shape
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         dtype = next(o for o in outs if o is not None).dtype
-        g = self.gates(x, record_gates).to(dtype)
+        g = torch.sigmoid(logits).view(B, S, self.n_heads, 3).transpose(1, 2).to(dtype)  # [B, H, S, 3]
         o = sum(g[..., i : i + 1] * out for i, out in enumerate(outs) if out is not None)
-        return self.wo(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
 
     def _fused_combine(self, outs):
         """The kernel module for the fused gate-and-combine, or None (PyTorch): NSA_COMBINE=torch,

@@ -74,11 +74,25 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = cached
         return cached
 
+    @staticmethod
+    def work_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the tables and the rotation for inputs of `dtype`: at least fp32, since bf16
+        angles at position ~1e4 would be off by whole radians."""
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def reserve(self, bound: int, device, dtype: torch.dtype) -> None:
+        """Build the tables for positions < bound for inputs of `dtype` now: a step traced by
+        torch.compile that found them missing would build them inside its graph, store them as a
+        side effect, and be compiled again on the next call."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the key forward() will look up: x.device
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.tables(bound, device, self.work_dtype(dtype))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
         """Rotate `x` [..., P, head_dim] at integer `positions` [P], all < `bound` (a Python int,
         so no device sync is needed to size the tables)."""
-        # rotate in >= fp32: bf16 angles at position ~1e4 would be off by whole radians
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        work = self.work_dtype(x.dtype)
         cos, sin = self.tables(bound, x.device, work)
         if (x.is_cuda and x.dim() == 4 and work == torch.float32 and not torch.compiler.is_compiling()
                 and rope_impl() == "triton" and _triton_rope_ok(x.device, x.dtype)):

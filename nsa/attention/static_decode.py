@@ -42,6 +42,7 @@ Usage (a model; a single layer works the same way with `layer.decode_step`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -401,7 +402,7 @@ class GraphedStep:
     def __init__(self, fn, example: torch.Tensor, position: DecodePosition, warmup: int = 2, compile: bool = False):
         if compile:
             fn = torch.compile(fn, dynamic=False, fullgraph=True)
-        self.fn, self.position, self.warmup = fn, position, warmup
+        self.fn, self.position, self.warmup, self.compiled = fn, position, warmup, compile
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.x = example.clone() if example.is_cuda else None
         if self.x is not None:
@@ -418,7 +419,10 @@ class GraphedStep:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
-        with torch.cuda.graph(graph, pool=pool):
+        # compiled: the warm-up calls must have compiled what the capture runs; a compile during the
+        # capture would launch, time and sync kernels there. Fail with Dynamo's reason instead.
+        no_recompile = torch._dynamo.config.patch(error_on_recompile=True) if self.compiled else contextlib.nullcontext()
+        with no_recompile, torch.cuda.graph(graph, pool=pool):
             y = self.fn(self.x)
             self.position.t.add_(1)
         self.graphs[self.position.emitting] = (graph, y)
