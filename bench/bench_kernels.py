@@ -40,9 +40,12 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
   rope_fwd / rope_bwd    RoPE of the queries: "triton" (triton/rope.py) vs "torch" (NSA_ROPE=torch)
   decode                the fused static-decode kernel (triton/decode.py), one query per head at
-                        position S - 1: "b{batch}_split{n}": batch 1 (and 32 for m7c), the compressed
-                        scan in one program per (sequence, group) ("split1") or split over n programs
-                        (what decode.scan_splits picks for this GPU)
+                        position S - 1, replayed from a CUDA graph: "b{batch}_split{n}": batch 1 (and
+                        32 for m7c), the compressed scan in one program per (sequence, group)
+                        ("split1") or split over n programs (what decode.scan_splits picks for this
+                        GPU); "..._cmp", "..._cmp_slc", "..._win": only those branches (selection
+                        needs the compressed scan), so the differences say what each part costs;
+                        "dense_b{batch}_split{n}": full attention's decode kernel over the S tokens
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
 
@@ -78,6 +81,21 @@ def bench(fn) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """ms per call of fn, replayed `reps` times from one CUDA graph (no launch cost in the time)."""
+    fn()  # compile
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return bench(graph.replay) / reps
 
 
 def rows_for(layout: str, S: int, device: str):
@@ -248,25 +266,38 @@ def rows_for(layout: str, S: int, device: str):
         yield "rope_bwd", name, lambda fn=fn: _bwd_time(fn(qr, pos, cos, sin), (qr,), go)
 
     # the fused static decode (triton/decode.py): one query per head at position S - 1 over static caches
-    # of S tokens, the compressed scan in the main kernel ("split1") or split over programs ("splitsN")
+    # of S tokens, the compressed scan in the main kernel ("split1") or split over programs ("splitN").
+    # Replayed from a CUDA graph (as the decode step runs): do_bench over a Python call would time the
+    # launch, not the kernels. Branch subsets show where the step's time goes; "dense" is full
+    # attention's decode kernel over the same S tokens.
     from nsa.attention.triton import decode
 
-    def decode_timer(batch: int, splits: int):
+    def decode_timer(batch: int, splits: int, branches: tuple[bool, bool, bool] | None):
         def run():
             qd = rnd(batch, HQ, 1, D)
+            t = torch.tensor([S - 1], device=device)
+            if branches is None:
+                k_all, v_all = rnd(batch, G, S, D), rnd(batch, G, S, D)
+                return graph_time(lambda: decode.dense_decode(qd, k_all, v_all, t, splits))
             bufs = [rnd(batch, G, n, D) for n in (n_cmp, n_cmp, S, S, WINDOW, WINDOW)]
             kept = torch.arange(S - WINDOW, S, device=device)
             win_pos = torch.empty(WINDOW, dtype=torch.int64, device=device)
             win_pos[kept % WINDOW] = kept
-            t = torch.tensor([S - 1], device=device)
-            return bench(lambda: decode.static_decode(qd, *bufs, win_pos, t, L, D_STRIDE, LP, N_SEL, True, True,
-                                                      True, splits))
+            return graph_time(lambda: decode.static_decode(qd, *bufs, win_pos, t, L, D_STRIDE, LP, N_SEL, *branches,
+                                                           splits))
         return run
 
+    subsets = {"": (True, True, True), "_cmp": (True, False, False), "_cmp_slc": (True, True, False),
+               "_win": (False, False, True)}
     for batch in (1, 32) if layout == "m7c" else (1,):
         auto = decode.scan_splits(batch * G, n_cmp, torch.device(device))
         for splits in sorted({1, auto}):
-            yield "decode", f"b{batch}_split{splits}", decode_timer(batch, splits)
+            yield "decode", f"b{batch}_split{splits}", decode_timer(batch, splits, subsets[""])
+        for name, branches in subsets.items():
+            if name:
+                yield "decode", f"b{batch}_split{auto}{name}", decode_timer(batch, auto, branches)
+        dense_auto = decode.scan_splits(batch * G, S, torch.device(device))
+        yield "decode", f"dense_b{batch}_split{dense_auto}", decode_timer(batch, dense_auto, None)
 
     qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
 

@@ -16,8 +16,8 @@
 #   decode_compiled     240  bench_decode at 64k, batch 1 and 32: the static step with NSA's attention in
 #                            PyTorch ops (graph_torch, what the fused kernel replaced), and the static
 #                            step through torch.compile, then replayed as a CUDA graph
-#   kernels             130  bench_kernels: each Triton kernel alone with its variants (num_warps, the
-#                            two selected-attention backwards, window sdpa vs triton), 16k and 64k
+#   kernels             160  bench_kernels: each Triton kernel alone with its variants (num_warps, the
+#                            two selected-attention backwards, window sdpa vs triton, decode), 16k and 64k (116 s in run I)
 #   attention_paper     120  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
 #                            core, 4k..64k, nsa vs full, eager and replayed as CUDA graphs, each with a
 #                            profile of its 12 costliest kernels (where the 64k time goes; 88 s in run H
@@ -245,7 +245,7 @@ run_step() {
             "$PY" bench/bench_decode.py --device cuda --contexts 65536 --batches 1,32 --steps 20 --modes graph_torch,compiled
         ;;
     kernels)
-        step kernels 130 kernels \
+        step kernels 160 kernels \
             "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
         ;;
     attention_paper)
