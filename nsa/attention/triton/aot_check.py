@@ -135,9 +135,9 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                       NI=decode.overlap_terms(32, 16, slc_block), BP=decode.BP, BW=decode.BW,
                                       NSPLIT=nsplit, USE_CMP=True, USE_SLC=True, USE_WIN=True),
                                  decode.decode_warps(ns_pad, D)))
-                jobs.append((decode._decode_split_kernel,
-                             dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
-                             dict(dec, NSPLIT=16, USE_SLC=True), num_warps(D)))
+                split_ptrs = dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f, WK=t, WV=t, WPOS="*i64", OW=t)
+                jobs.append((decode._decode_split_kernel, split_ptrs,  # with the window's extra program
+                             dict(dec, BW=decode.BW, NSPLIT=16, USE_SLC=True, USE_WIN=True), num_warps(D)))
                 # the dense baseline's decode (dense_decode): the scan with l = d = 1, split, nothing else
                 dense = dict(dec, L=1, DS=1)
                 jobs.append((decode._decode_kernel,
@@ -146,9 +146,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                              dict(dense, LP=1, LP_PAD=16, NSEL=0, NS_PAD=16, NI=1, BP=decode.BP, BW=decode.BW,
                                   NSPLIT=16, USE_CMP=True, USE_SLC=False, USE_WIN=False),
                              decode.decode_warps(16, D)))
-                jobs.append((decode._decode_split_kernel,
-                             dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f),
-                             dict(dense, NSPLIT=16, USE_SLC=False), num_warps(D)))
+                jobs.append((decode._decode_split_kernel, split_ptrs,
+                             dict(dense, BW=decode.BW, NSPLIT=16, USE_SLC=False, USE_WIN=False), num_warps(D)))
                 jobs.append((decode._write_kernel, dict(T="*i64", Q=t, QO=t, COS=f, SIN=f, SK=t, SV=t, WK=t, WV=t,
                                                         WPOS="*i64", RK=t, RV=t, NKS=t, NVS=t, NKW=t, NVW=t, NKR=t,
                                                         NVR=t),

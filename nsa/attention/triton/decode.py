@@ -19,7 +19,8 @@ The scratch stores and loads are separated by CTA barriers (written and read by 
 With few programs (batch 1 has only G) the compressed scan, the longest part at 64k (4096 slots
 against 16 blocks and the window), is split flash-decoding style: `_decode_split_kernel` runs
 `scan_splits` programs per (sequence, group), each over an equal share of the visible slots' tiles,
-and leaves softmax partials that _decode_kernel merges before the rest.
+and leaves softmax partials that _decode_kernel merges before the rest; one more program per
+(sequence, group) does the window branch meanwhile, so what stays serial is the selection and its blocks.
 
 Before it, `static_write` (one program per sequence and group) rotates the query heads and the
 selection and window keys at t and writes every cache slot of the new token: the step's RoPE and
@@ -141,16 +142,37 @@ def _load_q(Q, b, g, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R: tl.constex
                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
 
 
+@device_function
+def _window(q, WK, WV, WPOS, OW, pid, t, WIN, qk_scale, rows, rmask, offs_d, dmask, R: tl.constexpr,
+            RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BW: tl.constexpr, IN_T: tl.constexpr,
+            DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """The window branch: the ring's slots holding positions in (t - WIN, t], into OW."""
+    offs_w = tl.arange(0, BW)
+    w_base = pid * WIN * D
+    m_i = tl.full([RP], float("-inf"), tl.float32)
+    l_i = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, D_PAD], tl.float32)
+    for w0 in range(0, WIN, BW):
+        slot = w0 + offs_w
+        pos = tl.load(WPOS + slot, mask=slot < WIN, other=-1)
+        w_ok = (slot < WIN) & (pos >= 0) & (pos > t - WIN) & (pos <= t)
+        m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, offs_d, dmask, m_i, l_i, acc,
+                                     qk_scale, IN_T, DOT_T, PREC)
+    _store_rows(OW, pid * R * D, acc, l_i, rows, offs_d, rmask, dmask, D)  # [B, H, 1, D]: heads g*R.. of b
+
+
 @triton.jit
 def _decode_split_kernel(
-    Q, CK, CV, T, SCR, PM, PL, PACC,
-    s_qb, s_qh, s_qd, G, NC, scale,
+    Q, CK, CV, T, SCR, PM, PL, PACC, WK, WV, WPOS, OW,
+    s_qb, s_qh, s_qd, G, NC, WIN, scale,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    L: tl.constexpr, DS: tl.constexpr, BC: tl.constexpr, NSPLIT: tl.constexpr, USE_SLC: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, DS: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, NSPLIT: tl.constexpr,
+    USE_SLC: tl.constexpr, USE_WIN: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
 ):
     """Split compressed scan (flash-decoding): program (b * G + g, split) takes an equal share of the
-    visible slots' tiles and leaves its softmax partials (m, l, acc) for _decode_kernel to merge."""
+    visible slots' tiles and leaves its softmax partials (m, l, acc) for _decode_kernel to merge.
+    With the window branch on, one more program per (b, g), split == NSPLIT, does the window (it
+    needs no selection), so _decode_kernel's serial part after the merge is selection alone."""
     pid = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     rows = tl.arange(0, RP)
@@ -159,15 +181,19 @@ def _decode_split_kernel(
     dmask = offs_d < D
     q = _load_q(Q, pid // G, pid % G, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R, DOT_T)
     t, n_vis = _visible(T, L, DS, NC)
-    per = ((n_vis + BC - 1) // BC + NSPLIT - 1) // NSPLIT * BC  # slots per split, whole tiles
-    c_lo = sp * per
-    c_hi = tl.minimum(c_lo + per, n_vis)
-    m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, scale * LOG2E, rows, rmask, offs_d, dmask,
-                              R, RP, D, D_PAD, BC, USE_SLC, IN_T, DOT_T, PREC)
-    part = (pid * NSPLIT + sp) * RP + rows
-    tl.store(PM + part, m_i)
-    tl.store(PL + part, l_i)
-    tl.store(PACC + part[:, None] * D_PAD + offs_d[None, :], acc)
+    if USE_WIN and sp == NSPLIT:
+        _window(q, WK, WV, WPOS, OW, pid, t, WIN, scale * LOG2E, rows, rmask, offs_d, dmask, R, RP, D, D_PAD, BW,
+                IN_T, DOT_T, PREC)
+    else:
+        per = ((n_vis + BC - 1) // BC + NSPLIT - 1) // NSPLIT * BC  # slots per split, whole tiles
+        c_lo = sp * per
+        c_hi = tl.minimum(c_lo + per, n_vis)
+        m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, scale * LOG2E, rows, rmask, offs_d, dmask,
+                                  R, RP, D, D_PAD, BC, USE_SLC, IN_T, DOT_T, PREC)
+        part = (pid * NSPLIT + sp) * RP + rows
+        tl.store(PM + part, m_i)
+        tl.store(PL + part, l_i)
+        tl.store(PACC + part[:, None] * D_PAD + offs_d[None, :], acc)
 
 
 @triton.jit
@@ -256,19 +282,9 @@ def _decode_kernel(
                                          qk_scale, IN_T, DOT_T, PREC)
         _store_rows(OS, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
-    if USE_WIN:
-        offs_w = tl.arange(0, BW)
-        w_base = pid * WIN * D
-        m_i = tl.full([RP], float("-inf"), tl.float32)
-        l_i = tl.zeros([RP], tl.float32)
-        acc = tl.zeros([RP, D_PAD], tl.float32)
-        for w0 in range(0, WIN, BW):
-            slot = w0 + offs_w
-            pos = tl.load(WPOS + slot, mask=slot < WIN, other=-1)
-            w_ok = (slot < WIN) & (pos >= 0) & (pos > t - WIN) & (pos <= t)
-            m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, offs_d, dmask, m_i, l_i, acc,
-                                         qk_scale, IN_T, DOT_T, PREC)
-        _store_rows(OW, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
+    if USE_WIN and NSPLIT == 1:  # split: the split kernel's extra program did it
+        _window(q, WK, WV, WPOS, OW, pid, t, WIN, qk_scale, rows, rmask, offs_d, dmask, R, RP, D, D_PAD, BW,
+                IN_T, DOT_T, PREC)
 
 
 @device_function
@@ -393,10 +409,11 @@ def _launch(q, cmp_k, cmp_v, others, t, outs, idx, cmp_block, cmp_stride, slc_bl
     n_part = B * G * nsplit * RP if nsplit > 1 else 0  # the split scan's (m, l, acc) per row
     partials = tuple(torch.empty(n, device=dev, dtype=torch.float32) for n in (n_part, n_part, n_part * D_PAD))
     shape = dict(R=R, RP=RP, D=D, D_PAD=D_PAD, L=cmp_block, DS=cmp_stride, BC=BC, **dot_config(q.dtype))
-    if nsplit > 1:
-        _decode_split_kernel[(B * G, nsplit)](
-            q, cmp_k, cmp_v, t, scores, *partials, q.stride(0), q.stride(1), q.stride(3), G, NC, 1.0 / math.sqrt(D),
-            NSPLIT=nsplit, USE_SLC=use_slc, **shape, num_warps=num_warps(D))
+    if nsplit > 1:  # plus one program per (sequence, group) for the window
+        _decode_split_kernel[(B * G, nsplit + int(use_win))](
+            q, cmp_k, cmp_v, t, scores, *partials, win_k, win_v, win_pos, outs[2], q.stride(0), q.stride(1),
+            q.stride(3), G, NC, WIN, 1.0 / math.sqrt(D),
+            BW=BW, NSPLIT=nsplit, USE_SLC=use_slc, USE_WIN=use_win, **shape, num_warps=num_warps(D))
     _decode_kernel[(B * G,)](
         q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, *outs, *partials,
         q.stride(0), q.stride(1), q.stride(3),
