@@ -7,7 +7,8 @@ Per (layout, seq_len), bf16, batch 1, random inputs (selection from random q and
 so blocks are spread as at initialisation), timed with triton.testing.do_bench (median, CUDA events):
   cmp_fwd / cmp_dq /    compressed attention (forward returns the LSE) / its dQ kernel / its dK/dV
   cmp_dkv               kernel, one row per tile variant the layer tunes over (compressed.FWD_TILES,
-                        DQ_TILES, DKV_TILES, e.g. "bm128_bn64": 128 queries x 64 keys; reference first)
+                        DQ_TILES, DKV_TILES, e.g. "bm128_bn64": 128 queries x 64 keys; reference first;
+                        "kr_": scores computed as k q^T, "split": dV then dK in two launches)
   select                block scoring + top-n from that LSE: "fused" (NSA_SELECT=fused, the default:
                         top-n inside the scoring kernel, on aligned key tiles where the geometry
                         allows; first checked bit-identical to "topk"), "topk" (int64 score-key buffer
@@ -36,6 +37,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py);
                         "flash" / "flash3": flash-attn 2 / 3's sliding window, where installed
+  win_dkv               the window dK/dV kernel alone, per tile variant (window.DKV_TILES; the first is
+                        the reference, "kr_": scores computed as k q^T)
   combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
                         triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
   rope_fwd / rope_bwd    RoPE of the queries: "triton" (triton/rope.py) vs "torch" (NSA_ROPE=torch)
@@ -238,6 +241,10 @@ def rows_for(layout: str, S: int, device: str):
             if bm == 64 or D <= 64:
                 yield "win_bwd", f"triton_bm{bm}_bn{bn}", lambda tiles=tiles, qg=qg, kg=kg, vg=vg: tiles(
                     lambda: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go))
+        o_win, lse_win = window.window_forward(q, k, v, WINDOW)
+        for name in window.DKV_TILES:  # the dK/dV kernel alone, each tile variant tuning may pick
+            yield "win_dkv", name, lambda name=name: bench(lambda: window.window_backward(
+                q, k, v, o_win, lse_win, go, WINDOW, dkv_tile=name, parts="dkv"))
 
     # gate-and-combine: the fused kernel vs the PyTorch gated sum + transpose (NSA_COMBINE=torch)
     from nsa.attention.triton.combine import gate_combine

@@ -16,9 +16,9 @@
 #   decode_compiled     240  bench_decode at 64k, batch 1 and 32: the static step with NSA's attention in
 #                            PyTorch ops (graph_torch, what the fused kernel replaced), and the static
 #                            step through torch.compile, then replayed as a CUDA graph
-#   kernels             160  bench_kernels: each Triton kernel alone with its variants (num_warps, the
+#   kernels             200  bench_kernels: each Triton kernel alone with its variants (num_warps, the
 #                            two selected-attention backwards, window sdpa vs triton, decode), 16k and 64k (116 s in run I)
-#   attention_paper     120  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
+#   attention_paper     150  bench_attention: paper layout (64 q heads, 4 KV heads, dim 128), attention
 #                            core, 4k..64k, nsa vs full, eager and replayed as CUDA graphs, each with a
 #                            profile of its 12 costliest kernels (where the 64k time goes; 88 s in run H
 #                            without the profiles)
@@ -43,6 +43,10 @@
 #   train_compile       150  bench_train: seq 4096 with torch.compile (the NSA branches stay eager)
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
 #   train_compile_16384 150  bench_train: seq 16384 with torch.compile
+#   variant_tests       120  the parity tests of every kernel tile variant tuning may pick, at the paper layout
+#                            (head dim 128) on the GPU: the part of kernel_tests a session that added variants
+#                            needs first (Triton once miscompiled one for sm_90 that the interpreter ran right);
+#                            not run when kernel_tests is
 # Exit status 0 when every step ran and passed, else 1 (the files are written either way).
 #
 # Output under $OUT (the device runner returns at most 8 files, so logs share one file):
@@ -206,7 +210,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,decode,decode_compiled,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,"
+STEPS=",kernel_tests,decode,decode_compiled,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,variant_tests,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -236,6 +240,12 @@ run_step() {
             tests/test_model.py \
             -k "not compile_for_sm90"
         ;;
+    variant_tests)
+        in_only kernel_tests && return 0  # kernel_tests runs these too
+        step variant_tests 120 - \
+            "$PY" -m pytest -v -rfEs --tb=short --log-level=WARNING -p no:cacheprovider -p no:benchmark \
+            tests/test_triton_kernels.py tests/test_triton_window.py -k "tile_variants or dkdv_tile_variants"
+        ;;
     decode)
         step decode 120 decode \
             "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
@@ -245,11 +255,11 @@ run_step() {
             "$PY" bench/bench_decode.py --device cuda --contexts 65536 --batches 1,32 --steps 20 --modes graph_torch,compiled
         ;;
     kernels)
-        step kernels 160 kernels \
+        step kernels 200 kernels \
             "$PY" bench/bench_kernels.py --device cuda --layout both --seq-lens 16384,65536
         ;;
     attention_paper)
-        step attention_paper 120 attention \
+        step attention_paper 150 attention \
             "$PY" bench/bench_attention.py --device cuda --layout paper --scope core --seq-lens $SEQS --repeats "$REPS" \
             --impls nsa,full --cuda-graph --profile 12
         ;;

@@ -131,6 +131,13 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
     proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("[dry-run]")] == \
         ["train_4096", "decode", "kernel_tests"]
+    # variant_tests (the tile-variant parity subset of kernel_tests) runs only without kernel_tests
+    assert "variant_tests" not in names
+    env["SUITE_ONLY"] = "variant_tests,kernels"
+    proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    dry = [line for line in proc.stdout.splitlines() if line.startswith("[dry-run]")]
+    assert [line.split()[1] for line in dry] == ["variant_tests", "kernels"]
+    assert "tile_variants" in dry[0] and "tests/test_triton_window.py" in dry[0]
 
 
 def test_bench_decode_eager_and_static_modes():

@@ -13,7 +13,7 @@ from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter
 )
 
 from nsa.attention import ops  # noqa: E402
-from nsa.attention.triton import compressed, selected  # noqa: E402
+from nsa.attention.triton import compressed, selected, window  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -273,13 +273,15 @@ def test_timing_failure_falls_back_to_the_reference(monkeypatch, tmp_path, capsy
 @needs_kernels
 def test_compressed_and_window_tiles_tuned(monkeypatch):
     """bf16, head dim > 64: the compressed forward, dQ and dK/dV tiles (compressed.FWD_TILES, DQ_TILES,
-    DKV_TILES: each kernel timed on its own) and the window forward query tile (64 / 128) are tuned;
-    with non-reference tiles chosen the results still equal the PyTorch path's."""
+    DKV_TILES: each kernel timed on its own; here the split key-rows dK/dV wins), the window forward query
+    tile (64 / 128) and the window dK/dV tile (window.DKV_TILES) are tuned; with non-reference tiles chosen
+    the results still equal the PyTorch path's."""
     monkeypatch.setenv("NSA_TUNE", "on")
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "REPS", 1)
     ms = {name: 2.0 for name in (*compressed.FWD_TILES, *compressed.DKV_TILES)}
-    ms.update({"bm128_bn64": 0.5, "bm64_bn64": 1.0, "bm32_bn32": 0.8, "bm64": 2.0, "bm128": 1.0})
+    ms.update({"bm128_bn64": 0.5, "bm64_bn64": 1.0, "bm32_bn32": 0.8, "bm64": 2.0, "bm128": 1.0,
+               "kr_split_bm64_bn128": 0.6, "kr_bm32_bn128": 0.7})  # compressed / window dK/dV
     timed = fake_clock(monkeypatch, ms)
     B, G, r, S, D, l, d, w = 1, 1, 2, 40, 128, 8, 4, 16
     q = randn(B, G * r, S, D, dtype=BF16, seed=1)
@@ -292,9 +294,9 @@ def test_compressed_and_window_tiles_tuned(monkeypatch):
     check("win out", out, ref, BF16)
     check_grads(out, ref, (q, k, v), BF16)
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
-    assert got == {"compressed_fwd": "bm128_bn64", "compressed_dq": "bm128_bn64", "compressed_dkv": "bm32_bn32",
-                   "window_fwd": "bm128"}
-    assert set(compressed.FWD_TILES) | set(compressed.DKV_TILES) <= set(timed)
+    assert got == {"compressed_fwd": "bm128_bn64", "compressed_dq": "bm128_bn64",
+                   "compressed_dkv": "kr_split_bm64_bn128", "window_fwd": "bm128", "window_dkv": "kr_bm32_bn128"}
+    assert set(compressed.FWD_TILES) | set(compressed.DKV_TILES) | set(window.DKV_TILES) <= set(timed)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="times real kernels: GPU only")
@@ -325,4 +327,4 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
         "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64", "block_dqsum/rows0", "block_dqsum/rows64"}
     assert ("window_fwd" in got) == (D > 64)
     assert got["compressed_fwd"] in compressed.FWD_TILES and got["compressed_dq"] in compressed.DQ_TILES
-    assert got["compressed_dkv"] in compressed.DKV_TILES
+    assert got["compressed_dkv"] in compressed.DKV_TILES and got["window_dkv"] in window.DKV_TILES

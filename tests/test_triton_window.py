@@ -75,6 +75,26 @@ def test_window_attention_small_tiles(monkeypatch, bm, bn, dtype, B, G, r, Sq, q
     run_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_window_dkdv_tile_variants(dtype):
+    """Every dK/dV tile tuning may pick (window.DKV_TILES: 64 or 128 keys per program, the key-rows score
+    form) gives ops' dK and dV: several key tiles and a band edge inside tiles (window 16 here, S = 150); on
+    CUDA the paper layout at head dim 128 with the paper's window."""
+    B, G, r, S, D, w = (1, 2, 16, 1024, 128, 512) if DEVICE == "cuda" else (1, 1, 2, 150, 16, 16)
+    q = randn(B, G * r, S, D, dtype=dtype, seed=11, strided=True)
+    k, v = randn(B, G, S, D, dtype=dtype, seed=12), randn(B, G, S, D, dtype=dtype, seed=13)
+    ref = ops.window_attention(q, k, v, w)
+    go = randn(*ref.shape, dtype=dtype, seed=14, grad=False)
+    _, want_dk, want_dv = torch.autograd.grad(ref, (q, k, v), go)
+    out, lse = win_mod.window_forward(q, k, v, w)
+    assert len(win_mod.DKV_TILES) >= 3
+    for name in win_mod.DKV_TILES:
+        _, dk, dv = win_mod.window_backward(q, k, v, out, lse, go, w, dkv_tile=name, parts="dkv")
+        for what, got, want in (("dk", dk, want_dk), ("dv", dv, want_dv)):
+            err = rel_err(got, want)
+            assert err <= TOL[dtype], f"{what} {name}: relative max error {err:.2e} > {TOL[dtype]:.0e}"
+
+
 def test_window_attention_query_without_keys():
     """Queries 2..4 lie before the first key (position 5): zero output and zero dq, as in ops."""
     out, (dq, _, _) = run_parity(F32, 1, 1, 2, 6, 2, 5, 10, 16, 4)

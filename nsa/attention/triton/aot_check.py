@@ -78,10 +78,15 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 cmp_ = dict(rd, **dots)
                 esize = 4 if dtn == "fp32" else 2
 
-                def cmp_tiles(tiles):  # (BM, BN, num_warps) as compressed._tile gives them
+                def cmp_tiles(tiles):  # (BM, BN, num_warps, the other constexprs of each launch) as launched
                     names = list(tiles) if esize == 2 else list(tiles)[:1]
-                    return [(min(bm, 32) if esize == 4 and D > 64 else bm, bn, warps or num_warps(D))
-                            for bm, bn, warps in (tiles[name] for name in names)]
+                    out = []
+                    for spec in (tiles[name] for name in names):
+                        bm, bn, warps = spec[:3]
+                        launches = ([dict(PARTS=part, KEY_ROWS=spec.key_rows) for part in ((1, 2) if spec.split else (0,))]
+                                    if isinstance(spec, compressed.DkvTile) else [{}])
+                        out.append((min(bm, 32) if esize == 4 and D > 64 else bm, bn, warps or num_warps(D), launches))
+                    return out
 
                 win_bm, win_bn = win_tiles(esize, D)
                 win = dict(rd, BM=win_bm, BN=win_bn, **dots)
@@ -108,11 +113,12 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                        else dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), dict(cmp_, BM=bm, BN=bn), warps)
                       for kernel, tiles in ((compressed._cmp_fwd_kernel, compressed.FWD_TILES),
                                             (compressed._cmp_bwd_dq_kernel, compressed.DQ_TILES))
-                      for bm, bn, warps in cmp_tiles(tiles)),
+                      for bm, bn, warps, _ in cmp_tiles(tiles)),
                     *((compressed._cmp_bwd_dkdv_kernel,
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f if atomic else t, DV=f if atomic else t),
-                       dict(cmp_, BM=bm, BN=bn, ATOMIC=atomic), warps)
-                      for bm, bn, warps in cmp_tiles(compressed.DKV_TILES) for atomic in (False, True)),
+                       dict(cmp_, BM=bm, BN=bn, ATOMIC=atomic, **launch), warps)
+                      for bm, bn, warps, launches in cmp_tiles(compressed.DKV_TILES) for atomic in (False, True)
+                      for launch in launches),
                     (window._win_fwd_kernel, dict(qkv, O=t, LSE=f), win),
                     (window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), win),
                     (window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t), win),
@@ -155,6 +161,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                   HALF_PAD=pad_pow2(D // 2, 1)), 1))
                 if esize == 2 and D > 64:  # the candidate window tile (window.WIDE_FWD_TILE)
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
+                if esize == 2:  # the window dK/dV tile variants tuning may time (the first is `win`, above)
+                    jobs.extend((window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
+                                 dict(win, BM=bm, BN=bn, KEY_ROWS=key_rows), warps or num_warps(D))
+                                for bm, bn, warps, key_rows in list(window.DKV_TILES.values())[1:])
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
                 # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant; each
                 # with aligned key tiles too (KPB keys per selection block: 4 = the paper's geometry)
@@ -196,7 +206,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
                         tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
                         tag += " dense" if "_decode" in kernel.__name__ and consts.get("L") == 1 else ""
-                        tag += f" BM={consts['BM']} BN={consts['BN']} w{warps}" if "_cmp_" in kernel.__name__ else ""
+                        tag += (f" BM={consts['BM']} BN={consts['BN']} w{warps}"
+                                if "_cmp_" in kernel.__name__ or "KEY_ROWS" in consts else "")
+                        tag += f" PARTS={consts['PARTS']}" if consts.get("PARTS") else ""
+                        tag += " KEY_ROWS" if consts.get("KEY_ROWS") else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok

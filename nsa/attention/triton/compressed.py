@@ -18,6 +18,10 @@ Kernels (flash-attention style, fp32 softmax statistics):
   had 16 programs for M7C at 4k), and no segment longer than QSEG queries (long sequences: one
   program per key tile walked up to 6 x 1024 query tiles at 64k). With one segment dK/dV are
   stored once (deterministic); with several, the segments add fp32 partial sums with atomics.
+  Tuned forms (DKV_TILES): "key rows" computes the scores transposed, s^T = k q^T [BN, BM], so that
+  all four dots have the keys as their M dimension (a Hopper wgmma's M is 64 per warp group) and p, dS
+  feed the dV, dK dots without a transpose; "split" runs the kernel twice, dV then dK, each holding one
+  [BN, D] accumulator, which is what lets 128 keys fit in registers at head dim 128.
 
 Tiles (reference, used without tuning and for fp32): forward and dQ BM=64 queries x BN=32
 compressed keys; fp32 inputs with head dim > 64 use BM=32 so the kernels fit an A100's 163 KB of
@@ -33,6 +37,7 @@ TFLOP/s (forward, paper layout, 64k) against flash attention's ~340, so the tile
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -156,8 +161,13 @@ def _cmp_bwd_dkdv_kernel(
     s_db, s_dh, s_dt, s_dd,
     G, Sq, NCMP, q_start, scale, CB, CS, QSEG,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, PARTS: tl.constexpr = 0,
+    KEY_ROWS: tl.constexpr = False,
 ):
+    # PARTS: 0 = dK and dV; 1 = dV only; 2 = dK only (the split variants: two launches, one fp32
+    # accumulator each, so a program can hold twice the keys and read q/dO half as often per key).
+    # KEY_ROWS: scores as k q^T (keys are the rows, as in Triton's flash-attention backward), so every
+    # dot has the BN keys as its M dimension and p, ds need no transpose (a trip through shared memory).
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -195,31 +205,67 @@ def _cmp_bwd_dkdv_kernel(
             row = (b * H + h) * Sq + offs_m
             lse, delta = lse_delta(LSE, DELTA, row, mmask)
             vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)
-            valid = (offs_n[None, :] < vis[:, None]) & mmask[:, None]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
-            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-            ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+            if KEY_ROWS:  # transposed scores [BN, BM]: no transposed operand in any dot
+                valid_t = (offs_n[:, None] < vis[None, :]) & mmask[None, :]
+                s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * (scale * LOG2E)  # log2 units
+                p_t = tl.where(valid_t, tl.math.exp2(s_t - lse[None, :]), 0.0)  # [BN, BM]
+                if PARTS != 2:
+                    dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
+                if PARTS != 1:
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+                    ds_t = (p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T)
+                    dk += tl.dot(ds_t, q, input_precision=PREC)
+            else:
+                valid = (offs_n[None, :] < vis[:, None]) & mmask[:, None]
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+                p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
+                if PARTS != 2:
+                    dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+                if PARTS != 1:
+                    ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+                    dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
     out = ((b * G + g) * NCMP + offs_n)[:, None] * D + offs_d[None, :]  # DK/DV: contiguous [B, G, NCMP, D]
     if ATOMIC:  # several segments: fp32 partial sums
         if m_lo < m_end:
-            tl.atomic_add(DK + out, dk * scale, mask=nd_mask)
-            tl.atomic_add(DV + out, dv, mask=nd_mask)
+            if PARTS != 1:
+                tl.atomic_add(DK + out, dk * scale, mask=nd_mask)
+            if PARTS != 2:
+                tl.atomic_add(DV + out, dv, mask=nd_mask)
     else:
-        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_mask)
+        if PARTS != 1:
+            tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+        if PARTS != 2:
+            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+class DkvTile(NamedTuple):
+    """A dK/dV tile variant: BM queries per step, BN compressed keys per program, num_warps (0 = num_warps
+    of the head dim); split: dV and dK in two launches of the kernel (PARTS 1 then 2), one [BN, D] fp32
+    accumulator each instead of two; key_rows: the transposed score form (KEY_ROWS)."""
+    bm: int
+    bn: int
+    warps: int
+    split: bool = False
+    key_rows: bool = False
 
 
 # Tile variants (queries BM, compressed keys BN, num_warps; 0 = num_warps(head dim)), tuned per shape on
 # the device for 2-byte inputs (tune.py); the first of each is the reference, used untuned and for fp32.
-# Forward and dQ: flash-attention's wider tiles (128 queries, 64 keys, 8 warps) besides ours; dK/dV:
-# 64 query rows (one Hopper wgmma tile) besides 32, and 32-key tiles.
+# Forward and dQ: flash-attention's wider tiles (128 queries, 64 keys, 8 warps) besides ours.
 FWD_TILES = {"bm64_bn32": (BM_MAX, BN, 0), "bm128_bn64": (128, 64, 8), "bm64_bn64": (64, 64, 4),
              "bm128_bn32": (128, 32, 8)}
 DQ_TILES = dict(FWD_TILES)
-DKV_TILES = {"bm32_bn64": (BM_DKV, BN_DKV, 0), "bm64_bn64": (64, 64, 8), "bm64_bn32": (64, 32, 4),
-             "bm32_bn32": (32, 32, 4)}
+# dK/dV: 64 query rows (one Hopper wgmma tile) besides 32, and 32-key tiles; the key-rows form with 64 and
+# 128 keys, whose dots all have the keys as M (the M of a Hopper wgmma is 64 per warp group), in one launch
+# or split. The q/dO traffic per key falls as BN grows: the pass is bound by it (~64 flops per byte of q
+# and dO at 32 keys, in the paper layout it ran at ~280 TFLOP/s). The one-launch form with 128 keys and
+# both accumulators (the removed WIDE_DKV_TILE) was miscompiled on sm_90 at head dim 128 (BENCHMARKS.md).
+# The key-rows tiles are those that compile without register spills for sm_90 at head dims 64 and 128 (ptxas -v
+# on aot_check's PTX, 2026-11-27), except kr_bm32_bn64, spill-free at 64 only.
+DKV_TILES = {"bm32_bn64": DkvTile(BM_DKV, BN_DKV, 0), "bm64_bn64": DkvTile(64, 64, 8), "bm64_bn32": DkvTile(64, 32, 4),
+             "bm32_bn32": DkvTile(32, 32, 4), "kr_bm32_bn64": DkvTile(32, 64, 4, key_rows=True),
+             "kr_bm64_bn64": DkvTile(64, 64, 8, key_rows=True), "kr_bm32_bn128": DkvTile(32, 128, 8, key_rows=True),
+             "kr_split_bm64_bn128": DkvTile(64, 128, 8, split=True, key_rows=True)}
 
 
 def _meta(q, k_cmp):
@@ -233,7 +279,7 @@ def _meta(q, k_cmp):
 def _tile(tiles: dict, name: str | None, q) -> tuple[int, int, int]:
     """(BM, BN, num_warps) of a tile variant (None: the reference); fp32 inputs with head dim > 64 keep
     the reference with BM <= 32 so the kernels fit an A100's 163 KB of shared memory."""
-    bm, bn, warps = tiles[name or next(iter(tiles))]
+    bm, bn, warps = tiles[name or next(iter(tiles))][:3]
     D = q.shape[-1]
     if q.dtype == torch.float32 and D > 64:
         bm = min(bm, 32)
@@ -284,9 +330,11 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
         atomic = n_seg > 1
         if atomic:
             dk, dv = dk.float(), dv.float()
-        _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
-            q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic,
-            BM=bm, BN=bn, **consts, num_warps=warps)
+        spec = DKV_TILES[dkv_tile or next(iter(DKV_TILES))]
+        for part in (1, 2) if spec.split else (0,):
+            _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
+                q, k_cmp, v_cmp, do, lse, delta, dk, dv, *strides, m["G"], *common, qseg, ATOMIC=atomic,
+                PARTS=part, KEY_ROWS=spec.key_rows, BM=bm, BN=bn, **consts, num_warps=warps)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 

@@ -13,6 +13,8 @@ Kernels (flash-attention style, fp32 softmax statistics, same conventions as com
 * backward dK/dV: one program per (key tile of BN keys, batch x KV group), looping over the r
   query heads of the group and the query tiles that can see the tile (query positions
   [p_first, p_last + window - 1]); accumulates in fp32 registers, no atomics (deterministic).
+  Its tile is tuned per shape (DKV_TILES, backward_dkv_tile): 64 or 128 keys per program, and the
+  "key rows" form of compressed.py (scores computed as k q^T, no transposed dot operand).
 
 Tiles (`tile_sizes`): BM = BN = 64, each capped at the next power of two >= 16 of Sq / N so
 that tiny and decode calls do not pad to 64. A program touches about (BM + window) / BN key tiles,
@@ -179,8 +181,9 @@ def _win_bwd_dkdv_kernel(
     s_db, s_dh, s_dt, s_dd,
     G, Sq, N, q_start, k_start, window, scale,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, KEY_ROWS: tl.constexpr = False,
 ):
+    # KEY_ROWS: scores as k q^T, as compressed._cmp_bwd_dkdv_kernel (every dot has the keys as M)
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -217,16 +220,35 @@ def _win_bwd_dkdv_kernel(
             row = (b * H + h) * Sq + offs_m
             lse, delta = lse_delta(LSE, DELTA, row, mmask)
             t = q_start + offs_m
-            valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
-                     & (kpos[None, :] > t[:, None] - window))
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
-            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-            ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+            if KEY_ROWS:  # transposed scores [BN, BM]
+                valid_t = (nmask[:, None] & mmask[None, :] & (kpos[:, None] <= t[None, :])
+                           & (kpos[:, None] > t[None, :] - window))
+                s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * (scale * LOG2E)  # log2 units
+                p_t = tl.where(valid_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
+                dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+                dk += tl.dot((p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T), q, input_precision=PREC)
+            else:
+                valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
+                         & (kpos[None, :] > t[:, None] - window))
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+                p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
+                dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+                ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+                dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
     out_rows = (b * G + g) * N + offs_n  # DK/DV: contiguous [B, G, N, D]
     tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+# dK/dV tile variants: (queries BM per step, keys BN per program, num_warps (0: num_warps(head dim)), key_rows:
+# the KEY_ROWS score form), tuned per shape on the device for 2-byte inputs (backward_dkv_tile); the first is
+# the reference (tile_sizes), used untuned and for fp32. A key tile reads the q and dO of its (BN + window)
+# queries, so 128 keys read them ~1.8x less often per key than 64 at the paper's window of 512. The
+# key-rows tiles compile with fewer register spills for sm_90 than the reference at head dim 128 and none
+# at 64 (ptxas -v on aot_check's PTX, 2026-11-27).
+DKV_TILES = {"bm64_bn64": (BM_MAX, BN_MAX, 0, False), "kr_bm64_bn64": (64, 64, 0, True),
+             "kr_bm32_bn128": (32, 128, 8, True)}
 
 
 def _meta(q, k, forward: bool = False, wide: bool | None = None):
@@ -262,7 +284,10 @@ def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0, wid
     return out, lse
 
 
-def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, k_start: int = 0):
+def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, k_start: int = 0,
+                    dkv_tile: str | None = None, parts: str = "dq,dkv"):
+    """(dq, dk, dv); dkv_tile: a DKV_TILES name (None: the reference); parts: which kernels run ("dq",
+    "dkv" or both; a gradient not computed is returned as zeros), for tuning."""
     m = _meta(q, k)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=q.device)
@@ -273,11 +298,29 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _win_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
-        q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
-    _win_bwd_dkdv_kernel[(cdiv(m["N"], m["BN"]), m["B"] * m["G"])](
-        q, k, v, do, lse, delta, dk, dv, *strides, m["G"], *geom, **consts)
+    if "dq" in parts.split(","):
+        _win_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
+            q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
+    if "dkv" in parts.split(","):
+        key_rows = False
+        if dkv_tile is not None and q.element_size() * m["D_PAD"] <= 256:  # not where tile_sizes keeps 32 x 32
+            bm, bn, warps, key_rows = DKV_TILES[dkv_tile]
+            consts.update(BM=min(bm, pad_pow2(m["Sq"])), BN=min(bn, pad_pow2(m["N"])), num_warps=warps or consts["num_warps"])
+        _win_bwd_dkdv_kernel[(cdiv(m["N"], consts["BN"]), m["B"] * m["G"])](
+            q, k, v, do, lse, delta, dk, dv, *strides, m["G"], *geom, KEY_ROWS=key_rows, **consts)
     return dq, dk, dv
+
+
+def backward_dkv_tile(q, k, v, out, lse, grad_out, window: int, q_start: int, k_start: int) -> str | None:
+    """The dK/dV kernel's tuned tile (None: the reference; also whenever nothing is tuned)."""
+    if not (q.element_size() == 2 and tune.wanted(q)):
+        return None
+    b, n_keys = tune.slice_batch(q), max(0, min(k.shape[2], q_start + tune.slice_len(q) - k_start))
+    qs, outs, lses, gos = tune.prefix(q, out, lse, grad_out)
+    ks, vs = k[:b, :, :n_keys], v[:b, :, :n_keys]
+    variants = {name: (lambda name=name: window_backward(qs, ks, vs, outs, lses, gos, window, q_start, k_start,
+                                                         dkv_tile=name, parts="dkv")[1:]) for name in DKV_TILES}
+    return tune.pick(tune.shape_key("window_dkv", q, k, f"w{window}"), variants, tune.differs, q.device)
 
 
 def forward_wide_tile(q, k, v, window: int, q_start: int, k_start: int) -> bool | None:
@@ -356,7 +399,8 @@ class WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = window_backward(q, k, v, out, lse, grad_out, *ctx.geom)
+        dkv_tile = backward_dkv_tile(q, k, v, out, lse, grad_out, *ctx.geom)
+        dq, dk, dv = window_backward(q, k, v, out, lse, grad_out, *ctx.geom, dkv_tile=dkv_tile)
         return dq, dk, dv, None, None, None
 
 
