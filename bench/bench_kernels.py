@@ -14,7 +14,9 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         allows; first checked bit-identical to "topk"), "topk" (int64 score-key buffer
                         + torch.topk), "fused_unaligned" (select.ALIGNED_TILES off: tiles of BN=32
                         compressed blocks over each tile's overlapping range, the previous scheme) and
-                        "fused_unaligned_bn16" (the same with BN=16)
+                        "fused_unaligned_bn16" (the same with BN=16), "fused_nj32_same{share}" (32 selection
+                        blocks per tile, select.NJ_MIN: half the query reloads; share = rows choosing the
+                        same blocks as "fused")
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), the
                         K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
@@ -172,6 +174,19 @@ def rows_for(layout: str, S: int, device: str):
 
     yield "select", "fused_unaligned", unaligned(select.BN)
     yield "select", "fused_unaligned_bn16", unaligned(16)
+
+    def nj32(run):  # 32 selection blocks per tile (128 keys at the paper geometry) with the fused top-n
+        return with_env("NSA_SELECT", "fused", lambda: patched(
+            select, "NJ_MIN", 32, lambda: patched(select, "ALIGNED_MAX_KEYS", 128, run)))
+
+    # its scores round differently at tile edges, so near-ties may pick other blocks: the name gives the
+    # share of (query, group) rows whose blocks equal the default's
+    try:
+        same = (nj32(sel) == with_env("NSA_SELECT", "fused", sel)).all(-1).float().mean().item()
+        name = f"fused_nj32_same{same:.4f}"
+    except Exception:  # noqa: BLE001 - e.g. it does not compile here: the timed row records the error
+        name = "fused_nj32"
+    yield "select", name, lambda: nj32(lambda: bench(sel))
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):
         yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))

@@ -39,7 +39,7 @@
 #                            once per run): past 100 s at 8k in run A, past 110 s at 4k in run H (cut both
 #                            times). When this step is to run, fla is compiled in the background during
 #                            kernel_tests (see start_fla_warmup), so put kernel_tests before it
-#   demo_64k             90  scripts/demo_64k.py (needle at 4k, 16k, 64k)
+#   demo_64k            150  scripts/demo_64k.py (needle at 4k, 16k, 64k; 90 s was too short cold in run J)
 #   train_compile       150  bench_train: seq 4096 with torch.compile (the NSA branches stay eager)
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
 #   train_compile_16384 150  bench_train: seq 16384 with torch.compile
@@ -296,7 +296,7 @@ run_step() {
             --impls nsa,fla
         ;;
     demo_64k)
-        step demo_64k 90 demo \
+        step demo_64k 150 demo \
             "$PY" scripts/demo_64k.py --device cuda --contexts 4096,16384,65536
         ;;
     train_compile)

@@ -453,6 +453,21 @@ def test_select_aligned_tiles(monkeypatch, l, d, lp, Sq, q_start, nj):
     assert torch.equal(nsa_triton.select_blocks(q, kc, l, d, lp, n, q_start), want)
 
 
+@pytest.mark.parametrize("l,d,lp,Sq,q_start", [(32, 16, 64, 9, 2100), (8, 4, 8, 20, 300)])
+def test_select_wider_tiles_than_n(monkeypatch, l, d, lp, Sq, q_start):
+    """select.NJ_MIN = 32 (bench_kernels' "fused_nj32": 32 selection blocks per tile, a top list of 32
+    of which the first n are kept) chooses ops' blocks, aligned tiles of 128 keys and a carry included."""
+    monkeypatch.setattr(select, "NJ_MIN", 32)
+    monkeypatch.setattr(select, "ALIGNED_MAX_KEYS", 128)
+    assert select.aligned_keys_per_block(l, d, lp, 32) > 0
+    B, G, r, n = 1, 1, 3, 5
+    q = randn(B, G * r, Sq, 16, dtype=F32, seed=29, grad=False)
+    kc = randn(B, G, num_cmp_blocks(q_start + Sq, l, d), 16, dtype=F32, seed=30, grad=False)
+    assert -(-(q_start + Sq) // lp) > 32  # more than one tile of selection blocks
+    assert torch.equal(nsa_triton.select_blocks(q, kc, l, d, lp, n, q_start),
+                       ops.select_blocks(q, kc, l, d, lp, n, q_start))
+
+
 def test_top_n_matches_stable_sort():
     """top_n (topk on unique int64 keys) == the first n of a stable descending sort, -1 for -inf,
     on scores full of ties, +-inf and tiny values."""

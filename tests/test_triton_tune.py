@@ -328,3 +328,64 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     assert ("window_fwd" in got) == (D > 64)
     assert got["compressed_fwd"] in compressed.FWD_TILES and got["compressed_dq"] in compressed.DQ_TILES
     assert got["compressed_dkv"] in compressed.DKV_TILES and got["window_dkv"] in window.DKV_TILES
+
+
+@needs_kernels
+def test_backward_kernels_read_a_sliced_lse():
+    """The tuning slices (tune.prefix, the compressed kernels' tail) cut the forward's LSE [B, H, S] to a
+    strided view. Every backward launcher must read it as such: the kernels index it as contiguous, and
+    tuning at S > tune.SLICE_QUERIES used to time the gradients of other queries' LSEs (here: head 1 of a
+    prefix reads head 0's later positions)."""
+    B, G, r, S, D, l, d, w, lp, n, s = 1, 1, 2, 48, 16, 8, 4, 16, 16, 2, 32
+    q = randn(B, G * r, S, D, dtype=F32, seed=1, grad=False)
+    k, v = randn(B, G, S, D, dtype=F32, seed=2, grad=False), randn(B, G, S, D, dtype=F32, seed=3, grad=False)
+    kc = randn(B, G, (S - l) // d + 1, D, dtype=F32, seed=4, grad=False)
+    vc = randn(B, G, (S - l) // d + 1, D, dtype=F32, seed=5, grad=False)
+    go = randn(B, G * r, S, D, dtype=F32, seed=6, grad=False)
+
+    def same_as_contiguous(backward, lse, *args):
+        assert not lse.is_contiguous()
+        got, want = backward(lse, *args), backward(lse.contiguous(), *args)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            check(name, a, b, F32)
+
+    out, lse = compressed.compressed_forward(q, kc, vc, l, d)
+    off = S - s  # the tail, as compressed._tail cuts it
+    same_as_contiguous(lambda lse_: compressed.compressed_backward(
+        q[:, :, off:], kc, vc, out[:, :, off:], lse_, go[:, :, off:], l, d, off), lse[:, :, off:])
+    out, lse = window.window_forward(q, k, v, w)
+    same_as_contiguous(lambda lse_: window.window_backward(
+        q[:, :, :s], k[:, :, :s], v[:, :, :s], out[:, :, :s], lse_, go[:, :, :s], w), lse[:, :, :s])
+    idx = ops.select_blocks(q, kc, l, d, lp, n)
+    out, lse = selected.selected_forward(q, k, v, idx, lp)
+    same_as_contiguous(lambda lse_: selected.selected_backward(
+        q[:, :, :s], k[:, :, :s], v[:, :, :s], idx[:, :, :s], out[:, :, :s], lse_, go[:, :, :s], lp), lse[:, :, :s])
+
+
+@needs_kernels
+def test_compressed_tiles_are_tuned_on_the_last_queries(monkeypatch):
+    """The compressed kernels are timed on the last tune.slice_len queries (they see every compressed key,
+    as most queries of a long sequence do; the first see few) and keyed by the number of compressed keys,
+    so 16k and 64k tokens, which share the slice length, are tuned apart."""
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "SLICE_QUERIES", 16)
+    monkeypatch.setattr(tune, "REPS", 1)
+    B, G, r, S, D, l, d = 1, 1, 2, 40, 16, 8, 4
+    q = randn(B, G * r, S, D, dtype=BF16, seed=1, grad=False)
+    t0, (qs, xs) = compressed._tail(5, q, q + 1)
+    assert t0 == 5 + S - 16 and torch.equal(qs, q[:, :, S - 16:]) and torch.equal(xs, q[:, :, S - 16:] + 1)
+    starts = []
+    real_forward = compressed.compressed_forward
+
+    def spy(q_, kc_, vc_, block, stride, q_start=0, tile=None):
+        starts.append((q_.shape[2], q_start))
+        return real_forward(q_, kc_, vc_, block, stride, q_start, tile)
+
+    monkeypatch.setattr(compressed, "compressed_forward", spy)
+    for n_tokens in (40, 72):  # 9 and 17 compressed keys: buckets N16 and N32
+        kc = randn(B, G, (n_tokens - l) // d + 1, D, dtype=BF16, seed=4, grad=False)
+        compressed.forward_tile(q, kc, kc, l, d, n_tokens - S)
+    assert (16, S - 16) in starts and (16, 72 - 16) in starts  # timed on the tail, at its own positions
+    keys = [key.split("|") for key in tune.choices()]
+    assert sorted(parts[-2] for parts in keys if parts[0] == "compressed_fwd") == ["N16", "N32"]

@@ -171,7 +171,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 for mode, nj, bn, kpb in (("scores", SEL_NJ, SEL_BN, 0), ("keys", SEL_NJ, SEL_BN, 0),
                                           ("topn", 16, SEL_BN, 0), ("topn", 32, SEL_BN, 0), ("topn", 16, 16, 0),
                                           ("scores", SEL_NJ, SEL_BN, 4), ("keys", SEL_NJ, SEL_BN, 4),
-                                          ("topn", 16, SEL_BN, 4), ("topn", 32, SEL_BN, 2)):
+                                          ("topn", 16, SEL_BN, 4), ("topn", 32, SEL_BN, 2),
+                                          ("topn", 32, SEL_BN, 4)):  # bench_kernels' NJ_MIN = 32
                     out_t = f if mode == "scores" else "*i64"
                     jobs.append((select._select_scores_kernel, dict(Q=t, K=t, LSE=f, OUT=out_t),
                                  dict(rd, BM=SEL_BM, BN=bn, NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,

@@ -308,28 +308,33 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     """(dq, dk, dv); dq_tile / dkv_tile: DQ_TILES / DKV_TILES names (None: the references); parts: which
     kernels run ("dq", "dkv" or both; a gradient not computed is returned as zeros), for tuning."""
     m = _meta(q, k_cmp)
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
-    dv = torch.zeros(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
+    run = parts.split(",")
     if m["NCMP"] == 0 or m["Sq"] == 0:
-        return dq, dk, dv
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=q.device) for t in (q, k_cmp, v_cmp))
+    # a kernel stores every element of its gradient (no memset: 1 GB for dq at 64k in the paper layout);
+    # a gradient not computed is zeros, and so are the fp32 sums the segments add to atomically
+    dq = (torch.empty if "dq" in run else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device) if "dkv" not in run else None
+    dv = torch.zeros(v_cmp.shape, dtype=v_cmp.dtype, device=q.device) if "dkv" not in run else None
     do = grad_out
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
+    lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
     consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], **dot_config(q.dtype))
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
-    if "dq" in parts.split(","):
+    if "dq" in run:
         bm, bn, warps = _tile(DQ_TILES, dq_tile, q)
         _cmp_bwd_dq_kernel[(cdiv(m["Sq"], bm), m["B"] * m["H"])](
             q, k_cmp, v_cmp, do, lse, delta, dq, *strides, m["H"], *common, BM=bm, BN=bn, **consts,
             num_warps=warps)
-    if "dkv" in parts.split(","):
+    if "dkv" in run:
         bm, bn, warps = _tile(DKV_TILES, dkv_tile, q)
         key_tiles = cdiv(m["NCMP"], bn) * m["B"] * m["G"]
         qseg, n_seg = dkdv_segments(m["Sq"], bm, key_tiles, _sm_count(q.device))
         atomic = n_seg > 1
-        if atomic:
-            dk, dv = dk.float(), dv.float()
+        new = torch.zeros if atomic else torch.empty
+        dk = new(k_cmp.shape, dtype=torch.float32 if atomic else k_cmp.dtype, device=q.device)
+        dv = new(v_cmp.shape, dtype=torch.float32 if atomic else v_cmp.dtype, device=q.device)
         spec = DKV_TILES[dkv_tile or next(iter(DKV_TILES))]
         for part in (1, 2) if spec.split else (0,):
             _cmp_bwd_dkdv_kernel[(cdiv(m["NCMP"], bn), m["B"] * m["G"], n_seg)](
@@ -345,9 +350,22 @@ def _tunes(q) -> bool:
 
 def _tuned(step: str, tiles: dict, q, k_cmp, block: int, stride: int, run) -> str:
     """The tuned tile variant of `step`: run(name) computes the step's result with that tile on the
-    tuning slice (callers check _tunes first)."""
-    key = tune.shape_key(step, q, k_cmp, f"l{block}", f"d{stride}")
+    tuning slice (callers check _tunes first). Keyed by the number of compressed keys too (rounded up to a
+    power of two): the tuning slice keeps them all (_tail), and the kernels' speed depends on it."""
+    n_cmp = k_cmp.shape[2]
+    key = tune.shape_key(step, q, k_cmp, f"l{block}", f"d{stride}", f"N{1 << max(n_cmp - 1, 0).bit_length()}")
     return tune.pick(key, {name: (lambda name=name: run(name)) for name in tiles}, tune.differs, q.device)
+
+
+def _tail(q_start: int, q, *per_query):
+    """(q_start of the slice, [q and each per-query tensor sliced]): the compressed kernels' tuning slice
+    is the LAST tune.slice_len(q) queries (of tune.slice_batch(q) batch elements), which see all the
+    compressed keys, as most queries of a long sequence do. The first queries (tune.prefix) see few: at
+    64k in the paper layout they made the dK/dV tuning keep a 32-key tile that ran 30.4 ms against 24.6 for
+    the 64-key key-rows tile (H100, BENCHMARKS.md, run J)."""
+    b, s = tune.slice_batch(q), tune.slice_len(q)
+    off = q.shape[2] - s
+    return q_start + off, [t[:b, :, off:] for t in (q, *per_query)]
 
 
 def _lse_compared(out, lse):
@@ -361,9 +379,9 @@ def forward_tile(q, k_cmp, v_cmp, block: int, stride: int, q_start: int) -> str 
     if not _tunes(q):
         return None
     b = tune.slice_batch(q)
-    ks, vs, (qs,) = k_cmp[:b], v_cmp[:b], tune.prefix(q)
+    (t0, (qs,)), ks, vs = _tail(q_start, q), k_cmp[:b], v_cmp[:b]
     return _tuned("compressed_fwd", FWD_TILES, q, k_cmp, block, stride,
-                  lambda name: _lse_compared(*compressed_forward(qs, ks, vs, block, stride, q_start, name)))
+                  lambda name: _lse_compared(*compressed_forward(qs, ks, vs, block, stride, t0, name)))
 
 
 def backward_tiles(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int, q_start: int):
@@ -371,8 +389,8 @@ def backward_tiles(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride: int,
     if not _tunes(q):
         return None, None
     b = tune.slice_batch(q)
-    ks, vs, (qs, outs, lses, gos) = k_cmp[:b], v_cmp[:b], tune.prefix(q, out, lse, grad_out)
-    args = (qs, ks, vs, outs, lses, gos, block, stride, q_start)
+    t0, (qs, outs, lses, gos) = _tail(q_start, q, out, lse, grad_out)
+    args = (qs, k_cmp[:b], v_cmp[:b], outs, lses, gos, block, stride, t0)
     dq_tile = _tuned("compressed_dq", DQ_TILES, q, k_cmp, block, stride,
                      lambda name: compressed_backward(*args, dq_tile=name, parts="dq")[:1])
     dkv_tile = _tuned("compressed_dkv", DKV_TILES, q, k_cmp, block, stride,

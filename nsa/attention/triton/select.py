@@ -81,6 +81,10 @@ NJ = 16  # selection blocks per tile without the fused top-n (a tl.dot dimension
 MAX_FUSED_N = 32  # above, the [BM, NP] register top list spills (NP = 64): "topk" is used
 ALIGNED_TILES = True  # aligned key tiles with a carry where the geometry allows (read at launch)
 ALIGNED_MAX_KEYS = 64  # keys per aligned tile, at most (a [BM, keys] fp32 score tile per head)
+# fewest selection blocks per tile with the fused top-n (read at launch). Each tile reloads the group's r
+# query tiles once: at the paper geometry 16 blocks are 64 keys per q load (~64 flops per byte of q, which
+# bounds the kernel by L2 traffic); bench_kernels times 32 blocks (128 keys, ALIGNED_MAX_KEYS raised) beside it
+NJ_MIN = 16
 MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk ("topk")
 
 # key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
@@ -267,7 +271,7 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
     if lse is None:  # only when n_cmp == 0 (callers compute it otherwise): nothing is scored, never read
         lse = torch.zeros(B, H, Sq, dtype=torch.float32, device=q.device)
     dots = dot_config(q.dtype)
-    nj = pad_pow2(n_sel) if mode == "topn" else NJ
+    nj = max(NJ_MIN, pad_pow2(n_sel)) if mode == "topn" else NJ
     kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj)
     _select_scores_kernel[(cdiv(C, BM), B * G)](
         q, kc, lse, out,

@@ -630,6 +630,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
     mode = mode or dkv_mode()
     do = grad_out
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
+    lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     dk = torch.zeros(m["B"], m["G"], m["N"], m["D"], dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if mode == "block_dq":  # fp32 accumulator for the dK/dV kernel's atomic dQ shares

@@ -289,19 +289,22 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     """(dq, dk, dv); dkv_tile: a DKV_TILES name (None: the reference); parts: which kernels run ("dq",
     "dkv" or both; a gradient not computed is returned as zeros), for tuning."""
     m = _meta(q, k)
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=q.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=q.device)
+    run = parts.split(",")
     if m["N"] == 0 or m["Sq"] == 0:
-        return dq, dk, dv
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
+    # each kernel stores every element of its gradients (no memset); a gradient not computed is zeros
+    dq = (torch.empty if "dq" in run else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    dk = (torch.empty if "dkv" in run else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
+    dv = (torch.empty if "dkv" in run else torch.zeros)(v.shape, dtype=v.dtype, device=q.device)
     do = grad_out
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
+    lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    if "dq" in parts.split(","):
+    if "dq" in run:
         _win_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
             q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
-    if "dkv" in parts.split(","):
+    if "dkv" in run:
         key_rows = False
         if dkv_tile is not None and q.element_size() * m["D_PAD"] <= 256:  # not where tile_sizes keeps 32 x 32
             bm, bn, warps, key_rows = DKV_TILES[dkv_tile]
