@@ -34,7 +34,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         "block_dqsum" (the same storing per-(query, slot) dQ shares, summed after), and
                         "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward), and
                         "block_rows64" / "block_dq_rows64" / "block_dqsum_rows64" (the dK/dV kernel on
-                        64-row (query, head) tiles, rows=64)
+                        64-row (query, head) tiles, rows=64), "block_kr" / "block_rows64_kr" (its key-rows
+                        form: scores computed as k q^T, no transposed dot operand for dK and dV)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py);
@@ -224,6 +225,10 @@ def rows_for(layout: str, S: int, device: str):
     for mode in ("block", "block_dq", "block_dqsum"):  # the dK/dV kernel on 64-row (query, head) tiles
         yield "slc_bwd", f"{mode}_rows64", lambda mode=mode: bench(
             lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode=mode, rows=64))
+    for rows in (0, 64):  # the dK/dV kernel's key-rows form (scores as k q^T, selected.KEY_ROWS_WARPS warps)
+        yield "slc_bwd", "block_kr" if rows == 0 else "block_rows64_kr", lambda rows=rows: bench(
+            lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", rows=rows,
+                                               key_rows=True))
     for qt in qtiles:  # the lists come from the forward in training: not timed here
         yield "slc_bwd", f"block_qt{qt}", lambda qt=qt: bench(lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[qt]))

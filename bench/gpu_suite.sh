@@ -43,7 +43,7 @@
 #   train_compile       150  bench_train: seq 4096 with torch.compile (the NSA branches stay eager)
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
 #   train_compile_16384 150  bench_train: seq 16384 with torch.compile
-#   variant_tests       120  the parity tests of every kernel tile variant tuning may pick, at the paper layout
+#   variant_tests       180  the parity tests of every kernel tile variant tuning may pick, at the paper layout
 #                            (head dim 128) on the GPU: the part of kernel_tests a session that added variants
 #                            needs first (Triton once miscompiled one for sm_90 that the interpreter ran right);
 #                            not run when kernel_tests is
@@ -242,9 +242,9 @@ run_step() {
         ;;
     variant_tests)
         in_only kernel_tests && return 0  # kernel_tests runs these too
-        step variant_tests 120 - \
+        step variant_tests 180 - \
             "$PY" -m pytest -v -rfEs --tb=short --log-level=WARNING -p no:cacheprovider -p no:benchmark \
-            tests/test_triton_kernels.py tests/test_triton_window.py -k "tile_variants or dkdv_tile_variants"
+            tests/test_triton_kernels.py tests/test_triton_window.py -k "tile_variants or key_rows"
         ;;
     decode)
         step decode 120 decode \

@@ -186,7 +186,10 @@ def test_auto_times_flash_against_triton(fake_flash, monkeypatch, grad, fastest)
     q, k, v = _window_inputs(1, 2, 3, 40, 40, 16)
     out, key, choice = _tuned_choice(q, k, v, 8, grad)
     assert choice == fastest and key.endswith(f"|w8|grad{int(grad)}|S64") and key.startswith("window_impl|")
-    assert sorted(set(timed)) == ["flash", "triton"]
+    from nsa.attention.triton.window import DKV_TILES
+
+    # with gradients the Triton variant's first backward also tunes its dK/dV tile (window.DKV_TILES)
+    assert sorted(set(timed) - set(DKV_TILES)) == ["flash", "triton"] and (grad or set(timed) <= {"flash", "triton"})
     assert rel_err(out, ops.window_attention(q, k, v, 8)) <= TOL[BF16]
     # the chosen implementation computes the real call (after tuning: one more flash call or none)
     calls = len(fake.CALLS)

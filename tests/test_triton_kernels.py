@@ -124,16 +124,21 @@ def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
     check_grads(out, ref, (q, k, v), F32)
 
 
-@pytest.mark.parametrize("mode,seg,dtype,rows", [("atomic", None, F32, 0), ("block", 3, F32, 0), ("block", 5, BF16, 0),
-                                                 ("block_dq", 3, F32, 0), ("block_dq", None, BF16, 0),
-                                                 ("block", 5, F32, 16), ("block_dq", None, BF16, 64),
-                                                 ("block_dqsum", 3, F32, 0), ("block_dqsum", None, BF16, 64)])
-def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows):
+@pytest.mark.parametrize("mode,seg,dtype,rows,key_rows", [
+    ("atomic", None, F32, 0, False), ("block", 3, F32, 0, False), ("block", 5, BF16, 0, False),
+    ("block_dq", 3, F32, 0, False), ("block_dq", None, BF16, 0, False),
+    ("block", 5, F32, 16, False), ("block_dq", None, BF16, 64, False),
+    ("block_dqsum", 3, F32, 0, False), ("block_dqsum", None, BF16, 64, False),
+    ("block", 3, F32, 0, True), ("block", 5, BF16, 64, True), ("block_dq", 3, F32, 16, True),
+    ("block_dqsum", None, BF16, 0, True)])
+def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows, key_rows):
     """All backward strategies match ops: the atomic one, the block-centric one with segments so
     short that every block's query list is split across several programs, and the block-centric
     ones that also give dQ (no dQ kernel): with atomics, or per-(query, slot) shares summed after;
-    rows > 0: the dK/dV kernel's (query, head) row tiles (selected.DKV_HEAD_ROWS)."""
+    rows > 0: the dK/dV kernel's (query, head) row tiles (selected.DKV_HEAD_ROWS); key_rows: its
+    scores computed as k q^T (selected.DKV_KEY_ROWS)."""
     monkeypatch.setattr(selected, "DKV_HEAD_ROWS", rows)
+    monkeypatch.setattr(selected, "DKV_KEY_ROWS", key_rows)
     if seg:
         monkeypatch.setattr(selected, "SEG", seg)
     monkeypatch.setenv("NSA_SLC_DKV", mode)
@@ -635,6 +640,28 @@ def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, qt):
     ref = ops.selected_attention(q, k, v, idx, lp)
     check("slc out", out, ref, dtype)
     check_grads(out, ref, (q, k, v), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
+@pytest.mark.parametrize("G,r,D", [(1, 16, 128), (2, 6, 64)])
+@pytest.mark.parametrize("rows", [0, 64])
+def test_selected_key_rows_variants_cuda(G, r, D, rows):
+    """The selected dK/dV kernel's key-rows form (tuned for "block", at selected.KEY_ROWS_WARPS warps) at
+    the paper and M7C head layouts, bf16, paper block sizes: the gradients of the default form and of ops."""
+    B, S, lp, n = 1, 1000, 64, 16
+    q = randn(B, G * r, S, D, dtype=BF16, seed=71, strided=True)
+    k, v = randn(B, G, S, D, dtype=BF16, seed=72), randn(B, G, S, D, dtype=BF16, seed=73)
+    kc = randn(B, G, num_cmp_blocks(S, 32, 16), D, dtype=BF16, seed=74, grad=False)
+    idx = ops.select_blocks(q.detach(), kc, 32, 16, lp, n)
+    ref = ops.selected_attention(q, k, v, idx, lp)
+    go = randn(*ref.shape, dtype=BF16, seed=75, grad=False)
+    want = torch.autograd.grad(ref, (q, k, v), go)
+    out, lse = selected.selected_forward(q.detach(), k.detach(), v.detach(), idx, lp)
+    for key_rows in (False, True):
+        got = selected.selected_backward(q.detach(), k.detach(), v.detach(), idx, out, lse, go, lp, mode="block",
+                                         rows=rows, key_rows=key_rows)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            check(f"{name} key_rows={key_rows}", a, b, BF16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton RoPE dispatch is CUDA-only")

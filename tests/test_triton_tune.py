@@ -155,7 +155,8 @@ def test_mode_and_enabled(monkeypatch):
     (BF16, {}, "qt1s2", {"selected_fwd": "qt1s2", "selected_bwd_qt1s2": "block_dq/rows64"}),
     (F32, {}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dq/rows64"}),
     (BF16, {"NSA_SLC_DKV": "block_dqsum"}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dqsum/rows64"}),
-    (F32, {"NSA_SLC_QTILE": "2", "NSA_SLC_DKV": "block"}, None, {"selected_bwd_qt2": "block/rows64"}),
+    (F32, {"NSA_SLC_QTILE": "2", "NSA_SLC_DKV": "block"}, None, {"selected_bwd_qt2": "block/rows64/kr"}),
+    (BF16, {"NSA_SLC_DKV_ROWS": "0"}, "block/rows0/kr", {"selected_fwd": "qt4", "selected_bwd_qt4": "block/rows0/kr"}),
 ])
 def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     """Tuning on a slice (the first 24 of 40 queries of both batch elements) picks what the fake
@@ -171,7 +172,7 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     monkeypatch.setattr(tune, "REPS", 1)
     ms = {"qt1": 4.0, "qt2": 3.0, "qt4": 2.0, "qt8": 3.5, "qt1s1": 5.0, "qt1s2": 4.5, "qt1s4": 4.2, "bc": 3.8,
           "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 2.0, "block_dq/rows64": 1.0,
-          "block_dqsum/rows0": 2.5, "block_dqsum/rows64": 1.5}
+          "block_dqsum/rows0": 2.5, "block_dqsum/rows64": 1.5, "block/rows0/kr": 3.5, "block/rows64/kr": 2.8}
     if fastest:
         ms[fastest] = 0.5
     timed = fake_clock(monkeypatch, ms)
@@ -188,7 +189,7 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     assert got == want
     if dtype == F32 and not pins:
         assert {"qt1", "qt2", "qt4", "bc"} == {name for name in timed if "/" not in name}
-        assert {"block_dqsum/rows0", "block_dqsum/rows64"} <= set(timed)
+        assert {"block_dqsum/rows0", "block_dqsum/rows64", "block/rows0/kr", "block/rows64/kr"} <= set(timed)
     if dtype == BF16:
         assert {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4"} <= set(timed)
 
@@ -207,7 +208,8 @@ def test_partial_buffers_bound_the_block_centric_variants(monkeypatch):
     assert selected.partials_fit(q, idx, 4) and not selected.partials_fit(q, idx, 4 * (1 << 30))
     monkeypatch.setattr(selected, "PARTIALS_MAX_BYTES", 1000)  # the buffer: 24 * 3 * 2 * 16 * 4 bytes
     timed = fake_clock(monkeypatch, {"qt1": 1.0, "qt2": 2.0, "qt4": 3.0, "block/rows0": 1.0, "block/rows64": 2.0,
-                                     "block_dq/rows0": 3.0, "block_dq/rows64": 4.0})
+                                     "block_dq/rows0": 3.0, "block_dq/rows64": 4.0, "block/rows0/kr": 1.5,
+                                     "block/rows64/kr": 2.5})
     k, v = randn(B, G, S, D, dtype=F32, seed=2), randn(B, G, S, D, dtype=F32, seed=3)
     out = nsa_triton.selected_attention(q, k, v, idx, blk)
     check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), F32)
@@ -324,7 +326,8 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
     assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4", "bc"}
     assert got[f"selected_bwd_{got['selected_fwd']}"] in {
-        "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64", "block_dqsum/rows0", "block_dqsum/rows64"}
+        "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64", "block_dqsum/rows0", "block_dqsum/rows64",
+        "block/rows0/kr", "block/rows64/kr"}
     assert ("window_fwd" in got) == (D > 64)
     assert got["compressed_fwd"] in compressed.FWD_TILES and got["compressed_dq"] in compressed.DQ_TILES
     assert got["compressed_dkv"] in compressed.DKV_TILES and got["window_dkv"] in window.DKV_TILES

@@ -106,8 +106,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     *((selected._slc_bwd_dkdv_kernel,
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, DQ=f, QIDX="*i32", PAIR="*i32", SEG_OWNER="*i32",
                             SEG_START="*i32", SEG_END="*i32"),
-                       dict(slc, BM=selected.BM_DKV, DQ_MODE=dq, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * group)))
-                      for dq in (0, 1, 2) for qpr in (0, max_rows // group)),
+                       dict(slc, BM=selected.BM_DKV, DQ_MODE=dq, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * group),
+                            KEY_ROWS=kr), *((selected.KEY_ROWS_WARPS,) if kr else ()))
+                      for dq in (0, 1, 2) for qpr in (0, max_rows // group) for kr in (False, True)
+                      if not kr or (dq == 0 and esize == 2)),  # the key-rows form: tuned for "block" only
                     # compressed: every tile variant tuning may time (fp32 at head dim > 64: the reference only)
                     *((kernel, dict(qkv, O=t, LSE=f) if kernel is compressed._cmp_fwd_kernel
                        else dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t), dict(cmp_, BM=bm, BN=bn), warps)
@@ -208,9 +210,9 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
                         tag += " dense" if "_decode" in kernel.__name__ and consts.get("L") == 1 else ""
                         tag += (f" BM={consts['BM']} BN={consts['BN']} w{warps}"
-                                if "_cmp_" in kernel.__name__ or "KEY_ROWS" in consts else "")
+                                if "_cmp_" in kernel.__name__ or kernel.__name__ == "_win_bwd_dkdv_kernel" else "")
                         tag += f" PARTS={consts['PARTS']}" if consts.get("PARTS") else ""
-                        tag += " KEY_ROWS" if consts.get("KEY_ROWS") else ""
+                        tag += f" KEY_ROWS w{warps}" if consts.get("KEY_ROWS") else ""
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok

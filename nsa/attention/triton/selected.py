@@ -20,7 +20,8 @@ queries as one tile of up to 64 (query, head) rows instead of 32 queries head by
 
 Tuning (tune.py, on CUDA): the first call for a shape times qt = 1/2/4/8 (and qt = 1 at K/V
 pipeline depths 1/2/4 besides Triton's default 3) for the forward and the dK/dV forms (block /
-block_dq x head rows 0 / 64) for the backward on a slice of the real inputs, drops any variant whose
+block_dq / block_dqsum x head rows 0 / 64, and "block" with the scores computed as k q^T, DKV_KEY_ROWS)
+for the backward on a slice of the real inputs, drops any variant whose
 result differs from the reference (qt 1, default depth, "block", rows 0: the defaults without
 tuning) and keeps the fastest; NSA_TUNE=off keeps the reference.
 
@@ -78,6 +79,11 @@ MAX_TILE_ROWS = 64  # (query, head) rows of a query tile (NSA_SLC_QTILE), bf16/f
 # the dK/dV kernel's default row tile without tuning: all r heads of a few queries as one tile of up
 # to this many (query, head) rows instead of BM_DKV queries head by head; 0 = off (tuning also tries 64)
 DKV_HEAD_ROWS = 0
+# the dK/dV kernel's score form without tuning: False = q k^T per row tile; True = "key rows", k q^T, so
+# the dK and dV dots take no transposed operand (tuning also tries it for "block", at KEY_ROWS_WARPS warps:
+# ptxas -v reports no register spills for sm_90 at 8 warps, head dims 64 and 128, where 4 spill at 128)
+DKV_KEY_ROWS = False
+KEY_ROWS_WARPS = 8
 
 
 def dkv_mode() -> str:
@@ -232,10 +238,12 @@ def _slc_bwd_kernel(
 @device_function
 def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start,
                scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-               D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr):
+               D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr,
+               KEY_ROWS: tl.constexpr):
     """One step of the block-centric dK/dV: rows (query tq, head h) against this block's k, v; prow:
-    the rows' (query, slot) pair rows of the partial dQ buffer (DQ_MODE 2)."""
-    valid = rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])
+    the rows' (query, slot) pair rows of the partial dQ buffer (DQ_MODE 2). KEY_ROWS: the scores
+    computed transposed, k q^T [BLK_PAD, rows], so the dK and dV dots need no transposed operand (as
+    compressed._cmp_bwd_dkdv_kernel; the dQ share then takes one)."""
     md_mask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
                 mask=md_mask, other=0.0).to(DOT_T)
@@ -243,16 +251,28 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nma
                  mask=md_mask, other=0.0).to(DOT_T)
     row = (b * H + h) * Sq + tq
     lse, delta = lse_delta(LSE, DELTA, row, rmask)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
-    dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-    ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-    dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    if KEY_ROWS:
+        valid_t = nmask[:, None] & rmask[None, :] & (tok[:, None] <= q_start + tq[None, :])
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * (scale * LOG2E)  # log2 units
+        p_t = tl.where(valid_t, tl.math.exp2(s_t - lse[None, :]), 0.0)  # [BLK_PAD, rows]
+        dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T)
+        dk += tl.dot(ds_t, q, input_precision=PREC)
+        if DQ_MODE != 0:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC) * scale
+    else:
+        valid = rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
+        dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        if DQ_MODE != 0:
+            dq = tl.dot(ds, k, input_precision=PREC) * scale
     if DQ_MODE == 1:  # a query selects a block once: its n blocks' programs add one share each
-        dq = tl.dot(ds, k, input_precision=PREC) * scale
         tl.atomic_add(DQ + row[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     if DQ_MODE == 2:  # this block's share, stored at its (query, slot) pair; _slc_merge_kernel adds them
-        dq = tl.dot(ds, k, input_precision=PREC) * scale
         tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     return dk, dv
 
@@ -268,7 +288,7 @@ def _slc_bwd_dkdv_kernel(
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLK: tl.constexpr, BLK_PAD: tl.constexpr, BM: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr,
-    QPR: tl.constexpr, ROWS_PAD: tl.constexpr,
+    QPR: tl.constexpr, ROWS_PAD: tl.constexpr, KEY_ROWS: tl.constexpr = False,
 ):
     """One program per segment of the queries that selected one block (block-centric dK/dV).
     QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block, PAIR their (query,
@@ -311,7 +331,7 @@ def _slc_bwd_dkdv_kernel(
             prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
             dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok, nmask,
                                 offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-                                D, IN_T, DOT_T, PREC, DQ_MODE)
+                                D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS)
     else:  # BM queries per step, head by head
         for m0 in range(q_lo, q_hi, BM):
             mmask = m0 + offs_m < q_hi
@@ -320,7 +340,7 @@ def _slc_bwd_dkdv_kernel(
             for hh in range(0, R):
                 dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + hh + 0 * offs_m, pair + hh,
                                     mmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd,
-                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_MODE)
+                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS)
     out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
     used = kv_mask & (q_lo < q_hi)  # the surplus segments of block_segments are empty
     tl.atomic_add(DK + out, dk * scale, mask=used)
@@ -622,12 +642,15 @@ def _merge(parts, idx, out, m: dict, part_lse=None, lse=None) -> None:
 
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
-                      qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None, segments=None):
+                      qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None, segments=None,
+                      key_rows: bool | None = None):
     """(dq, dk, dv); mode "block", "atomic", "block_dq" or "block_dqsum" (default: NSA_SLC_DKV, else "block");
     qt / lists / stages as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row
-    tile (see dkdv_queries_per_step); segments: block_segments(idx, ...) when the forward built them."""
+    tile (see dkdv_queries_per_step); key_rows: its score form (default DKV_KEY_ROWS); segments:
+    block_segments(idx, ...) when the forward built them."""
     m = _meta(q, k, idx, slc_block, qt)
     mode = mode or dkv_mode()
+    key_rows = DKV_KEY_ROWS if key_rows is None else bool(key_rows)
     do = grad_out
     delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
     lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
@@ -666,8 +689,8 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                     q, k, v, do, lse, delta, dk, dv, dq_parts if dq_mode == 2 else dq, qidx, pair,
                     seg_owner, seg_start, seg_end, *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
-                    BM=BM_DKV, DQ_MODE=dq_mode, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]),
-                    **consts, num_warps=launch_warps("selected_bwd_dkdv", m["D"]),
+                    BM=BM_DKV, DQ_MODE=dq_mode, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]), KEY_ROWS=key_rows,
+                    **consts, num_warps=KEY_ROWS_WARPS if key_rows else launch_warps("selected_bwd_dkdv", m["D"]),
                 )
             if dq_mode == 2:
                 _merge(dq_parts, idx, dq, m)
@@ -693,8 +716,22 @@ def partials_fit(q, idx, elem_bytes: int) -> bool:
     B, H, Sq, D = q.shape
     return B * idx.shape[1] * Sq * idx.shape[-1] * (H // idx.shape[1]) * D * elem_bytes <= PARTIALS_MAX_BYTES
 STAGE_CANDIDATES = (1, 2, 4)
-DKV_CANDIDATES = (("block", DKV_HEAD_ROWS), ("block", 64), ("block_dq", DKV_HEAD_ROWS), ("block_dq", 64),
-                  ("block_dqsum", DKV_HEAD_ROWS), ("block_dqsum", 64))
+# (mode, rows, key rows): the first is the reference
+DKV_CANDIDATES = (("block", DKV_HEAD_ROWS, False), ("block", 64, False), ("block_dq", DKV_HEAD_ROWS, False),
+                  ("block_dq", 64, False), ("block_dqsum", DKV_HEAD_ROWS, False), ("block_dqsum", 64, False),
+                  ("block", DKV_HEAD_ROWS, True), ("block", 64, True))
+
+
+def dkv_variant_name(mode: str, rows: int, key_rows: bool) -> str:
+    """A backward variant's tuning name, e.g. "block/rows64" or, in the key-rows form, "block/rows64/kr"."""
+    return f"{mode}/rows{rows}" + ("/kr" if key_rows else "")
+
+
+def parse_dkv_variant(name: str) -> tuple[str, int, bool]:
+    """(mode, rows, key_rows) of a dkv_variant_name."""
+    mode, rest = name.split("/rows")
+    rows, *flags = rest.split("/")
+    return mode, int(rows), flags == ["kr"]
 
 
 def _tune_inputs(k, v, q_start, *per_query):
@@ -742,29 +779,29 @@ def _tile_opts(name: str) -> tuple:
     return qt, None, stages
 
 
-def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int, tile: str) -> tuple[str, int | None]:
-    """(dK/dV mode, rows) for this backward: NSA_SLC_DKV / NSA_SLC_DKV_ROWS pin theirs; the rest is
-    tuned over DKV_CANDIDATES when tuning, else the defaults."""
+def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int,
+                  tile: str) -> tuple[str, int | None, bool]:
+    """(dK/dV mode, rows, key rows) for this backward: NSA_SLC_DKV / NSA_SLC_DKV_ROWS pin theirs; the rest
+    is tuned over DKV_CANDIDATES when tuning, else the defaults."""
     pinned_mode = os.environ.get("NSA_SLC_DKV") and dkv_mode()
     pinned_rows = dkv_rows() if "NSA_SLC_DKV_ROWS" in os.environ else None
     if not tune.wanted(q) or pinned_mode == "atomic":
-        return pinned_mode or dkv_mode(), pinned_rows
-    options = list(dict.fromkeys((m, rows) for m, rows in DKV_CANDIDATES
+        return pinned_mode or dkv_mode(), pinned_rows, DKV_KEY_ROWS
+    options = list(dict.fromkeys((m, rows, kr) for m, rows, kr in DKV_CANDIDATES
                                  if pinned_mode in (None, m) and pinned_rows in (None, rows)
                                  and (m != "block_dqsum" or pinned_mode == m or partials_fit(q, idx, 4))))
     if not options:  # both pinned, to a pair not in the list
-        return pinned_mode, pinned_rows
+        return pinned_mode, pinned_rows, DKV_KEY_ROWS
     if len(options) == 1:
         return options[0]
     ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
     qt, stages = parse_tile(tile)
     lists = tile_lists(ids, qt) if qt > 1 else None
-    variants = {f"{m}/rows{rows}": (lambda m=m, rows=rows: selected_backward(
-        qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows, stages=stages))
-        for m, rows in options}
+    variants = {dkv_variant_name(m, rows, kr): (lambda m=m, rows=rows, kr=kr: selected_backward(
+        qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows, stages=stages,
+        key_rows=kr)) for m, rows, kr in options}
     key = tune.shape_key(f"selected_bwd_{tile}", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
-    m, rows = tune.pick(key, variants, tune.differs, q.device).split("/rows")
-    return m, int(rows)
+    return parse_dkv_variant(tune.pick(key, variants, tune.differs, q.device))
 
 
 def _planned_forward(q, k, v, idx, slc_block: int, q_start: int):
@@ -794,11 +831,11 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, idx, out, lse, lst, cnt = ctx.saved_tensors
-        mode, rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.tile)
+        mode, rows, key_rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.tile)
         qt, stages = parse_tile(ctx.tile)
         dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
                                        mode=mode, qt=qt, lists=(lst, cnt), rows=rows, stages=stages,
-                                       segments=ctx.segments)
+                                       segments=ctx.segments, key_rows=key_rows)
         return dq, dk, dv, None, None, None
 
 
