@@ -14,6 +14,7 @@ Run: .venv/bin/python -m pytest tests/test_triton_kernels.py -q   (~1.5 min on 2
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -129,8 +130,7 @@ def test_selected_attention_unused_and_empty_slots(monkeypatch, mode, qt):
     ("block_dq", 3, F32, 0, False), ("block_dq", None, BF16, 0, False),
     ("block", 5, F32, 16, False), ("block_dq", None, BF16, 64, False),
     ("block_dqsum", 3, F32, 0, False), ("block_dqsum", None, BF16, 64, False),
-    ("block", 3, F32, 0, True), ("block", 5, BF16, 64, True), ("block_dq", 3, F32, 16, True),
-    ("block_dqsum", None, BF16, 0, True)])
+    ("block", 5, BF16, 64, True), ("block_dq", 3, F32, 16, True), ("block_dqsum", None, BF16, 0, True)])
 def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows, key_rows):
     """All backward strategies match ops: the atomic one, the block-centric one with segments so
     short that every block's query list is split across several programs, and the block-centric
@@ -710,6 +710,34 @@ def test_kernels_compile_for_sm90_bf16(tmp_path):
     ptx = dumps[0].read_text()
     assert ".entry" in ptx and "ret;" in ptx
     assert not any(line.lstrip().startswith((".loc", ".file")) for line in ptx.splitlines())
+
+
+def test_aot_check_reports_registers_and_spills():
+    """aot_check --ptxas-info --only: the named kernels alone, specialised as a launch on contiguous tensors
+    would be, each with ptxas -v's registers and spill bytes (how tile variants are chosen without a GPU)."""
+    import subprocess
+    import sys
+
+    from nsa.attention.triton import window
+    from nsa.attention.triton.aot_check import parse_ptxas
+
+    report = ("ptxas info    : Function properties for k\n    16 bytes stack frame, 12 bytes spill stores, "
+              "20 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers")
+    assert parse_ptxas(report) == "regs=255 spill=12/20"
+    assert parse_ptxas("nothing") == "ptxas: no register report"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nsa.attention.triton.aot_check", "--arch", "90", "--dtype", "bf16", "--head-dim", "64",
+         "--group", "16", "--only", "_win_bwd_dkdv", "--ptxas-info"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("OK ")]
+    assert len(lines) == len(window.DKV_TILES)  # one per tile variant, the reference included
+    assert all("_win_bwd_dkdv_kernel" in line and re.search(r"regs=\d+ spill=\d+/\d+", line) for line in lines)
+    assert any("KEY_ROWS" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------- layer dispatch

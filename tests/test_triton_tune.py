@@ -156,7 +156,7 @@ def test_mode_and_enabled(monkeypatch):
     (F32, {}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dq/rows64"}),
     (BF16, {"NSA_SLC_DKV": "block_dqsum"}, "bc", {"selected_fwd": "bc", "selected_bwd_bc": "block_dqsum/rows64"}),
     (F32, {"NSA_SLC_QTILE": "2", "NSA_SLC_DKV": "block"}, None, {"selected_bwd_qt2": "block/rows64/kr"}),
-    (BF16, {"NSA_SLC_DKV_ROWS": "0"}, "block/rows0/kr", {"selected_fwd": "qt4", "selected_bwd_qt4": "block/rows0/kr"}),
+    (F32, {"NSA_SLC_DKV_ROWS": "0"}, "block/rows0/kr", {"selected_fwd": "qt4", "selected_bwd_qt4": "block/rows0/kr"}),
 ])
 def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
     """Tuning on a slice (the first 24 of 40 queries of both batch elements) picks what the fake

@@ -11,13 +11,25 @@ interpreter). Prints one line per kernel and exits non-zero on any failure.
 --ptx-dir DIR writes each compiled variant's PTX, without its source-location lines, to one file
 per job: a change meant to restructure the kernel source only (shared helpers, renames) can then
 be shown not to change the GPU code by diffing two dumps (`diff -r before/ after/`).
+
+--ptxas-info compiles each variant as a launch on contiguous tensors would specialise it (pointers and
+strides 16-divisible, head-dim strides s_*d equal to 1) and adds what `ptxas -v` reports for its GPU code:
+registers per thread and register-spill bytes (stores/loads). A variant that spills usually runs slower;
+this is how kernel tile variants can be chosen without a GPU. --only NAME compiles just the kernels whose
+name contains NAME; --group R sets the query heads per KV group (default 3; the paper layout has 16).
+
+    python -m nsa.attention.triton.aot_check --arch 90 --dtype bf16 --head-dim 128 --group 16 \
+        --only _cmp_bwd_dkdv --ptxas-info
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -42,8 +54,46 @@ def strip_locations(ptx: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def parse_ptxas(report: str) -> str:
+    """'regs=N spill=S/L' (bytes of spill stores / loads) from `ptxas -v` output."""
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if not regs:
+        return "ptxas: no register report"
+    return f"regs={regs.group(1)}" + (f" spill={spill.group(1)}/{spill.group(2)}" if spill else "")
+
+
+def ptxas_info(ptx: str, arch: int) -> str:
+    """parse_ptxas of the triton wheel's ptxas -v on this PTX for sm_<arch> (sm_90a on Hopper, as triton)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, timeout=600)
+    return parse_ptxas(res.stderr) if res.returncode == 0 else f"ptxas failed: {res.stderr.strip()[:200]}"
+
+
+def runtime_specialisation(kernel, ptrs: dict, consts: dict) -> tuple[dict, dict]:
+    """(constexprs, attrs) as a launch on contiguous tensors specialises them: head-dim strides (s_*d) are 1,
+    pointers and the other strides divisible by 16 (the head dims here are multiples of 16)."""
+    consts = dict(consts)
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            continue
+        if name.startswith("s_") and name.endswith("d"):
+            consts[name] = 1
+        elif name in ptrs or name.startswith("s_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return consts, attrs
+
+
 def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True,
-                ptx_dir=None) -> bool:
+                ptx_dir=None, only: str | None = None, ptxas: bool = False) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check: unset TRITON_INTERPRET (the compiler cannot run in interpreter mode)")
     import torch
@@ -181,20 +231,27 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                       KPB=kpb, BNA=pad_pow2(nj * kpb), PREC_W="ieee" if dtn == "fp32" else "tf32",
                                       **dots)))
                 for job_no, (kernel, ptrs, consts, *fixed_warps) in enumerate(jobs):
+                    if only and only not in kernel.__name__:
+                        continue
                     warps = launch_warps(LAUNCH_NAMES.get((kernel.__name__, consts.get("DKV_ATOMIC")), ""), D)
                     if consts.get("QT", 1) > 1:  # as selected._warps
                         warps = num_warps(D)
                     if fixed_warps:  # a tile variant's own
                         warps = fixed_warps[0]
+                    attrs = None
+                    if ptxas:
+                        consts, attrs = runtime_specialisation(kernel, ptrs, consts)
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
                            for name in kernel.arg_names}
                     t0 = time.time()
                     try:
-                        out = triton.compile(ASTSource(kernel, sig, constexprs=consts),
+                        out = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs),
                                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
                         limit = SHARED_LIMIT.get(arch)
                         good = bool(out.asm.get("cubin")) and (limit is None or out.metadata.shared <= limit)
                         msg = f"shared={out.metadata.shared}B" + (f" > the sm{arch} limit {limit}B" if not good else "")
+                        if ptxas:
+                            msg += " " + ptxas_info(out.asm["ptx"], arch)
                         if ptx_dir:
                             name = f"sm{arch}_{dtn}_d{D}_{job_no:02d}_{kernel.__name__}_w{warps}.ptx"
                             with open(os.path.join(ptx_dir, name), "w") as fh:
@@ -209,10 +266,12 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
                         tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
                         tag += " dense" if "_decode" in kernel.__name__ and consts.get("L") == 1 else ""
-                        tag += (f" BM={consts['BM']} BN={consts['BN']} w{warps}"
+                        tag += (f" BM={consts['BM']} BN={consts['BN']}"
                                 if "_cmp_" in kernel.__name__ or kernel.__name__ == "_win_bwd_dkdv_kernel" else "")
                         tag += f" PARTS={consts['PARTS']}" if consts.get("PARTS") else ""
-                        tag += f" KEY_ROWS w{warps}" if consts.get("KEY_ROWS") else ""
+                        tag += " KEY_ROWS" if consts.get("KEY_ROWS") else ""
+                        tag += " atomic" if consts.get("ATOMIC") else ""
+                        tag += f" w{warps}"
                         print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
                               f"({time.time() - t0:.1f}s)", flush=True)
     return ok
@@ -224,10 +283,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--ptx-dir", help="write each variant's PTX (source locations stripped) here")
+    ap.add_argument("--group", type=int, default=3, help="query heads per KV group (the paper layout: 16)")
+    ap.add_argument("--only", help="compile only the kernels whose name contains this")
+    ap.add_argument("--ptxas-info", action="store_true",
+                    help="specialise as a launch would and report ptxas -v's registers and spill bytes")
     args = ap.parse_args(argv)
     if args.ptx_dir:
         os.makedirs(args.ptx_dir, exist_ok=True)
-    ok = compile_all(args.arch, args.dtype, args.head_dim, ptx_dir=args.ptx_dir)
+    ok = compile_all(args.arch, args.dtype, args.head_dim, group=args.group, ptx_dir=args.ptx_dir, only=args.only,
+                     ptxas=args.ptxas_info)
     print("aot_check: all kernels compiled" if ok else "aot_check: FAILURES")
     return 0 if ok else 1
 

@@ -260,8 +260,9 @@ DQ_TILES = dict(FWD_TILES)
 # or split. The q/dO traffic per key falls as BN grows: the pass is bound by it (~64 flops per byte of q
 # and dO at 32 keys, in the paper layout it ran at ~280 TFLOP/s). The one-launch form with 128 keys and
 # both accumulators (the removed WIDE_DKV_TILE) was miscompiled on sm_90 at head dim 128 (BENCHMARKS.md).
-# The key-rows tiles are those that compile without register spills for sm_90 at head dims 64 and 128 (ptxas -v
-# on aot_check's PTX, 2026-11-27), except at head dim 128 kr_bm32_bn64 (52 bytes) and kr_bm64_bn64 (4 bytes).
+# The key-rows tiles are those whose segmented (atomic) form, what long sequences run, compiles without register
+# spills for sm_90 at head dims 64 and 128, except at 128 kr_bm32_bn64 (52 bytes) and kr_bm64_bn64 (4 bytes):
+# `python -m nsa.attention.triton.aot_check --ptxas-info --group 16 --only _cmp_bwd_dkdv` (2026-11-27).
 DKV_TILES = {"bm32_bn64": DkvTile(BM_DKV, BN_DKV, 0), "bm64_bn64": DkvTile(64, 64, 8), "bm64_bn32": DkvTile(64, 32, 4),
              "bm32_bn32": DkvTile(32, 32, 4), "kr_bm32_bn64": DkvTile(32, 64, 4, key_rows=True),
              "kr_bm64_bn64": DkvTile(64, 64, 8, key_rows=True), "kr_bm32_bn128": DkvTile(32, 128, 8, key_rows=True),

@@ -81,7 +81,8 @@ MAX_TILE_ROWS = 64  # (query, head) rows of a query tile (NSA_SLC_QTILE), bf16/f
 DKV_HEAD_ROWS = 0
 # the dK/dV kernel's score form without tuning: False = q k^T per row tile; True = "key rows", k q^T, so
 # the dK and dV dots take no transposed operand (tuning also tries it for "block", at KEY_ROWS_WARPS warps:
-# ptxas -v reports no register spills for sm_90 at 8 warps, head dims 64 and 128, where 4 spill at 128)
+# no register spills for sm_90 at 8 warps, head dims 64 and 128, where the q k^T form's 4 spill 170-220 bytes
+# at 128; `python -m nsa.attention.triton.aot_check --ptxas-info --group 16 --only _slc_bwd_dkdv`)
 DKV_KEY_ROWS = False
 KEY_ROWS_WARPS = 8
 

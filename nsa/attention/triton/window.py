@@ -246,7 +246,7 @@ def _win_bwd_dkdv_kernel(
 # the reference (tile_sizes), used untuned and for fp32. A key tile reads the q and dO of its (BN + window)
 # queries, so 128 keys read them ~1.8x less often per key than 64 at the paper's window of 512. The
 # key-rows tiles compile with fewer register spills for sm_90 than the reference at head dim 128 and none
-# at 64 (ptxas -v on aot_check's PTX, 2026-11-27).
+# at 64 (`python -m nsa.attention.triton.aot_check --ptxas-info --group 16 --only _win_bwd_dkdv`, 2026-11-27).
 DKV_TILES = {"bm64_bn64": (BM_MAX, BN_MAX, 0, False), "kr_bm64_bn64": (64, 64, 0, True),
              "kr_bm32_bn128": (32, 128, 8, True)}
 
