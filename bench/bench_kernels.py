@@ -49,8 +49,11 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         position S - 1, replayed from a CUDA graph: "b{batch}_split{n}": batch 1 (and
                         32 for m7c), the compressed scan in one program per (sequence, group)
                         ("split1") or split over n programs (what decode.scan_splits picks for this
-                        GPU); "..._cmp", "..._cmp_slc", "..._win": only those branches (selection
-                        needs the compressed scan), so the differences say what each part costs;
+                        GPU, and half that); "..._cmp", "..._cmp_slc", "..._win": only those
+                        branches (selection needs the compressed scan), so the differences say what
+                        each part costs;
+                        "..._tiles2048": the main kernel's serial loops on tiles of 2048 elements
+                        (decode.TILE_ELEMS, default 8192: 4x the round trips);
                         "dense_b{batch}_split{n}": full attention's decode kernel over the S tokens
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
@@ -299,8 +302,14 @@ def rows_for(layout: str, S: int, device: str):
     # attention's decode kernel over the same S tokens.
     from nsa.attention.triton import decode
 
-    def decode_timer(batch: int, splits: int, branches: tuple[bool, bool, bool] | None):
+    def decode_timer(batch: int, splits: int, branches: tuple[bool, bool, bool] | None, tile_elems: int = 0):
         def run():
+            if tile_elems:  # read at launch, i.e. when graph_time captures
+                saved, decode.TILE_ELEMS = decode.TILE_ELEMS, tile_elems
+                try:
+                    return decode_timer(batch, splits, branches)()
+                finally:
+                    decode.TILE_ELEMS = saved
             qd = rnd(batch, HQ, 1, D)
             t = torch.tensor([S - 1], device=device)
             if branches is None:
@@ -318,8 +327,9 @@ def rows_for(layout: str, S: int, device: str):
                "_win": (False, False, True)}
     for batch in (1, 32) if layout == "m7c" else (1,):
         auto = decode.scan_splits(batch * G, n_cmp, torch.device(device))
-        for splits in sorted({1, auto}):
+        for splits in sorted({1, auto, max(1, auto // 2)}):
             yield "decode", f"b{batch}_split{splits}", decode_timer(batch, splits, subsets[""])
+        yield "decode", f"b{batch}_split{auto}_tiles2048", decode_timer(batch, auto, subsets[""], 2048)
         for name, branches in subsets.items():
             if name:
                 yield "decode", f"b{batch}_split{auto}{name}", decode_timer(batch, auto, branches)

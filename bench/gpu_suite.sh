@@ -44,9 +44,9 @@
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
 #   train_compile_16384 150  bench_train: seq 16384 with torch.compile
 #   variant_tests       180  the parity tests of every kernel tile variant tuning may pick, at the paper layout
-#                            (head dim 128) on the GPU: the part of kernel_tests a session that added variants
-#                            needs first (Triton once miscompiled one for sm_90 that the interpreter ran right);
-#                            not run when kernel_tests is
+#                            (head dim 128) on the GPU, and of the fused decode kernel: the part of kernel_tests
+#                            a session that changed kernels needs first (Triton once miscompiled one for sm_90
+#                            that the interpreter ran right); not run when kernel_tests is
 # Exit status 0 when every step ran and passed, else 1 (the files are written either way).
 #
 # Output under $OUT (the device runner returns at most 8 files, so logs share one file):
@@ -244,7 +244,8 @@ run_step() {
         in_only kernel_tests && return 0  # kernel_tests runs these too
         step variant_tests 180 - \
             "$PY" -m pytest -v -rfEs --tb=short --log-level=WARNING -p no:cacheprovider -p no:benchmark \
-            tests/test_triton_kernels.py tests/test_triton_window.py -k "tile_variants or key_rows"
+            tests/test_triton_kernels.py tests/test_triton_window.py tests/test_triton_decode.py \
+            -k "tile_variants or key_rows or fused_decode_matches or fused_decode_small or decodes_through"
         ;;
     decode)
         step decode 120 decode \

@@ -137,7 +137,7 @@ def test_gpu_suite_syntax_and_dry_run(tmp_path):
     proc = subprocess.run(["bash", SUITE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     dry = [line for line in proc.stdout.splitlines() if line.startswith("[dry-run]")]
     assert [line.split()[1] for line in dry] == ["variant_tests", "kernels"]
-    assert "tile_variants" in dry[0] and "tests/test_triton_window.py" in dry[0]
+    assert "tile_variants" in dry[0] and "tests/test_triton_window.py" in dry[0] and "fused_decode" in dry[0]
 
 
 def test_bench_decode_eager_and_static_modes():

@@ -92,6 +92,25 @@ def test_fused_decode_matches_torch_step(dtype, geometry):
                 assert got[0].abs().max() == 0
 
 
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]], ids=["lp8", "lp24"])
+def test_fused_decode_small_tiles(geometry, monkeypatch):
+    """Tiles smaller than a selection block and not aligned to one (16 tokens against l' = 24), and a
+    probability pass of many iterations: the same outputs and blocks as the PyTorch step."""
+    monkeypatch.setattr(decode, "TILE_ELEMS", 256)
+    G, r, D, l, d, lp, n, w, capacity, positions = geometry
+    _, cache = static_cache(G, r, D, l, d, lp, n, w, capacity, F32)
+    for i, t in enumerate(positions[-2:]):
+        fill_random(cache, t, seed=t)
+        q = torch.randn(2, G * r, 1, D, generator=torch.Generator().manual_seed(7 + i)).to(DEVICE)
+        t_dev = torch.tensor(t, device=DEVICE)
+        *want, want_idx = attend_torch(q, cache, t_dev, n, (True, True, True))
+        for splits in (1, 2):
+            *got, idx = fused(q, cache, t_dev, n, (True, True, True), splits)
+            assert torch.equal(idx.long(), want_idx), (t, splits)
+            for name, a, b in zip(("cmp", "slc", "win"), got, want):
+                assert rel_err(a, b) <= TOL[F32], f"t={t} splits={splits} {name}"
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("r, D, t", [(1, 16, 0), (6, 24, 37), (16, 64, 69)])
 def test_static_write_rotates_and_writes(dtype, r, D, t):
@@ -128,15 +147,29 @@ def test_fused_decode_ablations(branches):
 
 def test_scan_splits_fill_the_gpu(monkeypatch):
     """Batch 1 has only G programs: the compressed scan is split so that B*G*splits covers the SMs once,
-    each split keeping >= 4 tiles of 64 slots; a full batch is not split; off CUDA never."""
+    each split keeping >= 2 tiles of 64 slots; a full batch is not split; off CUDA never. The window
+    runs beside a split scan in as many programs as keep each to the compressed splits' tile count."""
     monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert decode.scan_splits(2, 4095, cuda) == 16  # M7C at 64k, batch 1: 64 tiles -> 16 splits of 4
-    assert decode.scan_splits(2, 1000, cuda) == 4  # 16 tiles
+    assert decode.scan_splits(2, 4095, cuda) == 32  # M7C at 64k, batch 1: 64 tiles -> 32 splits of 2
+    assert decode.scan_splits(2, 1000, cuda) == 8  # 16 tiles
     assert decode.scan_splits(64, 4095, cuda) == 3  # batch 32: 64 programs -> 3 per (sequence, group)
     assert decode.scan_splits(256, 4095, cuda) == 1
     assert decode.scan_splits(2, 100, cuda) == 1
     assert decode.scan_splits(2, 4095, torch.device("cpu")) == 1
+    assert decode.window_splits(32, 4095, 512) == 4  # 8 ring tiles, 2 per program as the compressed splits
+    assert decode.window_splits(3, 4095, 512) == 1  # 22 compressed tiles per split: the ring in one program
+    assert decode.window_splits(8, 1000, 4096) == 32  # 64 ring tiles, 2 per program: capped at MAX_SPLITS
+    assert decode.window_splits(1, 4095, 512) == 0  # no split kernel: the main kernel scans the window
+
+
+def test_serial_tiles_span_blocks():
+    """The main kernel's serial loops read TILE_ELEMS elements per iteration: the probability pass
+    TILE_ELEMS / rows slots, the selected branch TILE_ELEMS / head dim tokens (several blocks)."""
+    assert decode.prob_tile(16, 4095) == 512 and decode.prob_tile(16, 100) == 128
+    assert decode.selected_rows(16, 64, 64) == 128  # M7C: 2 selection blocks per tile, 8 tiles
+    assert decode.selected_rows(16, 64, 128) == 64  # the paper's head dim: one block per tile
+    assert decode.selected_rows(3, 8, 16) == 32  # every selected token in one tile
 
 
 def test_decode_warps_grow_with_the_score_vector():

@@ -136,7 +136,7 @@ def fused_kernel(layer, device, dtype):
 
     if layer.nsa.impl != "triton" and not decode_ok(device, dtype):  # impl=triton: no checks, as the layer
         return None
-    return torch.ops.nsa.static_decode.default
+    return torch.ops.nsa.static_decode.default  # decode.static_decode_into
 
 
 def dense_kernel(device, dtype, fused: bool | None = None):
@@ -202,9 +202,10 @@ class StaticNSACache:
         self.map_idx = self.map_idx.clamp_max(self.n_slc - 1)
         # the last step's position and selected blocks, for tokens_read: buffers of the cache, written
         # in place by the step, because a replayed CUDA graph writes only the tensors it captured (a
-        # tensor the step allocated belongs to the graph's pool, and the next graph reuses that memory)
+        # tensor the step allocated belongs to the graph's pool, and the next graph reuses that memory).
+        # The fused kernels write them themselves (no copy kernels in the step).
         self.last_t = torch.zeros(1, dtype=torch.int64, device=device)
-        self.last_sel = torch.full((batch, G, min(nsa.n_selected, self.n_slc)), -1, dtype=torch.int64, device=device)
+        self.last_sel = torch.full((batch, G, min(nsa.n_selected, self.n_slc)), -1, dtype=torch.int32, device=device)
         self.stepped = False
         self.fused = fused_kernel(layer, device, dtype)
         position.compresses(nsa.cmp_block, nsa.cmp_stride)
@@ -287,9 +288,11 @@ def nsa_step(layer, x: torch.Tensor, rope, cache: StaticNSACache) -> torch.Tenso
         _put(cache.cmp_v, i_slot, v_c)
 
     o_cmp, o_slc, o_win, idx = attend(q, cache, t, nsa.n_selected, layer.enabled)
-    if idx is not None:  # what the step read (see StaticNSACache.last_t)
-        cache.last_t.copy_(t.view(1))
-        cache.last_sel.copy_(idx)
+    if idx is not None:  # what the step read (see StaticNSACache.last_t); the fused kernels wrote their part
+        if not one_write:
+            cache.last_t.copy_(t.view(1))
+        if idx is not cache.last_sel:
+            cache.last_sel.copy_(idx)
         cache.stepped = True
     return layer.combine(x, (o_cmp, o_slc, o_win), record_gates=False)
 
@@ -298,13 +301,14 @@ def attend(q: torch.Tensor, cache: StaticNSACache, t: torch.Tensor, n_selected: 
     """The three branches for the decode queries q [B, H, 1, D] at position t over the cache (its
     slots for t already written) -> (o_cmp, o_slc, o_win) [B, H, 1, D] (None: branch off) and the
     selected blocks [B, G, n] (-1 = none; None without selection). The fused Triton kernel
-    (triton/decode.py) when the cache was made for it, else `attend_torch`."""
+    (triton/decode.py) when the cache was made for it (the blocks: cache.last_sel, which it writes),
+    else `attend_torch`."""
     if cache.fused is None:
         return attend_torch(q, cache, t, n_selected, enabled)
     c = cache
-    outs = c.fused(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t.view(1), c.cmp_block,
-                   c.cmp_stride, c.slc_block, n_selected, *enabled, 0)
-    return tuple(o if on else None for o, on in zip(outs, (*enabled, enabled[1])))
+    outs = c.fused(q, c.cmp_k, c.cmp_v, c.slc_k, c.slc_v, c.win_k, c.win_v, c.win_pos, t.view(1), c.last_sel,
+                   c.cmp_block, c.cmp_stride, c.slc_block, n_selected, *enabled, 0)
+    return (*(o if on else None for o, on in zip(outs, enabled)), c.last_sel if enabled[1] else None)
 
 
 def attend_torch(q: torch.Tensor, cache: StaticNSACache, t: torch.Tensor, n_selected: int, enabled):

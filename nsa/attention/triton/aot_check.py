@@ -183,30 +183,35 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                 ]
                 # fused static decode: the paper's geometry (l=32, d=16, n=16), 64k and 256k-token caches,
-                # the compressed scan in the one kernel or split (its partials merged)
-                dec = dict(R=group, RP=pad_pow2(group), D=D, D_PAD=pad_pow2(D), L=32, DS=16, BC=decode.BC, **dots)
-                for ns_pad, nsplit in ((1024, 1), (4096, 1), (1024, 16)):
-                    jobs.append((decode._decode_kernel,
-                                 dict(Q=t, CK=t, CV=t, SK=t, SV=t, WK=t, WV=t, WPOS="*i64", T="*i64", SCR=f, PGRP=f,
-                                      IDX="*i32", OC=t, OS=t, OW=t, PM=f, PL=f, PACC=f),
-                                 dict(dec, LP=slc_block, LP_PAD=pad_pow2(slc_block), NSEL=16, NS_PAD=ns_pad,
-                                      NI=decode.overlap_terms(32, 16, slc_block), BP=decode.BP, BW=decode.BW,
-                                      NSPLIT=nsplit, USE_CMP=True, USE_SLC=True, USE_WIN=True),
+                # the compressed scan in the one kernel or split (32 splits and 4 window programs, as at
+                # batch 1 and 64k; their partials merged)
+                rp = pad_pow2(group)
+                dec = dict(R=group, RP=rp, D=D, D_PAD=pad_pow2(D), L=32, DS=16, BC=decode.BC, BW=decode.BW,
+                           USE_SLC=True, **dots)
+                dec_ptrs = dict(Q=t, CK=t, CV=t, SK=t, SV=t, WK=t, WV=t, WPOS="*i64", T="*i64", SCR=f, PGRP=f,
+                                IDX="*i32", OC=t, OS=t, OW=t, PM=f, PL=f, PACC=f)
+
+                def merge(nsplit, wsplit):
+                    return dict(NSPLIT=nsplit, WSPLIT=wsplit, MPAD=pad_pow2(max(nsplit, wsplit), 1),
+                                MCH=decode.merge_chunk(max(nsplit, wsplit), rp, pad_pow2(D)))
+
+                for ns_pad, nsplit, wsplit in ((1024, 1, 0), (4096, 1, 0), (1024, 32, 4)):
+                    jobs.append((decode._decode_kernel, dec_ptrs,
+                                 dict(dec, LP=slc_block, NSEL=16, NS_PAD=ns_pad, NI=decode.overlap_terms(32, 16, slc_block),
+                                      BP=decode.prob_tile(rp, ns_pad * 4), SR=decode.selected_rows(16, slc_block, D),
+                                      USE_CMP=True, USE_WIN=True, **merge(nsplit, wsplit)),
                                  decode.decode_warps(ns_pad, D)))
-                split_ptrs = dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f, WK=t, WV=t, WPOS="*i64", OW=t)
-                jobs.append((decode._decode_split_kernel, split_ptrs,  # with the window's extra program
-                             dict(dec, BW=decode.BW, NSPLIT=16, USE_SLC=True, USE_WIN=True), num_warps(D)))
+                split_ptrs = dict(Q=t, CK=t, CV=t, T="*i64", SCR=f, PM=f, PL=f, PACC=f, WK=t, WV=t, WPOS="*i64")
+                jobs.append((decode._decode_split_kernel, split_ptrs,  # with the window's programs
+                             dict(dec, NSPLIT=32, WSPLIT=4), num_warps(D)))
                 # the dense baseline's decode (dense_decode): the scan with l = d = 1, split, nothing else
-                dense = dict(dec, L=1, DS=1)
-                jobs.append((decode._decode_kernel,
-                             dict(Q=t, CK=t, CV=t, SK=t, SV=t, WK=t, WV=t, WPOS="*i64", T="*i64", SCR=f, PGRP=f,
-                                  IDX="*i32", OC=t, OS=t, OW=t, PM=f, PL=f, PACC=f),
-                             dict(dense, LP=1, LP_PAD=16, NSEL=0, NS_PAD=16, NI=1, BP=decode.BP, BW=decode.BW,
-                                  NSPLIT=16, USE_CMP=True, USE_SLC=False, USE_WIN=False),
+                dense = dict(dec, L=1, DS=1, USE_SLC=False)
+                jobs.append((decode._decode_kernel, dec_ptrs,
+                             dict(dense, LP=1, NSEL=0, NS_PAD=16, NI=1, BP=16, SR=16, USE_CMP=True, USE_WIN=False,
+                                  **merge(32, 0)),
                              decode.decode_warps(16, D)))
-                jobs.append((decode._decode_split_kernel, split_ptrs,
-                             dict(dense, BW=decode.BW, NSPLIT=16, USE_SLC=False, USE_WIN=False), num_warps(D)))
-                jobs.append((decode._write_kernel, dict(T="*i64", Q=t, QO=t, COS=f, SIN=f, SK=t, SV=t, WK=t, WV=t,
+                jobs.append((decode._decode_split_kernel, split_ptrs, dict(dense, NSPLIT=32, WSPLIT=0), num_warps(D)))
+                jobs.append((decode._write_kernel, dict(T="*i64", LAST_T="*i64", Q=t, QO=t, COS=f, SIN=f, SK=t, SV=t, WK=t, WV=t,
                                                         WPOS="*i64", RK=t, RV=t, NKS=t, NVS=t, NKW=t, NVW=t, NKR=t,
                                                         NVR=t),
                              dict(R=group, RP=pad_pow2(group, 1), D=D, D_PAD=pad_pow2(D, 1), HALF=D // 2,

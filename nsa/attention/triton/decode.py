@@ -11,17 +11,20 @@ which share every K/V load (the paper's group-centric layout), reading each cach
 2. selection (Eqs. 8-10): the probabilities exp2(s - lse) summed over the group's heads, per
    compressed slot (a second scratch), then per selection block through the overlap map computed
    from the geometry (weight = overlap tokens / d, as blocks.overlap_map); forced initial and local
-   blocks, future blocks excluded; top-n by repeated argmax, ties to the lower block index (what
-   the PyTorch step's stable sort gives), -1 past the valid blocks;
-3. selected: the n blocks straight from the raw-token buffer (no gathered copy), clipped at t;
+   blocks, future blocks excluded; top-n by n max-reductions of unique int64 keys (select.block_keys:
+   ties to the lower block index, what the PyTorch step's stable sort gives), -1 past the valid blocks;
+3. selected: the n blocks straight from the raw-token buffer (no gathered copy), clipped at t, as
+   one flat list of n * l' tokens read TILE_ELEMS / D per tile (several blocks per tile);
 4. window: the ring buffer's slots holding positions in (t - w, t].
 The scratch stores and loads are separated by CTA barriers (written and read by the same program).
-With few programs (batch 1 has only G) the compressed scan, the longest part at 64k (4096 slots
-against 16 blocks and the window), is split flash-decoding style: `_decode_split_kernel` runs
-`scan_splits` programs per (sequence, group), each over an equal share of the visible slots' tiles,
-and leaves softmax partials that _decode_kernel merges before the rest; one more program per
-(sequence, group) does the window branch meanwhile, so what stays serial is the selection and its blocks.
 
+Batch 1 has only G programs, and each loop iteration of a program waits for a memory round trip, so
+the step is latency-bound. Hence: with few programs the compressed scan (the longest part at 64k:
+4096 slots against 16 blocks and the window) is split flash-decoding style over `scan_splits`
+programs per (sequence, group) in `_decode_split_kernel`, at least MIN_SPLIT_TILES tiles each, and
+the window beside it over `window_splits` programs (no more tiles each than a compressed split);
+they leave softmax partials that _decode_kernel merges a chunk of splits per load. What stays serial
+is the selection and its blocks, in few large tiles, the loops without a dot pipelined (tl.range).
 Before it, `static_write` (one program per sequence and group) rotates the query heads and the
 selection and window keys at t and writes every cache slot of the new token: the step's RoPE and
 writes, eleven PyTorch/Triton kernels otherwise, in one launch.
@@ -47,12 +50,17 @@ import triton.language as tl
 from nsa.attention.triton._common import (
     LOG2E, check_inputs, device_function, dot_config, num_warps, online_softmax, pad_pow2,
 )
+from nsa.attention.triton.select import KEY_FLOOR, block_index, block_keys
 
 BC = 64  # compressed slots per tile
-BP = 256  # compressed slots per tile of the probability pass (fp32 scores from L2, no dot)
 BW = 64  # window ring slots per tile
-MIN_SPLIT_TILES = 4  # a split of the compressed scan takes at least this many tiles
+MIN_SPLIT_TILES = 2  # a split of the compressed scan takes at least this many tiles
 MAX_SPLITS = 32
+# Elements per tile of the main kernel's serial loops (64 fp32 registers per thread at 4 warps). At batch 1
+# each loop iteration waits on a memory round trip, so fewer, larger tiles: the probability pass reads
+# TILE_ELEMS // rows compressed slots' scores per iteration, the selected branch TILE_ELEMS // head dim
+# tokens (several selection blocks) per tile.
+TILE_ELEMS = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +86,30 @@ def scan_splits(programs: int, n_cmp: int, device: torch.device) -> int:
     return max(1, min(want, -(-n_cmp // BC) // MIN_SPLIT_TILES, MAX_SPLITS))
 
 
+def window_splits(nsplit: int, n_cmp: int, window: int) -> int:
+    """Programs per (sequence, group) for the window branch beside a split compressed scan: as many as
+    keep each one to the compressed splits' tiles per program (the step waits for the longest program)."""
+    if nsplit <= 1:
+        return 0
+    per = max(1, -(-(-(-n_cmp // BC)) // nsplit))  # compressed tiles per split
+    return max(1, min(-(-(-(-window // BW)) // per), MAX_SPLITS))
+
+
+def prob_tile(rows: int, n_cmp: int) -> int:
+    """Compressed slots per iteration of the probability pass (`rows` score rows each, padded)."""
+    return max(16, min(TILE_ELEMS // rows, pad_pow2(n_cmp)))
+
+
+def selected_rows(n_sel: int, slc_block: int, head_dim: int) -> int:
+    """Selected tokens per tile of the selected branch (the n blocks' l' tokens, flattened)."""
+    return max(16, min(pad_pow2(n_sel * slc_block), TILE_ELEMS // pad_pow2(head_dim)))
+
+
+def merge_chunk(splits: int, rows: int, d_pad: int) -> int:
+    """Split programs whose accumulators the merge loads at once (rows x d_pad fp32 each)."""
+    return max(1, min(pad_pow2(splits, 1), TILE_ELEMS // (rows * d_pad)))
+
+
 @device_function
 def _scores(q, k, valid, qk_scale, PREC: tl.constexpr):
     """Scores of the query rows against a key tile, in log2 units, -inf where not valid."""
@@ -86,11 +118,12 @@ def _scores(q, k, valid, qk_scale, PREC: tl.constexpr):
 
 
 @device_function
-def _attend_rows(q, K, V, row_off, ok, offs_d, dmask, m_i, l_i, acc, qk_scale, IN_T: tl.constexpr,
+def _attend_rows(q, K, V, row_off, ok, load_ok, offs_d, dmask, m_i, l_i, acc, qk_scale, IN_T: tl.constexpr,
                  DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """The key/value rows starting at element offsets row_off (those with ok) into the online softmax."""
+    """The key/value rows starting at element offsets row_off into the online softmax: those with ok
+    scored, those with load_ok (a superset of ok, here when it needs no loaded value) read."""
     off = row_off[:, None] + offs_d[None, :]
-    mask = ok[:, None] & dmask[None, :]
+    mask = load_ok[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=mask, other=0.0).to(DOT_T)
     v = tl.load(V + off, mask=mask, other=0.0).to(DOT_T)
     return online_softmax(_scores(q, k, ok, qk_scale, PREC), v, m_i, l_i, acc, IN_T, DOT_T, PREC)
@@ -104,6 +137,11 @@ def _store_rows(O, base, acc, l_i, rows, offs_d, rmask, dmask, D: tl.constexpr):
 
 
 @device_function
+def _softmax_init(RP: tl.constexpr, D_PAD: tl.constexpr):
+    return tl.full([RP], float("-inf"), tl.float32), tl.zeros([RP], tl.float32), tl.zeros([RP, D_PAD], tl.float32)
+
+
+@device_function
 def _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d, dmask,
               R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BC: tl.constexpr,
               USE_SLC: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
@@ -111,9 +149,7 @@ def _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d
     (log2 units) also go to SCR [B*G, R, NC]. Returns (m, l, acc)."""
     offs_c = tl.arange(0, BC)
     c_base = pid * NC * D
-    m_i = tl.full([RP], float("-inf"), tl.float32)
-    l_i = tl.zeros([RP], tl.float32)
-    acc = tl.zeros([RP, D_PAD], tl.float32)
+    m_i, l_i, acc = _softmax_init(RP, D_PAD)
     for c0 in range(c_lo, c_hi, BC):
         cin = (c0 + offs_c) < c_hi
         c_off = c_base + (c0 + offs_c)[:, None] * D + offs_d[None, :]
@@ -143,36 +179,59 @@ def _load_q(Q, b, g, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R: tl.constex
 
 
 @device_function
-def _window(q, WK, WV, WPOS, OW, pid, t, WIN, qk_scale, rows, rmask, offs_d, dmask, R: tl.constexpr,
-            RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BW: tl.constexpr, IN_T: tl.constexpr,
-            DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """The window branch: the ring's slots holding positions in (t - WIN, t], into OW."""
+def _win_scan(q, WK, WV, WPOS, pid, t, WIN, w_lo, w_hi, qk_scale, offs_d, dmask, RP: tl.constexpr,
+              D: tl.constexpr, D_PAD: tl.constexpr, BW: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr,
+              PREC: tl.constexpr):
+    """The window branch over ring slots [w_lo, w_hi): those holding positions in (t - WIN, t]. The
+    loads do not wait for the positions (every slot below WIN is allocated); only the scores do."""
     offs_w = tl.arange(0, BW)
     w_base = pid * WIN * D
-    m_i = tl.full([RP], float("-inf"), tl.float32)
-    l_i = tl.zeros([RP], tl.float32)
-    acc = tl.zeros([RP, D_PAD], tl.float32)
-    for w0 in range(0, WIN, BW):
+    m_i, l_i, acc = _softmax_init(RP, D_PAD)
+    for w0 in range(w_lo, w_hi, BW):
         slot = w0 + offs_w
-        pos = tl.load(WPOS + slot, mask=slot < WIN, other=-1)
-        w_ok = (slot < WIN) & (pos >= 0) & (pos > t - WIN) & (pos <= t)
-        m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, offs_d, dmask, m_i, l_i, acc,
+        in_range = slot < w_hi
+        pos = tl.load(WPOS + slot, mask=in_range, other=-1)
+        w_ok = in_range & (pos >= 0) & (pos > t - WIN) & (pos <= t)
+        m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, in_range, offs_d, dmask, m_i, l_i, acc,
                                      qk_scale, IN_T, DOT_T, PREC)
-    _store_rows(OW, pid * R * D, acc, l_i, rows, offs_d, rmask, dmask, D)  # [B, H, 1, D]: heads g*R.. of b
+    return m_i, l_i, acc
+
+
+@device_function
+def _merge_partials(PM, PL, PACC, first, count, rows, offs_d, RP: tl.constexpr, D_PAD: tl.constexpr,
+                    MPAD: tl.constexpr, MCH: tl.constexpr):
+    """Flash-decoding merge of the softmax partials (m, l, acc) of splits first .. first + count - 1
+    (their rows at (split * RP + row) in PM, PL and PACC's [.., D_PAD] rows), count <= MPAD. Every
+    split's (m, l) in one load, the accumulators MCH splits per load: a few round trips, not one per split."""
+    sp = tl.arange(0, MPAD)
+    m_s = tl.load(PM + (first + sp)[:, None] * RP + rows[None, :], mask=(sp < count)[:, None], other=float("-inf"))
+    l_s = tl.load(PL + (first + sp)[:, None] * RP + rows[None, :], mask=(sp < count)[:, None], other=0.0)
+    m_i = tl.max(m_s, 0)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.sum(l_s * tl.math.exp2(m_s - m_safe[None, :]), 0)
+    acc = tl.zeros([RP, D_PAD], tl.float32)
+    ch = tl.arange(0, MCH)
+    for c0 in tl.range(0, count, MCH, num_stages=2):
+        ok = (c0 + ch) < count
+        part = (first + c0 + ch)[:, None] * RP + rows[None, :]  # [MCH, RP]
+        w = tl.math.exp2(tl.load(PM + part, mask=ok[:, None], other=float("-inf")) - m_safe[None, :])
+        a = tl.load(PACC + part[:, :, None] * D_PAD + offs_d[None, None, :], mask=ok[:, None, None], other=0.0)
+        acc += tl.sum(a * w[:, :, None], 0)
+    return m_i, l_i, acc
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, CK, CV, T, SCR, PM, PL, PACC, WK, WV, WPOS, OW,
+    Q, CK, CV, T, SCR, PM, PL, PACC, WK, WV, WPOS,
     s_qb, s_qh, s_qd, G, NC, WIN, scale,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     L: tl.constexpr, DS: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, NSPLIT: tl.constexpr,
-    USE_SLC: tl.constexpr, USE_WIN: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    WSPLIT: tl.constexpr, USE_SLC: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Split compressed scan (flash-decoding): program (b * G + g, split) takes an equal share of the
-    visible slots' tiles and leaves its softmax partials (m, l, acc) for _decode_kernel to merge.
-    With the window branch on, one more program per (b, g), split == NSPLIT, does the window (it
-    needs no selection), so _decode_kernel's serial part after the merge is selection alone."""
+    """Split scans (flash-decoding): program (b * G + g, split) takes an equal share of the visible
+    compressed slots' tiles (split < NSPLIT) or of the window ring's (the WSPLIT programs after them:
+    the window needs no selection, so it runs here, beside the compressed scan) and leaves its softmax
+    partials (m, l, acc) for _decode_kernel to merge. What stays serial there is the selection."""
     pid = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     rows = tl.arange(0, RP)
@@ -181,19 +240,60 @@ def _decode_split_kernel(
     dmask = offs_d < D
     q = _load_q(Q, pid // G, pid % G, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R, DOT_T)
     t, n_vis = _visible(T, L, DS, NC)
-    if USE_WIN and sp == NSPLIT:
-        _window(q, WK, WV, WPOS, OW, pid, t, WIN, scale * LOG2E, rows, rmask, offs_d, dmask, R, RP, D, D_PAD, BW,
-                IN_T, DOT_T, PREC)
+    qk_scale = scale * LOG2E
+    if sp >= NSPLIT:  # (only with WSPLIT > 0)
+        ws: tl.constexpr = WSPLIT if WSPLIT > 0 else 1
+        w_per = ((WIN + BW - 1) // BW + ws - 1) // ws * BW  # ring slots per program, whole tiles
+        w_lo = (sp - NSPLIT) * w_per
+        m_i, l_i, acc = _win_scan(q, WK, WV, WPOS, pid, t, WIN, w_lo, tl.minimum(w_lo + w_per, WIN), qk_scale,
+                                  offs_d, dmask, RP, D, D_PAD, BW, IN_T, DOT_T, PREC)
     else:
         per = ((n_vis + BC - 1) // BC + NSPLIT - 1) // NSPLIT * BC  # slots per split, whole tiles
         c_lo = sp * per
         c_hi = tl.minimum(c_lo + per, n_vis)
-        m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, scale * LOG2E, rows, rmask, offs_d, dmask,
+        m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d, dmask,
                                   R, RP, D, D_PAD, BC, USE_SLC, IN_T, DOT_T, PREC)
-        part = (pid * NSPLIT + sp) * RP + rows
-        tl.store(PM + part, m_i)
-        tl.store(PL + part, l_i)
-        tl.store(PACC + part[:, None] * D_PAD + offs_d[None, :], acc)
+    part = (pid * (NSPLIT + WSPLIT) + sp) * RP + rows
+    tl.store(PM + part, m_i)
+    tl.store(PL + part, l_i)
+    tl.store(PACC + part[:, None] * D_PAD + offs_d[None, :], acc)
+
+
+@device_function
+def _select_blocks(SCR, PGRP, IDX, pid, t, n_vis, lse2, NC, NS, rows, rmask, R: tl.constexpr, L: tl.constexpr,
+                   DS: tl.constexpr, LP: tl.constexpr, NSEL: tl.constexpr, NS_PAD: tl.constexpr, NI: tl.constexpr,
+                   BP: tl.constexpr):
+    """Eqs. 8-10 from the scores in SCR and the rows' LSE (log2 units): the top NSEL selection blocks
+    into IDX[pid] (-1 past the valid ones), in the order of the PyTorch step's stable sort."""
+    offs_p = tl.arange(0, BP)
+    for c0 in tl.range(0, n_vis, BP, num_stages=2):  # Eq. 10: probabilities summed over the group's heads
+        pin = (c0 + offs_p) < n_vis
+        s2 = tl.load(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_p[None, :],
+                     mask=rmask[:, None] & pin[None, :], other=float("-inf"))
+        tl.store(PGRP + pid * NC + c0 + offs_p, tl.sum(tl.math.exp2(s2 - lse2[:, None]), 0), mask=pin)
+    tl.debug_barrier()
+    # Eq. 9: selection block j gets compressed blocks i = i_lo(j) .. with weight overlap / d
+    j = tl.arange(0, NS_PAD)
+    first_tok = j * LP - L + 1  # block i overlaps j iff i*d + l - 1 >= j*l'
+    i_lo = tl.where(first_tok > 0, (tl.maximum(first_tok, 0) + DS - 1) // DS, 0)
+    score = tl.zeros([NS_PAD], tl.float32)
+    for term in tl.static_range(NI):
+        i = i_lo + term
+        lo = tl.maximum(i * DS, j * LP)
+        hi = tl.minimum(i * DS + L, (j + 1) * LP)
+        hit = (hi > lo) & (i < n_vis) & (j < NS)
+        p_i = tl.load(PGRP + pid * NC + i, mask=hit, other=0.0)
+        score += tl.where(hit, p_i * ((hi - lo).to(tl.float32) / DS), 0.0)
+    cur = t // LP
+    score = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), score)
+    score = tl.where((j > cur) | (j >= NS), float("-inf"), score)
+    # top-n by NSEL max-reductions of unique int64 keys (select.block_keys: the score's order, ties to
+    # the lower block), one reduction per pick; -1 once only -inf (future or padding blocks) is left
+    key = block_keys(score, j, NS)
+    for n in range(NSEL):
+        best = tl.max(key, 0)
+        tl.store(IDX + pid * NSEL + n, block_index(best, NS))
+        key = tl.where(key == best, KEY_FLOOR, key)
 
 
 @triton.jit
@@ -202,10 +302,10 @@ def _decode_kernel(
     s_qb, s_qh, s_qd,
     G, NC, NS, CAP, WIN, scale,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    L: tl.constexpr, DS: tl.constexpr, LP: tl.constexpr, LP_PAD: tl.constexpr,
-    NSEL: tl.constexpr, NS_PAD: tl.constexpr, NI: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
-    BW: tl.constexpr, NSPLIT: tl.constexpr, USE_CMP: tl.constexpr, USE_SLC: tl.constexpr, USE_WIN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, DS: tl.constexpr, LP: tl.constexpr, NSEL: tl.constexpr, NS_PAD: tl.constexpr,
+    NI: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SR: tl.constexpr,
+    NSPLIT: tl.constexpr, WSPLIT: tl.constexpr, MPAD: tl.constexpr, MCH: tl.constexpr, USE_CMP: tl.constexpr,
+    USE_SLC: tl.constexpr, USE_WIN: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # b * G + g
     rows = tl.arange(0, RP)
@@ -217,74 +317,43 @@ def _decode_kernel(
     out_base = pid * R * D  # outputs [B, H, 1, D] contiguous: head g * R + row of sequence b
     t, n_vis = _visible(T, L, DS, NC)
 
+    if USE_WIN:  # the window: merged from the split kernel's programs, or scanned here
+        if NSPLIT == 1:
+            m_w, l_w, acc_w = _win_scan(q, WK, WV, WPOS, pid, t, WIN, 0, WIN, qk_scale, offs_d, dmask, RP, D, D_PAD,
+                                        BW, IN_T, DOT_T, PREC)
+        else:
+            m_w, l_w, acc_w = _merge_partials(PM, PL, PACC, pid * (NSPLIT + WSPLIT) + NSPLIT, WSPLIT, rows, offs_d,
+                                              RP, D_PAD, MPAD, MCH)
+        _store_rows(OW, out_base, acc_w, l_w, rows, offs_d, rmask, dmask, D)
+
     if USE_CMP or USE_SLC:
         if NSPLIT == 1:
             m_i, l_i, acc = _cmp_scan(q, CK, CV, SCR, pid, 0, n_vis, NC, qk_scale, rows, rmask, offs_d, dmask,
                                       R, RP, D, D_PAD, BC, USE_SLC, IN_T, DOT_T, PREC)
         else:  # merge the split scan's partials (_decode_split_kernel)
-            m_i = tl.full([RP], float("-inf"), tl.float32)
-            l_i = tl.zeros([RP], tl.float32)
-            acc = tl.zeros([RP, D_PAD], tl.float32)
-            for sp in range(NSPLIT):
-                part = (pid * NSPLIT + sp) * RP + rows
-                m_s = tl.load(PM + part)
-                m_new = tl.maximum(m_i, m_s)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_safe)
-                beta = tl.math.exp2(m_s - m_safe)
-                l_i = l_i * alpha + tl.load(PL + part) * beta
-                acc = acc * alpha[:, None] + tl.load(PACC + part[:, None] * D_PAD + offs_d[None, :]) * beta[:, None]
-                m_i = m_new
+            m_i, l_i, acc = _merge_partials(PM, PL, PACC, pid * (NSPLIT + WSPLIT), NSPLIT, rows, offs_d, RP, D_PAD,
+                                            MPAD, MCH)
         if USE_CMP:
             _store_rows(OC, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
     if USE_SLC:
-        lse2 = m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
+        tl.debug_barrier()  # the scores in SCR (this program's scan) complete
+        _select_blocks(SCR, PGRP, IDX, pid, t, n_vis, m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)), NC, NS,
+                       rows, rmask, R, L, DS, LP, NSEL, NS_PAD, NI, BP)
         tl.debug_barrier()
-        offs_p = tl.arange(0, BP)
-        for c0 in range(0, n_vis, BP):  # Eq. 10: probabilities summed over the group's heads
-            pin = (c0 + offs_p) < n_vis
-            s2 = tl.load(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_p[None, :],
-                         mask=rmask[:, None] & pin[None, :], other=float("-inf"))
-            tl.store(PGRP + pid * NC + c0 + offs_p, tl.sum(tl.math.exp2(s2 - lse2[:, None]), 0), mask=pin)
-        tl.debug_barrier()
-        # Eq. 9: selection block j gets compressed blocks i = i_lo(j) .. with weight overlap / d
-        j = tl.arange(0, NS_PAD)
-        first_tok = j * LP - L + 1  # block i overlaps j iff i*d + l - 1 >= j*l'
-        i_lo = tl.where(first_tok > 0, (tl.maximum(first_tok, 0) + DS - 1) // DS, 0)
-        score = tl.zeros([NS_PAD], tl.float32)
-        for term in tl.static_range(NI):
-            i = i_lo + term
-            lo = tl.maximum(i * DS, j * LP)
-            hi = tl.minimum(i * DS + L, (j + 1) * LP)
-            hit = (hi > lo) & (i < n_vis) & (j < NS)
-            p_i = tl.load(PGRP + pid * NC + i, mask=hit, other=0.0)
-            score += tl.where(hit, p_i * ((hi - lo).to(tl.float32) / DS), 0.0)
-        cur = t // LP
-        score = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), score)
-        score = tl.where((j > cur) | (j >= NS), float("-inf"), score)
-        for n in range(NSEL):  # top-n, ties to the lower index; -1 once only -inf is left
-            best = tl.max(score, 0)
-            pick = tl.min(tl.where(score == best, j, NS_PAD), 0)
-            tl.store(IDX + pid * NSEL + n, tl.where(best > float("-inf"), pick, -1).to(tl.int32))
-            score = tl.where(j == pick, float("-inf"), score)
-        tl.debug_barrier()
-        offs_t = tl.arange(0, LP_PAD)
+        # the n blocks' tokens as one flat list, SR per tile (several blocks: fewer serial round trips)
+        offs_f = tl.arange(0, SR)
         s_base = pid * CAP * D
-        m_i = tl.full([RP], float("-inf"), tl.float32)
-        l_i = tl.zeros([RP], tl.float32)
-        acc = tl.zeros([RP, D_PAD], tl.float32)
-        for n in range(NSEL):
-            blk = tl.load(IDX + pid * NSEL + n).to(tl.int64)
-            tok = blk * LP + offs_t
-            tok_ok = (blk >= 0) & (offs_t < LP) & (tok <= t)
-            m_i, l_i, acc = _attend_rows(q, SK, SV, s_base + tok * D, tok_ok, offs_d, dmask, m_i, l_i, acc,
+        m_i, l_i, acc = _softmax_init(RP, D_PAD)
+        for f0 in range(0, NSEL * LP, SR):
+            f = f0 + offs_f
+            in_list = f < NSEL * LP
+            blk = tl.load(IDX + pid * NSEL + f // LP, mask=in_list, other=-1).to(tl.int64)
+            tok = blk * LP + f % LP
+            tok_ok = in_list & (blk >= 0) & (tok <= t)
+            m_i, l_i, acc = _attend_rows(q, SK, SV, s_base + tok * D, tok_ok, tok_ok, offs_d, dmask, m_i, l_i, acc,
                                          qk_scale, IN_T, DOT_T, PREC)
         _store_rows(OS, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
-
-    if USE_WIN and NSPLIT == 1:  # split: the split kernel's extra program did it
-        _window(q, WK, WV, WPOS, OW, pid, t, WIN, qk_scale, rows, rmask, offs_d, dmask, R, RP, D, D_PAD, BW,
-                IN_T, DOT_T, PREC)
 
 
 @device_function
@@ -305,7 +374,7 @@ def _rotate_row(DST, dst_off, SRC, src_off, s_d, c, s, offs_h, hmask, HALF: tl.c
 
 @triton.jit
 def _write_kernel(
-    T, Q, QO, COS, SIN, SK, SV, WK, WV, WPOS, RK, RV, NKS, NVS, NKW, NVW, NKR, NVR,
+    T, LAST_T, Q, QO, COS, SIN, SK, SV, WK, WV, WPOS, RK, RV, NKS, NVS, NKW, NVW, NKR, NVR,
     s_qb, s_qh, s_qd, s_ksb, s_ksg, s_ksd, s_vsb, s_vsg, s_vsd, s_kwb, s_kwg, s_kwd, s_vwb, s_vwg, s_vwd,
     s_krb, s_krg, s_krd, s_vrb, s_vrg, s_vrd,
     G, CAP, WIN, L, s_tab, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -335,6 +404,7 @@ def _write_kernel(
     _copy_row(RV, row, NVR, b * s_vrb + g * s_vrg, s_vrd, offs_d, dmask)
     if pid == 0:
         tl.store(WPOS + t % WIN, t)
+        tl.store(LAST_T, t)  # the step's position, for the cache's read count
 
 
 def static_write(t: torch.Tensor, cache, q: torch.Tensor, slc_kv, win_kv, raw_kv, cos: torch.Tensor,
@@ -343,8 +413,9 @@ def static_write(t: torch.Tensor, cache, q: torch.Tensor, slc_kv, win_kv, raw_kv
     tables cos/sin [>= capacity, D], as RotaryEmbedding.tables) on the unrotated queries q [B, H, 1, D]
     and the selection and window keys; those keys and values to selection slot t and window ring slot
     t % w (and its position), the raw compression keys/values to ring slot t % l (all [B, G, 1, D],
-    any strides). Returns the rotated queries [B, H, 1, D]. Replaces three RoPE kernels, seven
-    index_copy_ and two remainders; not for torch.compile (Inductor fuses the PyTorch version)."""
+    any strides), and t to cache.last_t. Returns the rotated queries [B, H, 1, D]. Replaces three RoPE
+    kernels, seven index_copy_, two remainders and a copy; not for torch.compile (Inductor fuses the
+    PyTorch version)."""
     B, H, _, D = q.shape
     G = cache.slc_k.shape[1]
     news = (*slc_kv, *win_kv, *raw_kv)
@@ -352,7 +423,7 @@ def static_write(t: torch.Tensor, cache, q: torch.Tensor, slc_kv, win_kv, raw_kv
     q_rot = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     strides = [s for x in (q, *news) for s in (x.stride(0), x.stride(1), x.stride(3))]
     _write_kernel[(B * G,)](
-        t, q, q_rot, cos, sin, cache.slc_k, cache.slc_v, cache.win_k, cache.win_v, cache.win_pos, cache.raw_k,
+        t, cache.last_t, q, q_rot, cos, sin, cache.slc_k, cache.slc_v, cache.win_k, cache.win_v, cache.win_pos, cache.raw_k,
         cache.raw_v, *news, *strides, G, cache.slc_k.shape[2], cache.win_k.shape[2], cache.raw_k.shape[2],
         cos.stride(0), R=H // G, RP=pad_pow2(H // G, 1), D=D, D_PAD=pad_pow2(D, 1), HALF=D // 2,
         HALF_PAD=pad_pow2(D // 2, 1), num_warps=1)
@@ -364,28 +435,46 @@ def overlap_terms(cmp_block: int, cmp_stride: int, slc_block: int) -> int:
     return (slc_block + cmp_block - 2) // cmp_stride + 2
 
 
-@torch.library.custom_op("nsa::static_decode", mutates_args=())
-def static_decode(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc_k: torch.Tensor,
-                  slc_v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, win_pos: torch.Tensor,
-                  t: torch.Tensor, cmp_block: int, cmp_stride: int, slc_block: int, n_selected: int,
-                  use_cmp: bool, use_slc: bool, use_win: bool, splits: int,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def selected_shape(q: torch.Tensor, cmp_k: torch.Tensor, slc_k: torch.Tensor, slc_block: int,
+                   n_selected: int) -> tuple[int, int, int]:
+    """Shape of the selected-blocks buffer of static_decode_into: [B, G, min(n, selection blocks)]."""
+    return q.shape[0], cmp_k.shape[1], min(n_selected, -(-slc_k.shape[2] // slc_block))
+
+
+@torch.library.custom_op("nsa::static_decode", mutates_args=("idx",))
+def static_decode_into(q: torch.Tensor, cmp_k: torch.Tensor, cmp_v: torch.Tensor, slc_k: torch.Tensor,
+                       slc_v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, win_pos: torch.Tensor,
+                       t: torch.Tensor, idx: torch.Tensor, cmp_block: int, cmp_stride: int, slc_block: int,
+                       n_selected: int, use_cmp: bool, use_slc: bool, use_win: bool, splits: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode query per head, q [B, H, 1, D] at position t (a 1-element int64 device tensor),
     over static caches [B, G, *, D] (contiguous) -> (o_cmp, o_slc, o_win) [B, H, 1, D] (a branch
-    switched off: an empty tensor) and the selected blocks int32 [B, G, n] (-1 = none).
+    switched off: an empty tensor). With selection, the selected blocks go into idx, int32
+    [B, G, min(n, selection blocks)] (-1 = none): a buffer the caller keeps (StaticNSACache.last_sel),
+    so a replayed CUDA graph leaves them there without a copy kernel.
     splits: programs per (sequence, group) for the compressed scan (0: `scan_splits` decides)."""
     check_inputs("static_decode", q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v)
+    want = selected_shape(q, cmp_k, slc_k, slc_block, n_selected)
+    if use_slc and (tuple(idx.shape) != want or idx.dtype != torch.int32 or not idx.is_contiguous()):
+        raise ValueError(f"nsa triton decode: idx must be a contiguous int32 tensor of shape {list(want)}, "
+                         f"got {idx.dtype} {list(idx.shape)}")
     B, H, _, D = q.shape
-    G = cmp_k.shape[1]
-    nsel = min(n_selected, -(-slc_k.shape[2] // slc_block))
 
     def out(on):
         return torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype) if on else q.new_empty(0)
 
     outs = out(use_cmp), out(use_slc), out(use_win)
-    idx = torch.empty(B, G, nsel, device=q.device, dtype=torch.int32)  # the kernel writes every slot
     _launch(q, cmp_k, cmp_v, (slc_k, slc_v, win_k, win_v, win_pos), t, outs, idx, cmp_block, cmp_stride, slc_block,
             use_cmp, use_slc, use_win, splits)
+    return outs
+
+
+def static_decode(q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, cmp_block: int, cmp_stride: int,
+                  slc_block: int, n_selected: int, use_cmp: bool, use_slc: bool, use_win: bool, splits: int):
+    """static_decode_into with a new selected-blocks tensor, returned last: (o_cmp, o_slc, o_win, idx)."""
+    idx = torch.empty(selected_shape(q, cmp_k, slc_k, slc_block, n_selected), device=q.device, dtype=torch.int32)
+    outs = static_decode_into(q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, idx, cmp_block, cmp_stride,
+                              slc_block, n_selected, use_cmp, use_slc, use_win, splits)
     return (*outs, idx)
 
 
@@ -405,23 +494,26 @@ def _launch(q, cmp_k, cmp_v, others, t, outs, idx, cmp_block, cmp_stride, slc_bl
     scores = torch.empty(B * G, R, NC if use_slc else 0, device=dev, dtype=torch.float32)
     p_grp = torch.empty(B * G, NC if use_slc else 0, device=dev, dtype=torch.float32)
     nsplit = (splits or scan_splits(B * G, NC, dev)) if (use_cmp or use_slc) else 1
+    wsplit = window_splits(nsplit, NC, WIN) if use_win else 0
     RP, D_PAD = pad_pow2(R), pad_pow2(D)
-    n_part = B * G * nsplit * RP if nsplit > 1 else 0  # the split scan's (m, l, acc) per row
+    n_part = B * G * (nsplit + wsplit) * RP if nsplit > 1 else 0  # the split programs' (m, l, acc) per row
     partials = tuple(torch.empty(n, device=dev, dtype=torch.float32) for n in (n_part, n_part, n_part * D_PAD))
-    shape = dict(R=R, RP=RP, D=D, D_PAD=D_PAD, L=cmp_block, DS=cmp_stride, BC=BC, **dot_config(q.dtype))
-    if nsplit > 1:  # plus one program per (sequence, group) for the window
-        _decode_split_kernel[(B * G, nsplit + int(use_win))](
-            q, cmp_k, cmp_v, t, scores, *partials, win_k, win_v, win_pos, outs[2], q.stride(0), q.stride(1),
-            q.stride(3), G, NC, WIN, 1.0 / math.sqrt(D),
-            BW=BW, NSPLIT=nsplit, USE_SLC=use_slc, USE_WIN=use_win, **shape, num_warps=num_warps(D))
+    shape = dict(R=R, RP=RP, D=D, D_PAD=D_PAD, L=cmp_block, DS=cmp_stride, BC=BC, BW=BW, NSPLIT=nsplit,
+                 WSPLIT=wsplit, USE_SLC=use_slc, **dot_config(q.dtype))
+    scale = 1.0 / math.sqrt(D)
+    if nsplit > 1:
+        _decode_split_kernel[(B * G, nsplit + wsplit)](
+            q, cmp_k, cmp_v, t, scores, *partials, win_k, win_v, win_pos, q.stride(0), q.stride(1), q.stride(3),
+            G, NC, WIN, scale, **shape, num_warps=num_warps(D))
+    nsel = idx.shape[-1]
     _decode_kernel[(B * G,)](
         q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, scores, p_grp, idx, *outs, *partials,
-        q.stride(0), q.stride(1), q.stride(3),
-        G, NC, NS, CAP, WIN, 1.0 / math.sqrt(D),
-        LP=slc_block if use_slc else 1, LP_PAD=pad_pow2(slc_block) if use_slc else 16, NSEL=idx.shape[-1],
-        NS_PAD=NS_PAD, NI=overlap_terms(cmp_block, cmp_stride, slc_block) if use_slc else 1, BP=BP, BW=BW,
-        NSPLIT=nsplit, USE_CMP=use_cmp, USE_SLC=use_slc, USE_WIN=use_win, **shape,
-        num_warps=decode_warps(NS_PAD, D),
+        q.stride(0), q.stride(1), q.stride(3), G, NC, NS, CAP, WIN, scale,
+        LP=slc_block if use_slc else 1, NSEL=nsel, NS_PAD=NS_PAD,
+        NI=overlap_terms(cmp_block, cmp_stride, slc_block) if use_slc else 1,
+        BP=prob_tile(RP, NC), SR=selected_rows(nsel, slc_block, D) if use_slc else 16,
+        MPAD=pad_pow2(max(nsplit, wsplit), 1), MCH=merge_chunk(max(nsplit, wsplit), RP, D_PAD),
+        USE_CMP=use_cmp, USE_WIN=use_win, **shape, num_warps=decode_warps(NS_PAD, D),
     )
 
 
@@ -447,14 +539,12 @@ def _(q, k, v, t, splits):
     return torch.empty_like(q)
 
 
-@static_decode.register_fake
-def _(q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, cmp_block, cmp_stride, slc_block, n_selected,
+@static_decode_into.register_fake
+def _(q, cmp_k, cmp_v, slc_k, slc_v, win_k, win_v, win_pos, t, idx, cmp_block, cmp_stride, slc_block, n_selected,
       use_cmp, use_slc, use_win, splits):
     B, H, _, D = q.shape
-    G = cmp_k.shape[1]
-    nsel = min(n_selected, -(-slc_k.shape[2] // slc_block))
 
     def out(on):
         return q.new_empty(B, H, 1, D) if on else q.new_empty(0)
 
-    return out(use_cmp), out(use_slc), out(use_win), q.new_empty(B, G, nsel, dtype=torch.int32)
+    return out(use_cmp), out(use_slc), out(use_win)

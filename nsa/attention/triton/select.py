@@ -95,11 +95,26 @@ VALID_KEY_MIN = (_NEG_INF_KEY32 + 1) << 32
 # starts at int64 min, below every key (a padding block j >= NS has the key of -inf plus a negative
 # low half NS - 1 - j: below NEG_INF_KEY, invalid too)
 _VALID_KEY32: tl.constexpr = tl.constexpr(_NEG_INF_KEY32 + 1)
-_KEY_FLOOR: tl.constexpr = tl.constexpr(-(1 << 63))
+KEY_FLOOR: tl.constexpr = tl.constexpr(-(1 << 63))
 
 
 def select_mode() -> str:
     return env_choice("NSA_SELECT", SELECT_MODES)
+
+
+@device_function
+def block_keys(score, j, NS):
+    """The unique int64 key of selection block j's fp32 score (see Keys in the module docstring)."""
+    bits = score.to(tl.int32, bitcast=True)
+    key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # float order as signed ints
+    return (key32 << 32) + (NS - 1 - j)
+
+
+@device_function
+def block_index(key, NS):
+    """The block j of a key (int32), -1 for the key of a -inf score or a padding block."""
+    j = NS - 1 - key.to(tl.int32)  # the key's low half (truncation keeps the low 32 bits)
+    return tl.where((key >> 32) >= _VALID_KEY32, j, -1)
 
 
 @device_function
@@ -207,7 +222,7 @@ def _select_scores_kernel(
     md_mask = mmask[:, None] & dmask[None, :]
     k_ptrs = K + b * s_kb + g * s_kg + offs_i0[:, None] * s_kn + offs_d[None, :] * s_kd
     out_rows = OUT + b * s_ob + g * s_og + offs_m[:, None].to(tl.int64) * s_ot
-    top = tl.full([BM, NJ], _KEY_FLOOR, tl.int64)  # "topn": running top list, sorted descending
+    top = tl.full([BM, NJ], KEY_FLOOR, tl.int64)  # "topn": running top list, sorted descending
 
     if KPB > 0:  # aligned tiles (module docstring); carry: the last keys' share of the next tile's first block
         offs_a = tl.arange(0, BNA)
@@ -249,16 +264,13 @@ def _select_scores_kernel(
         if MODE == "scores":
             tl.store(out_rows + js[None, :], val, mask=mmask[:, None] & (js[None, :] < NS))
         else:
-            bits = val.to(tl.int32, bitcast=True)
-            key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # float order as signed ints
-            key = (key32 << 32) + (NS - 1 - js)[None, :]
+            key = block_keys(val, js[None, :], NS)
             if MODE == "keys":
                 tl.store(out_rows + js[None, :], key, mask=mmask[:, None] & (js[None, :] < NS))
             else:
                 top = _merge_top(top, key, BM, NJ, LOG_NJ)
     if MODE == "topn":
-        j = NS - 1 - top.to(tl.int32)  # the key's low half (truncation keeps the low 32 bits)
-        idx = tl.where((top >> 32) >= _VALID_KEY32, j, -1).to(tl.int64)
+        idx = block_index(top, NS).to(tl.int64)
         tl.store(out_rows + offs_j0[None, :], idx, mask=mmask[:, None] & (offs_j0[None, :] < NSEL))
 
 
