@@ -15,6 +15,7 @@ Conventions used by every kernel in this package:
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,6 +53,18 @@ def pad_pow2(x: int, minimum: int = 16) -> int:
 def num_warps(head_dim: int) -> int:
     """4 warps up to head dim 64, 8 above (not tuned on a GPU yet)."""
     return 4 if head_dim <= 64 else 8
+
+
+class DkvTile(NamedTuple):
+    """A dK/dV tile variant of the compressed and window kernels: BM queries per step, BN keys per program,
+    num_warps (0 = num_warps of the head dim); split: dV and dK in two launches of the kernel (PARTS 1 then
+    2), one [BN, D] fp32 accumulator each instead of two (compressed only); key_rows: the transposed score
+    form (KEY_ROWS: s^T = k q^T, so no dot takes a transposed operand)."""
+    bm: int
+    bn: int
+    warps: int
+    split: bool = False
+    key_rows: bool = False
 
 
 # num_warps measured best on an H100 (bench/bench_kernels.py, BENCHMARKS.md), as

@@ -220,8 +220,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
                 if esize == 2:  # the window dK/dV tile variants tuning may time (the first is `win`, above)
                     jobs.extend((window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
-                                 dict(win, BM=bm, BN=bn, KEY_ROWS=key_rows), warps or num_warps(D))
-                                for bm, bn, warps, key_rows in list(window.DKV_TILES.values())[1:])
+                                 dict(win, BM=spec.bm, BN=spec.bn, KEY_ROWS=spec.key_rows), spec.warps or num_warps(D))
+                                for spec in list(window.DKV_TILES.values())[1:])
                 # selection: fp32 scores and int64 keys (NSA_SELECT=topk) with NJ = 16; the fused
                 # top-n with NJ = NP = 16 (n <= 16) and 32 (n <= 32), and the BN = 16 variant; each
                 # with aligned key tiles too (KPB keys per selection block: 4 = the paper's geometry)

@@ -37,7 +37,6 @@ TFLOP/s (forward, paper layout, 64k) against flash attention's ~340, so the tile
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -45,8 +44,8 @@ import triton.language as tl
 
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LOG2E, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2, rowsum_do_o,
-    score_grads, softmax_output,
+    LOG2E, DkvTile, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2,
+    rowsum_do_o, score_grads, softmax_output,
 )
 
 BM_MAX, BN = 64, 32
@@ -236,17 +235,6 @@ def _cmp_bwd_dkdv_kernel(
             tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
         if PARTS != 2:
             tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_mask)
-
-
-class DkvTile(NamedTuple):
-    """A dK/dV tile variant: BM queries per step, BN compressed keys per program, num_warps (0 = num_warps
-    of the head dim); split: dV and dK in two launches of the kernel (PARTS 1 then 2), one [BN, D] fp32
-    accumulator each instead of two; key_rows: the transposed score form (KEY_ROWS)."""
-    bm: int
-    bn: int
-    warps: int
-    split: bool = False
-    key_rows: bool = False
 
 
 # Tile variants (queries BM, compressed keys BN, num_warps; 0 = num_warps(head dim)), tuned per shape on

@@ -45,8 +45,8 @@ import triton.language as tl
 from nsa.attention import flash_window
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LOG2E, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2, rowsum_do_o,
-    score_grads, softmax_output,
+    LOG2E, DkvTile, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2,
+    rowsum_do_o, score_grads, softmax_output,
 )
 from nsa.errors import UserError
 
@@ -59,10 +59,15 @@ def wide_applies(elem_bytes: int, head_dim: int) -> bool:
     return elem_bytes * pad_pow2(head_dim) <= 256 and pad_pow2(head_dim) > 64
 
 
+def small_tiles(elem_bytes: int, head_dim: int) -> bool:
+    """fp32 above head dim 64: 32 x 32 tiles only (the register budget), no tile variants."""
+    return elem_bytes * pad_pow2(head_dim) > 256
+
+
 def tile_sizes(elem_bytes: int, head_dim: int, forward: bool = False, wide: bool | None = None) -> tuple[int, int]:
     """(BM, BN) caps before clamping to the problem size; see the module docstring. wide: the
     forward's 128-query tiles where they apply (default WIDE_FWD_TILE)."""
-    if elem_bytes * pad_pow2(head_dim) > 256:
+    if small_tiles(elem_bytes, head_dim):
         return 32, 32
     if forward and (WIDE_FWD_TILE if wide is None else wide) and wide_applies(elem_bytes, head_dim):
         return min(2 * BM_MAX, 128), BN_MAX
@@ -241,14 +246,14 @@ def _win_bwd_dkdv_kernel(
     tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-# dK/dV tile variants: (queries BM per step, keys BN per program, num_warps (0: num_warps(head dim)), key_rows:
-# the KEY_ROWS score form), tuned per shape on the device for 2-byte inputs (backward_dkv_tile); the first is
-# the reference (tile_sizes), used untuned and for fp32. A key tile reads the q and dO of its (BN + window)
+# dK/dV tile variants (DkvTile: queries BM per step, keys BN per program, num_warps, the KEY_ROWS score form),
+# tuned per shape on the device for 2-byte inputs (backward_dkv_tile); the first is the reference
+# (tile_sizes), used untuned and for fp32. A key tile reads the q and dO of its (BN + window)
 # queries, so 128 keys read them ~1.8x less often per key than 64 at the paper's window of 512. The
 # key-rows tiles compile with fewer register spills for sm_90 than the reference at head dim 128 and none
 # at 64 (`python -m nsa.attention.triton.aot_check --ptxas-info --group 16 --only _win_bwd_dkdv`, 2026-11-27).
-DKV_TILES = {"bm64_bn64": (BM_MAX, BN_MAX, 0, False), "kr_bm64_bn64": (64, 64, 0, True),
-             "kr_bm32_bn128": (32, 128, 8, True)}
+DKV_TILES = {"bm64_bn64": DkvTile(BM_MAX, BN_MAX, 0), "kr_bm64_bn64": DkvTile(64, 64, 0, key_rows=True),
+             "kr_bm32_bn128": DkvTile(32, 128, 8, key_rows=True)}
 
 
 def _meta(q, k, forward: bool = False, wide: bool | None = None):
@@ -306,9 +311,11 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
             q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
     if "dkv" in run:
         key_rows = False
-        if dkv_tile is not None and q.element_size() * m["D_PAD"] <= 256:  # not where tile_sizes keeps 32 x 32
-            bm, bn, warps, key_rows = DKV_TILES[dkv_tile]
-            consts.update(BM=min(bm, pad_pow2(m["Sq"])), BN=min(bn, pad_pow2(m["N"])), num_warps=warps or consts["num_warps"])
+        if dkv_tile is not None and not small_tiles(q.element_size(), m["D"]):
+            spec = DKV_TILES[dkv_tile]
+            key_rows = spec.key_rows
+            consts.update(BM=min(spec.bm, pad_pow2(m["Sq"])), BN=min(spec.bn, pad_pow2(m["N"])),
+                          num_warps=spec.warps or consts["num_warps"])
         _win_bwd_dkdv_kernel[(cdiv(m["N"], consts["BN"]), m["B"] * m["G"])](
             q, k, v, do, lse, delta, dk, dv, *strides, m["G"], *geom, KEY_ROWS=key_rows, **consts)
     return dq, dk, dv
