@@ -577,6 +577,35 @@ def test_gate_combine_matches_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_mlp_combine_matches_torch(dtype, bias):
+    """The inference kernel with the gate MLP's SiLU and last Linear inside equals nn.SiLU, nn.Linear
+    (rounded to the dtype, as they are) and the gated sum: a decode step (S = 1) and a ragged S = 3,
+    strided branch outputs, hidden 24 padded to 32, head dim 24 padded. With gradients: ValueError."""
+    import torch.nn.functional as F
+
+    from nsa.attention.triton.combine import gate_mlp_combine
+
+    B, H, D, N = 2, 3, 24, 24
+    w2 = randn(3 * H, N, dtype=dtype, seed=81, grad=False) * 0.3
+    b2 = randn(3 * H, dtype=dtype, seed=82, grad=False) if bias else None
+    for S in (1, 3):
+        hidden = randn(B, S, N, dtype=dtype, seed=83 + S, grad=False)
+        outs = [randn(B, H, S, D, dtype=dtype, seed=90 + i, grad=False, strided=i == 1) for i in range(3)]
+        with torch.no_grad():
+            y = gate_mlp_combine(hidden, w2, b2, *outs)
+            logits = F.linear(F.silu(hidden), w2, b2)  # [B, S, 3H] in dtype
+        g = torch.sigmoid(logits.float()).view(B, S, H, 3).transpose(1, 2)
+        ref = sum(g[..., i:i + 1] * outs[i].float() for i in range(3)).transpose(1, 2).reshape(B, S, H * D)
+        assert y.shape == (B, S, H * D) and y.dtype == dtype
+        check(f"y S={S}", y, ref, dtype)
+    with pytest.raises(ValueError, match="expected hidden"):
+        gate_mlp_combine(hidden[..., :5], w2, b2, *outs)
+    with pytest.raises(ValueError, match="inference only"):
+        gate_mlp_combine(hidden.clone().requires_grad_(), w2, b2, *outs)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
 def test_rope_matches_torch(dtype):
     """The Triton RoPE kernel equals RotaryEmbedding's PyTorch rotation, forward and gradient, on a
     strided [B, S, H, D].transpose(1, 2) input at scattered positions (compressed keys' block ends)."""

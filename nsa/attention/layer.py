@@ -173,7 +173,13 @@ class NSAttention(nn.Module):
     def combine(self, x, outs, record_gates: bool = True) -> torch.Tensor:
         """Gated sum of the branch outputs (Eq. 5), then the output projection. record_gates=False
         (decode): leave `last_gate_mean` (the gates' mean per branch, for the training log) as the
-        last forward left it (two kernels fewer per step)."""
+        last forward left it (two kernels fewer per step), and with the Triton kernels and no gradients
+        run the gate MLP's SiLU and last Linear inside the gated sum's kernel (two more)."""
+        if not record_gates:
+            tk = self._fused_combine(outs)
+            if tk is not None and not torch.is_grad_enabled():
+                first, _, last = self.gate
+                return self.wo(tk.gate_mlp_combine(first(x), last.weight, last.bias, *outs))
         logits = self.gate(x)
         if record_gates:
             with torch.no_grad():

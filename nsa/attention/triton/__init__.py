@@ -15,6 +15,8 @@ KV group h // r, queries at absolute positions q_start .. q_start + Sq - 1):
   the scoring kernel (NSA_SELECT=fused, default) or from a score buffer by torch.topk (topk);
 * gate_combine(logits, o_cmp, o_slc, o_win) -> [B,S,H*D]: the gated sum of the three branch
   outputs (Eq. 5) in the output projection's layout, from the gate MLP's logits [B,S,3H];
+  gate_mlp_combine(hidden, w2, b2, o_cmp, o_slc, o_win): the same from the gate MLP's hidden layer
+  (its SiLU and last Linear in the kernel too), inference only (decode steps);
 * decode.static_decode / decode.static_write: the static-cache decode step's three branches in one
   kernel (torch op nsa::static_decode) and its cache writes, used by nsa.attention.static_decode;
 * available() -> bool: triton importable and (CUDA present or TRITON_INTERPRET=1).
@@ -35,7 +37,7 @@ import os
 import torch
 
 __all__ = ["available", "selected_attention", "compressed_attention", "window_attention", "select_blocks",
-           "gate_combine"]
+           "gate_combine", "gate_mlp_combine"]
 
 
 def available() -> bool:
@@ -65,6 +67,9 @@ def __getattr__(name):  # lazy: importing this package never requires triton
     if name == "gate_combine":
         from nsa.attention.triton.combine import gate_combine
         return gate_combine
+    if name == "gate_mlp_combine":
+        from nsa.attention.triton.combine import gate_mlp_combine
+        return gate_mlp_combine
     if name == "select_blocks":
         from nsa.attention.triton.select import select_blocks
         return select_blocks

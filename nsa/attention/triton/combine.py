@@ -13,6 +13,12 @@ Gates and sums are fp32; the results are rounded once to the output dtype (the P
 the gates and every partial product to bf16, so the two agree to bf16 precision, not bitwise).
 
 One program per (tile of BT tokens, batch x head).
+
+Inference (a decode step: no gradients) can also take the gate MLP's last layers into the kernel,
+`gate_mlp_combine`: from the first Linear's output h [B, S, hidden], each program computes its head's
+three logits silu(h) . w2[3h + c] + b2[3h + c] itself (w2 is [3H, hidden], a few KB), rounded where
+nn.SiLU and nn.Linear round theirs (to h's dtype). At batch 1 a replayed decode step is a chain of
+few-microsecond kernels: this drops two of them per layer (the SiLU and the second Linear).
 """
 
 from __future__ import annotations
@@ -89,6 +95,42 @@ def _combine_bwd_kernel(
     tl.store(dlg + 2 * s_lc, (g2 * (1.0 - g2) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
 
 
+@triton.jit
+def _gate_mlp_combine_kernel(
+    HID, W2, B2, O0, O1, O2, Y,
+    s_hb, s_ht, s_hk,
+    s_wc, s_wk,
+    s_ob, s_oh, s_ot, s_od,
+    s_yb, s_yt, s_yc,
+    H, S, N_HID,
+    D: tl.constexpr, D_PAD: tl.constexpr, HID_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """One program per (batch x token, head): the head's three gates from the hidden row, then the sum."""
+    pid_bt = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = (pid_bt // S).to(tl.int64)
+    t = (pid_bt % S).to(tl.int64)
+    offs_k = tl.arange(0, HID_PAD)
+    kmask = offs_k < N_HID
+    a = tl.load(HID + b * s_hb + t * s_ht + offs_k * s_hk, mask=kmask, other=0.0).to(tl.float32)
+    a = (a * tl.sigmoid(a)).to(HID.dtype.element_ty).to(tl.float32)  # SiLU, rounded as nn.SiLU's output
+    offs_c = tl.arange(0, 4)  # the head's gates c = 0, 1, 2 (and a padding row)
+    cmask = offs_c < 3
+    w = tl.load(W2 + (3 * h + offs_c)[:, None] * s_wc + offs_k[None, :] * s_wk,
+                mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    logits = tl.sum(w * a[None, :], 1)
+    if HAS_BIAS:
+        logits += tl.load(B2 + 3 * h + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    g = tl.sigmoid(logits.to(HID.dtype.element_ty).to(tl.float32))  # the Linear's output dtype, then fp32
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    o_off = b * s_ob + h * s_oh + t * s_ot + offs_d * s_od
+    y = tl.sum(tl.where(offs_c == 0, g, 0.0), 0) * tl.load(O0 + o_off, mask=dmask, other=0.0).to(tl.float32)
+    y += tl.sum(tl.where(offs_c == 1, g, 0.0), 0) * tl.load(O1 + o_off, mask=dmask, other=0.0).to(tl.float32)
+    y += tl.sum(tl.where(offs_c == 2, g, 0.0), 0) * tl.load(O2 + o_off, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(Y + b * s_yb + t * s_yt + (h * D + offs_d) * s_yc, y.to(Y.dtype.element_ty), mask=dmask)
+
+
 def _grid(B, H, S):
     return (cdiv(S, BT), B * H)
 
@@ -143,3 +185,31 @@ def gate_combine(logits: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
     if not needs_grad(logits, o_cmp, o_slc, o_win):
         return _combine_forward(logits, o_cmp, o_slc, o_win)[0]
     return GateCombine.apply(logits, o_cmp, o_slc, o_win)
+
+
+def gate_mlp_combine(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, o_cmp: torch.Tensor,
+                     o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
+    """gate_combine(linear(silu(hidden), w2, b2), o_cmp, o_slc, o_win) in one kernel, for inference (no
+    gradients): hidden [B, S, N] (the gate MLP's first Linear's output), w2 [3H, N] and b2 [3H] (or None)
+    its last Linear's; o_* [B, H, S, D] of one shape, dtype and device (any strides)."""
+    check_inputs("gate_mlp_combine", o_cmp, o_slc, o_win)
+    B, H, S, D = o_cmp.shape
+    if o_slc.shape != o_cmp.shape or o_win.shape != o_cmp.shape:
+        raise ValueError(f"nsa triton gate_mlp_combine: branch outputs differ in shape: {tuple(o_cmp.shape)}, "
+                         f"{tuple(o_slc.shape)}, {tuple(o_win.shape)}")
+    N = hidden.shape[-1]
+    if hidden.shape != (B, S, N) or w2.shape != (3 * H, N) or (b2 is not None and b2.shape != (3 * H,)):
+        raise ValueError(f"nsa triton gate_mlp_combine: expected hidden [B, S, N] = [{B}, {S}, N], w2 [3H, N] = "
+                         f"[{3 * H}, N], b2 [{3 * H}]; got {tuple(hidden.shape)}, {tuple(w2.shape)}, "
+                         f"{None if b2 is None else tuple(b2.shape)}")
+    if needs_grad(*(x for x in (hidden, w2, b2, o_cmp, o_slc, o_win) if x is not None)):
+        raise ValueError("nsa triton gate_mlp_combine: inference only (no gradients); use gate_combine")
+    if not o_slc.stride() == o_win.stride() == o_cmp.stride():
+        o_cmp, o_slc, o_win = o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous()
+    y = torch.empty(B, S, H * D, dtype=o_cmp.dtype, device=o_cmp.device)
+    if y.numel():
+        _gate_mlp_combine_kernel[(B * S, H)](
+            hidden, w2, w2 if b2 is None else b2, o_cmp, o_slc, o_win, y, *hidden.stride(), *w2.stride(),
+            *o_cmp.stride(), *y.stride(), H, S, N, D=D, D_PAD=pad_pow2(D), HID_PAD=pad_pow2(N),
+            HAS_BIAS=b2 is not None, num_warps=1)
+    return y

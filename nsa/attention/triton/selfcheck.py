@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from nsa.attention import ops
 
@@ -53,6 +54,12 @@ def _problem(device: torch.device, dtype: torch.dtype) -> str | None:
     go = torch.randn(o_r.shape, generator=g).to(device=device, dtype=dtype)
     checks = [("compressed forward", o_t, o_r), ("selected forward", s_t, s_r), ("window forward", w_t, w_r),
               ("gate-and-combine forward", c_t, c_r)]
+    with torch.no_grad():  # decode's gated sum with the gate MLP's SiLU and last Linear inside
+        hidden, w2, b2 = rnd(B, S, 24), rnd(3 * G * r, 24), rnd(3 * G * r)
+        m_t = tk.gate_mlp_combine(hidden, w2, b2, o_t, s_t, w_t)
+        gates = torch.sigmoid(F.linear(F.silu(hidden), w2, b2).float()).view(B, S, G * r, 3).transpose(1, 2)
+        m_r = sum(gates[..., i:i + 1] * o.float() for i, o in enumerate((o_t, s_t, w_t)))
+        checks.append(("gate MLP and combine (decode)", m_t, m_r.transpose(1, 2).reshape(B, S, G * r * D)))
     gc = torch.randn(c_r.shape, generator=g).to(device=device, dtype=dtype)
     (dl_t,), (dl_r,) = (torch.autograd.grad(c, logits, dc, retain_graph=True)
                         for c, dc in ((c_t, gc), (c_r, gc.float())))
