@@ -92,6 +92,35 @@ def test_fused_decode_matches_torch_step(dtype, geometry):
                 assert got[0].abs().max() == 0
 
 
+def test_fused_decode_never_reads_stale_slots():
+    """Slots the step must not attend (selection buffer past t, window ring slots outside (t - w, t],
+    compressed slots not yet complete) holding inf: the outputs are those of the same caches with
+    those slots zeroed, finite, with the compressed scan in one program and split."""
+    G, r, D, l, d, lp, n, w, capacity = 2, 3, 16, 8, 4, 8, 3, 12, 70
+    t = 9  # the window ring holds positions 0..9 of its 12 slots; compressed blocks 0 and 1 complete
+    _, cache = static_cache(G, r, D, l, d, lp, n, w, capacity, F32)
+    fill_random(cache, t, seed=3)
+    q = torch.randn(2, G * r, 1, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    t_dev = torch.tensor(t, device=DEVICE)
+    stale = [(cache.slc_k, slice(t + 1, None)), (cache.slc_v, slice(t + 1, None)), (cache.cmp_k, slice(2, None)),
+             (cache.cmp_v, slice(2, None))]
+    ring = (cache.win_pos < 0).nonzero().flatten()
+    for buf, slots in stale:
+        buf[:, :, slots] = 0.0
+    cache.win_k[:, :, ring] = 0.0
+    cache.win_v[:, :, ring] = 0.0
+    *want, want_idx = attend_torch(q, cache, t_dev, n, (True, True, True))
+    for buf, slots in stale:
+        buf[:, :, slots] = float("inf")
+    cache.win_k[:, :, ring] = float("inf")
+    cache.win_v[:, :, ring] = float("-inf")
+    for splits in (1, 2):
+        *got, idx = fused(q, cache, t_dev, n, (True, True, True), splits)
+        assert torch.equal(idx.long(), want_idx)
+        for name, a, b in zip(("cmp", "slc", "win"), got, want):
+            assert torch.isfinite(a).all() and rel_err(a, b) <= TOL[F32], (splits, name)
+
+
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]], ids=["lp8", "lp24"])
 def test_fused_decode_small_tiles(geometry, monkeypatch):
     """Tiles smaller than a selection block and not aligned to one (16 tokens against l' = 24), and a

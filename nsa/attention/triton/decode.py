@@ -118,12 +118,12 @@ def _scores(q, k, valid, qk_scale, PREC: tl.constexpr):
 
 
 @device_function
-def _attend_rows(q, K, V, row_off, ok, load_ok, offs_d, dmask, m_i, l_i, acc, qk_scale, IN_T: tl.constexpr,
+def _attend_rows(q, K, V, row_off, ok, offs_d, dmask, m_i, l_i, acc, qk_scale, IN_T: tl.constexpr,
                  DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """The key/value rows starting at element offsets row_off into the online softmax: those with ok
-    scored, those with load_ok (a superset of ok, here when it needs no loaded value) read."""
+    """The key/value rows starting at element offsets row_off (those with ok) into the online softmax.
+    The others are not read: a stale slot's values must not reach the sum, not even as 0 * inf."""
     off = row_off[:, None] + offs_d[None, :]
-    mask = load_ok[:, None] & dmask[None, :]
+    mask = ok[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=mask, other=0.0).to(DOT_T)
     v = tl.load(V + off, mask=mask, other=0.0).to(DOT_T)
     return online_softmax(_scores(q, k, ok, qk_scale, PREC), v, m_i, l_i, acc, IN_T, DOT_T, PREC)
@@ -182,8 +182,7 @@ def _load_q(Q, b, g, s_qb, s_qh, s_qd, rows, rmask, offs_d, dmask, R: tl.constex
 def _win_scan(q, WK, WV, WPOS, pid, t, WIN, w_lo, w_hi, qk_scale, offs_d, dmask, RP: tl.constexpr,
               D: tl.constexpr, D_PAD: tl.constexpr, BW: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr,
               PREC: tl.constexpr):
-    """The window branch over ring slots [w_lo, w_hi): those holding positions in (t - WIN, t]. The
-    loads do not wait for the positions (every slot below WIN is allocated); only the scores do."""
+    """The window branch over ring slots [w_lo, w_hi): those holding positions in (t - WIN, t]."""
     offs_w = tl.arange(0, BW)
     w_base = pid * WIN * D
     m_i, l_i, acc = _softmax_init(RP, D_PAD)
@@ -192,8 +191,8 @@ def _win_scan(q, WK, WV, WPOS, pid, t, WIN, w_lo, w_hi, qk_scale, offs_d, dmask,
         in_range = slot < w_hi
         pos = tl.load(WPOS + slot, mask=in_range, other=-1)
         w_ok = in_range & (pos >= 0) & (pos > t - WIN) & (pos <= t)
-        m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, in_range, offs_d, dmask, m_i, l_i, acc,
-                                     qk_scale, IN_T, DOT_T, PREC)
+        m_i, l_i, acc = _attend_rows(q, WK, WV, w_base + slot * D, w_ok, offs_d, dmask, m_i, l_i, acc, qk_scale,
+                                     IN_T, DOT_T, PREC)
     return m_i, l_i, acc
 
 
@@ -351,7 +350,7 @@ def _decode_kernel(
             blk = tl.load(IDX + pid * NSEL + f // LP, mask=in_list, other=-1).to(tl.int64)
             tok = blk * LP + f % LP
             tok_ok = in_list & (blk >= 0) & (tok <= t)
-            m_i, l_i, acc = _attend_rows(q, SK, SV, s_base + tok * D, tok_ok, tok_ok, offs_d, dmask, m_i, l_i, acc,
+            m_i, l_i, acc = _attend_rows(q, SK, SV, s_base + tok * D, tok_ok, offs_d, dmask, m_i, l_i, acc,
                                          qk_scale, IN_T, DOT_T, PREC)
         _store_rows(OS, out_base, acc, l_i, rows, offs_d, rmask, dmask, D)
 
