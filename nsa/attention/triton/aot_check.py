@@ -1,6 +1,6 @@
 """Compile every NSA Triton kernel for a CUDA architecture without a GPU.
 
-    python -m nsa.attention.triton.aot_check [--arch 80 90] [--dtype bf16 fp32 fp16] [--head-dim 64 128]
+    python -m nsa.attention.triton.aot_check [--arch 80 90] [--dtype bf16 fp32 fp16] [--head-dim 64 128] [--jobs N]
                                              [--ptx-dir DIR]
 
 Uses triton's own compiler and the ptxas shipped in the triton wheel, so it catches code that the
@@ -25,6 +25,8 @@ name contains NAME; --group R sets the query heads per KV group (default 3; the 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import re
 import subprocess
@@ -93,14 +95,11 @@ def runtime_specialisation(kernel, ptrs: dict, consts: dict) -> tuple[dict, dict
 
 
 def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_block=64, verbose=True,
-                ptx_dir=None, only: str | None = None, ptxas: bool = False) -> bool:
+                ptx_dir=None, only: str | None = None, ptxas: bool = False, workers: int = 1) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check: unset TRITON_INTERPRET (the compiler cannot run in interpreter mode)")
     import torch
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from nsa.attention.triton import combine, compressed, decode, rope, select, selected, window
     from nsa.attention.triton import _common
@@ -110,6 +109,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
 
     tl_types = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     ok = True
+    labels = []
     for arch in archs:
         for dtn in dtypes:
             dt = tl_types[dtn]
@@ -250,38 +250,69 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                         consts, attrs = runtime_specialisation(kernel, ptrs, consts)
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")
                            for name in kernel.arg_names}
-                    t0 = time.time()
-                    try:
-                        out = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs),
-                                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-                        limit = SHARED_LIMIT.get(arch)
-                        good = bool(out.asm.get("cubin")) and (limit is None or out.metadata.shared <= limit)
-                        msg = f"shared={out.metadata.shared}B" + (f" > the sm{arch} limit {limit}B" if not good else "")
-                        if ptxas:
-                            msg += " " + ptxas_info(out.asm["ptx"], arch)
-                        if ptx_dir:
-                            name = f"sm{arch}_{dtn}_d{D}_{job_no:02d}_{kernel.__name__}_w{warps}.ptx"
-                            with open(os.path.join(ptx_dir, name), "w") as fh:
-                                fh.write(strip_locations(out.asm["ptx"]))
-                    except Exception as exc:  # report every failure, then fail
-                        good, msg = False, f"{type(exc).__name__}: {exc}"
-                    ok &= good
-                    if verbose or not good:
-                        tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN", "KPB") if "MODE" in consts)
-                        tag += f" QT={consts['QT']}" if "QT" in consts else ""
-                        tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
-                        tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
-                        tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
-                        tag += " dense" if "_decode" in kernel.__name__ and consts.get("L") == 1 else ""
-                        tag += (f" BM={consts['BM']} BN={consts['BN']}"
-                                if "_cmp_" in kernel.__name__ or kernel.__name__ == "_win_bwd_dkdv_kernel" else "")
-                        tag += f" PARTS={consts['PARTS']}" if consts.get("PARTS") else ""
-                        tag += " KEY_ROWS" if consts.get("KEY_ROWS") else ""
-                        tag += " atomic" if consts.get("ATOMIC") else ""
-                        tag += f" w{warps}"
-                        print(f"{'OK  ' if good else 'FAIL'} sm{arch} {dtn} D={D} {kernel.__name__}{tag} {msg} "
-                              f"({time.time() - t0:.1f}s)", flush=True)
+                    ptx_name = f"sm{arch}_{dtn}_d{D}_{job_no:02d}_{kernel.__name__}_w{warps}.ptx" if ptx_dir else None
+                    _TASKS.append((arch, kernel, sig, consts, attrs, warps, ptxas, ptx_name))
+                    labels.append(f"sm{arch} {dtn} D={D} {kernel.__name__}{_tag(kernel.__name__, consts, warps)}")
+    if workers > 1 and len(_TASKS) > 1:  # forked workers share _TASKS (the kernels need no pickling)
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(_compile_task, range(len(_TASKS)))
+    else:
+        pool, results = None, map(_compile_task, range(len(_TASKS)))
+    try:
+        for label, (good, msg, ptx, ptx_name, secs) in zip(labels, results):
+            if ptx_name:
+                with open(os.path.join(ptx_dir, ptx_name), "w") as fh:
+                    fh.write(ptx)
+            ok &= good
+            if verbose or not good:
+                print(f"{'OK  ' if good else 'FAIL'} {label} {msg} ({secs:.1f}s)", flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        _TASKS.clear()
     return ok
+
+
+def _tag(name: str, consts: dict, warps: int) -> str:
+    """What tells a kernel's variants apart in the report."""
+    tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN", "KPB") if "MODE" in consts)
+    tag += f" QT={consts['QT']}" if "QT" in consts else ""
+    tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
+    tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
+    tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
+    tag += " dense" if "_decode" in name and consts.get("L") == 1 else ""
+    tag += f" BM={consts['BM']} BN={consts['BN']}" if "_cmp_" in name or name == "_win_bwd_dkdv_kernel" else ""
+    tag += f" PARTS={consts['PARTS']}" if consts.get("PARTS") else ""
+    tag += " KEY_ROWS" if consts.get("KEY_ROWS") else ""
+    tag += " atomic" if consts.get("ATOMIC") else ""
+    return tag + f" w{warps}"
+
+
+# the compile jobs of one compile_all call, (arch, kernel, signature, constexprs, attrs, num_warps, ptxas,
+# PTX file name or None); module state so that forked workers read them by index
+_TASKS: list = []
+
+
+def _compile_task(i: int):
+    """(ok, message, PTX without source locations or None, its file name, seconds) of _TASKS[i]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch, kernel, sig, consts, attrs, warps, ptxas, ptx_name = _TASKS[i]
+    t0 = time.time()
+    try:
+        out = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs),
+                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        limit = SHARED_LIMIT.get(arch)
+        good = bool(out.asm.get("cubin")) and (limit is None or out.metadata.shared <= limit)
+        msg = f"shared={out.metadata.shared}B" + (f" > the sm{arch} limit {limit}B" if not good else "")
+        if ptxas:
+            msg += " " + ptxas_info(out.asm["ptx"], arch)
+        ptx = strip_locations(out.asm["ptx"]) if ptx_name else None
+    except Exception as exc:  # report every failure, then fail
+        good, msg, ptx, ptx_name = False, f"{type(exc).__name__}: {exc}", None, None
+    return good, msg, ptx, ptx_name, time.time() - t0
 
 
 def main(argv=None) -> int:
@@ -294,11 +325,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="compile only the kernels whose name contains this")
     ap.add_argument("--ptxas-info", action="store_true",
                     help="specialise as a launch would and report ptxas -v's registers and spill bytes")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     args = ap.parse_args(argv)
     if args.ptx_dir:
         os.makedirs(args.ptx_dir, exist_ok=True)
     ok = compile_all(args.arch, args.dtype, args.head_dim, group=args.group, ptx_dir=args.ptx_dir, only=args.only,
-                     ptxas=args.ptxas_info)
+                     ptxas=args.ptxas_info, workers=max(1, args.jobs))
     print("aot_check: all kernels compiled" if ok else "aot_check: FAILURES")
     return 0 if ok else 1
 
