@@ -392,3 +392,53 @@ def test_compressed_tiles_are_tuned_on_the_last_queries(monkeypatch):
     assert (16, S - 16) in starts and (16, 72 - 16) in starts  # timed on the tail, at its own positions
     keys = [key.split("|") for key in tune.choices()]
     assert sorted(parts[-2] for parts in keys if parts[0] == "compressed_fwd") == ["N16", "N32"]
+
+
+def test_selection_differs_accepts_near_ties_only():
+    """A variant's blocks are accepted when they are a top-n of the reference scores up to rounding: the
+    same blocks, or a swap between near-tied blocks; a lower-scored block or another count is not."""
+    from nsa.attention.triton.select import selection_differs
+
+    scores = torch.tensor([[[float("inf"), 3.0, 2.0, 2.0 * (1 + 1e-7), 1.0, float("-inf")]]])
+    want = torch.tensor([[[0, 1, 3]]])
+
+    def calls():
+        calls.n += 1
+        return scores
+    calls.n = 0
+    assert selection_differs(want.clone(), want, calls) is None and calls.n == 0  # equal: no scores needed
+    assert selection_differs(torch.tensor([[[0, 1, 2]]]), want, calls) is None  # near-tie swap
+    assert "below the reference" in selection_differs(torch.tensor([[[0, 1, 4]]]), want, calls)
+    assert "number of selected blocks" in selection_differs(torch.tensor([[[0, 1, -1]]]), want, calls)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fastest", ["nj16", "nj32"])
+def test_select_wide_tiles_tuned(monkeypatch, fastest):
+    """For 2-byte inputs at head dim > 64 the fused top-n's tile width is tuned on the last queries
+    (select_nj): the clock's favourite is kept, and the blocks are a top-n of the untuned kernel's
+    scores. At head dim 64 it is not offered."""
+    from nsa.attention.blocks import num_cmp_blocks
+    from nsa.attention.triton import select
+
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "SLICE_QUERIES", 24)
+    monkeypatch.setattr(tune, "REPS", 1)
+    timed = fake_clock(monkeypatch, {"nj16": 2.0, "nj32": 1.0} if fastest == "nj32" else {"nj16": 1.0, "nj32": 2.0})
+    l, d, lp, n, Sq, q_start = 8, 4, 8, 5, 40, 300  # 43 selection blocks: two tiles of 32
+    q = randn(1, 4, Sq, 128, dtype=BF16, seed=41, grad=False)
+    kc = randn(1, 2, num_cmp_blocks(q_start + Sq, l, d), 128, dtype=BF16, seed=42, grad=False)
+    _, lse = compressed.compressed_forward(q, kc, kc, l, d, q_start)
+    got = select.select_blocks(q, kc, l, d, lp, n, q_start, lse=lse)
+    [(key, choice)] = [(k, c) for k, c in tune.choices().items() if k.startswith("select_nj|")]
+    assert choice == fastest and key.endswith("|S32") and "|NS64" in key and set(timed) == {"nj16", "nj32"}
+    monkeypatch.setenv("NSA_TUNE", "off")
+    want = select.select_blocks(q, kc, l, d, lp, n, q_start, lse=lse)
+    scores = select.block_scores(q, kc, l, d, lp, 0, Sq, q_start, lse=lse)
+    assert select.selection_differs(got, want, lambda: scores) is None
+    monkeypatch.setenv("NSA_TUNE", "on")
+    tune.reset()
+    select.select_blocks(q[..., :64].contiguous(), kc[..., :64].contiguous(), l, d, lp, n, q_start,
+                         lse=lse)  # head dim 64: the wide tile is not offered
+    assert not any(k.startswith("select_nj|") for k in tune.choices())

@@ -44,6 +44,10 @@ Top-n, chosen by NSA_SELECT (read at each call; a bad value raises ValueError):
   At the end the first n keys are decoded (j = NS - 1 - low half, -1 below VALID_KEY_MIN) and
   stored straight into the int64 [B, G, Sq, n] result. For n > MAX_FUSED_N the register list
   would spill, and "topk" is used instead. `chunk` only splits the queries over several launches.
+  The tile width is tuned per shape where offered (wide_tiles: 2-byte inputs, head dim > 64): NJ = 16,
+  or NJ_WIDE = 32 blocks (aligned tiles of up to 128 keys: each q tile loaded half as often). Its blocks
+  may differ on near-ties, so tuning accepts it when they are a top-n of the default's scores up to
+  rounding (selection_differs).
 * "topk": the kernel writes the keys of a chunk of C queries into an int64 [B, G, C, n_slc]
   buffer and torch.topk picks the n largest (the previous implementation; kept for comparison
   and as the reference). On an H100 (M7C layout, 64k tokens) the topk and the buffer fills cost
@@ -70,6 +74,7 @@ import triton
 import triton.language as tl
 
 from nsa.attention.blocks import num_slc_blocks
+from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
     LOG2E, cdiv, check_inputs, device_function, dot_config, env_choice, launch_warps, pad_pow2,
 )
@@ -85,6 +90,11 @@ ALIGNED_MAX_KEYS = 64  # keys per aligned tile, at most (a [BM, keys] fp32 score
 # query tiles once: at the paper geometry 16 blocks are 64 keys per q load (~64 flops per byte of q, which
 # bounds the kernel by L2 traffic); bench_kernels times 32 blocks (128 keys, ALIGNED_MAX_KEYS raised) beside it
 NJ_MIN = 16
+# the wide tile tuning offers beside it (select_nj): NJ_WIDE blocks, aligned tiles of up to WIDE_MAX_KEYS keys
+# (half the q reloads). For 2-byte inputs above head dim 64 only: at 64 it spills registers for sm_90 (`aot_check
+# --ptxas-info --only _select`); its picks may differ from the default's on near-ties (fp32 sums in another order)
+NJ_WIDE = 32
+WIDE_MAX_KEYS = 128
 MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk ("topk")
 
 # key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
@@ -274,8 +284,9 @@ def _select_scores_kernel(
         tl.store(out_rows + offs_j0[None, :], idx, mask=mmask[:, None] & (offs_j0[None, :] < NSEL))
 
 
-def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_start, ns, mode, n_sel=0):
-    """Run the kernel for queries c0..c1-1 into `out` (rows = those queries, columns contiguous)."""
+def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_start, ns, mode, n_sel=0, wide=False):
+    """Run the kernel for queries c0..c1-1 into `out` (rows = those queries, columns contiguous).
+    wide: the fused top-n on NJ_WIDE-block tiles (select_nj)."""
     B, H, Sq, D = q.shape
     G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     C = c1 - c0
@@ -283,8 +294,8 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
     if lse is None:  # only when n_cmp == 0 (callers compute it otherwise): nothing is scored, never read
         lse = torch.zeros(B, H, Sq, dtype=torch.float32, device=q.device)
     dots = dot_config(q.dtype)
-    nj = max(NJ_MIN, pad_pow2(n_sel)) if mode == "topn" else NJ
-    kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj)
+    nj = max(NJ_WIDE if wide else NJ_MIN, pad_pow2(n_sel)) if mode == "topn" else NJ
+    kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj, WIDE_MAX_KEYS if wide else ALIGNED_MAX_KEYS)
     _select_scores_kernel[(cdiv(C, BM), B * G)](
         q, kc, lse, out,
         *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
@@ -297,14 +308,14 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
     )
 
 
-def aligned_keys_per_block(cmp_block: int, cmp_stride: int, slc_block: int, nj: int) -> int:
+def aligned_keys_per_block(cmp_block: int, cmp_stride: int, slc_block: int, nj: int, max_keys: int | None = None) -> int:
     """Compressed keys starting in each selection block (l' / d) when the aligned tiles apply
     (ALIGNED_TILES, d divides l', a compressed block reaches at most one selection block past the
-    one it starts in: l - d <= l', and a tile of nj blocks holds at most ALIGNED_MAX_KEYS keys),
-    else 0: tiles of BN keys over each tile's overlapping range."""
+    one it starts in: l - d <= l', and a tile of nj blocks holds at most max_keys keys, default
+    ALIGNED_MAX_KEYS), else 0: tiles of BN keys over each tile's overlapping range."""
     kpb = slc_block // cmp_stride
     if (not ALIGNED_TILES or slc_block % cmp_stride or cmp_block - cmp_stride > slc_block
-            or nj * kpb > ALIGNED_MAX_KEYS):
+            or nj * kpb > (ALIGNED_MAX_KEYS if max_keys is None else max_keys)):
         return 0
     return kpb
 
@@ -361,13 +372,14 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
         return torch.full((B, G, Sq, n_selected), -1, dtype=torch.int64, device=q.device)
     lse = _lse(q, k_cmp, cmp_block, cmp_stride, q_start, lse)
     if fused:  # every slot is written by the kernel: no fill
+        wide = wide_tiles(q, k_cmp, lse, cmp_block, cmp_stride, slc_block, n_selected, q_start, ns_total)
         result = torch.empty((B, G, Sq, n_selected), dtype=torch.int64, device=q.device)
         chunk = chunk or Sq
         for c0 in range(0, Sq, chunk):
             c1 = min(Sq, c0 + chunk)
             # one NS for the launch, so that every query's keys decode to the same j
             _launch(q, k_cmp, lse, result[:, :, c0:], cmp_block, cmp_stride, slc_block, c0, c1, q_start,
-                    ns_total, "topn", n_selected)
+                    ns_total, "topn", n_selected, wide)
         return result
     result = torch.full((B, G, Sq, n_selected), -1, dtype=torch.int64, device=q.device)
     if chunk is None:
@@ -378,6 +390,53 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
         keep = min(n_selected, keys.shape[-1])
         result[:, :, c0:c1, :keep] = top_n_keys(keys, keep)
     return result
+
+
+def wide_tiles(q, k_cmp, lse, cmp_block: int, cmp_stride: int, slc_block: int, n_selected: int, q_start: int,
+               ns: int) -> bool:
+    """Does the fused top-n run on NJ_WIDE-block tiles here? Tuned per shape (`select_nj`) where offered
+    (2-byte inputs, head dim > 64, n <= NJ_MIN): "nj16" (the default) against "nj32", timed on the
+    LAST queries of the tuning slice (they score every selection block, as most queries of a long
+    sequence do; keyed by the number of blocks), accepted when its blocks are a top-n of the default's
+    scores up to rounding (selection_differs)."""
+    if (q.element_size() != 2 or q.shape[-1] <= 64 or pad_pow2(n_selected) > NJ_MIN or k_cmp.shape[2] == 0
+            or not tune.wanted(q)):
+        return False
+    b, s = tune.slice_batch(q), tune.slice_len(q)
+    off = q.shape[2] - s
+    qs, ks, ls, t0 = q[:b, :, off:], k_cmp[:b], lse[:b, :, off:], q_start + off
+
+    def run(wide):
+        out = torch.empty((b, k_cmp.shape[1], s, n_selected), dtype=torch.int64, device=q.device)
+        _launch(qs, ks, ls, out, cmp_block, cmp_stride, slc_block, 0, s, t0, ns, "topn", n_selected, wide)
+        return out
+
+    def differs(got, want):
+        return selection_differs(got, want, lambda: block_scores(qs, ks, cmp_block, cmp_stride, slc_block, 0, s,
+                                                                 t0, lse=ls))
+
+    key = tune.shape_key("select_nj", q, k_cmp, f"l{cmp_block}", f"d{cmp_stride}", f"lp{slc_block}",
+                         f"n{n_selected}", f"NS{pad_pow2(ns, 1)}")
+    return tune.pick(key, {"nj16": lambda: run(False), "nj32": lambda: run(True)}, differs, q.device) == "nj32"
+
+
+def selection_differs(got: torch.Tensor, want: torch.Tensor, scores, rel_tol: float = 1e-4) -> str | None:
+    """None when the blocks `got` [..., n] are a top-n of the reference's scores (`scores()` -> [..., n_slc]
+    fp32, computed only if got != want) as good as `want`'s: the same number of blocks per row, none
+    scored below the reference's weakest pick by more than rel_tol of the row's largest finite score.
+    Scores summed in another order may swap blocks on near-ties; a wrong block fails."""
+    if torch.equal(got, want):
+        return None
+    if not torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1)):
+        return "another number of selected blocks in some rows"
+    s = scores()
+    inf = torch.tensor(float("inf"), device=s.device)
+    weakest = [torch.where(x >= 0, s.gather(-1, x.clamp_min(0)), inf).amin(-1) for x in (got, want)]
+    scale = torch.where(torch.isfinite(s), s.abs(), torch.zeros_like(s)).amax(-1).clamp_min(1e-30)
+    bad = weakest[0] < weakest[1] - rel_tol * scale
+    if bad.any():
+        return f"{bad.float().mean().item():.3%} of rows pick a block scored below the reference's n-th"
+    return None
 
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
