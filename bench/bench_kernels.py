@@ -53,7 +53,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         branches (selection needs the compressed scan), so the differences say what
                         each part costs;
                         "..._tiles2048": the main kernel's serial loops on tiles of 2048 elements
-                        (decode.TILE_ELEMS, default 8192: 4x the round trips);
+                        (decode.TILE_ELEMS, default 8192: 4x the round trips); "..._w8": the main
+                        kernel at 8 warps (decode.decode_warps: 4 at head dim 64);
                         "dense_b{batch}_split{n}": full attention's decode kernel over the S tokens
   full_fwd / full_bwd   causal SDPA (flash) on the same q/k/v, for scale
 "bwd" rows time the backward alone (the forward ran before, outside the timed region).
@@ -162,8 +163,8 @@ def rows_for(layout: str, S: int, device: str):
             else:
                 os.environ[name] = saved
 
-    def sel():
-        return tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
+    def sel():  # untuned: the rows below choose the variant (tuning would pick NJ itself, select.wide_tiles)
+        return with_env("NSA_TUNE", "off", lambda: tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse))
 
     def sel_fused():  # same scoring code and tiles as "topk": the indices must be bit-identical
         if not torch.equal(with_env("NSA_SELECT", "fused", sel), with_env("NSA_SELECT", "topk", sel)):
@@ -302,14 +303,13 @@ def rows_for(layout: str, S: int, device: str):
     # attention's decode kernel over the same S tokens.
     from nsa.attention.triton import decode
 
-    def decode_timer(batch: int, splits: int, branches: tuple[bool, bool, bool] | None, tile_elems: int = 0):
+    def decode_timer(batch: int, splits: int, branches: tuple[bool, bool, bool] | None, tile_elems: int = 0,
+                     warps: int = 0):
         def run():
             if tile_elems:  # read at launch, i.e. when graph_time captures
-                saved, decode.TILE_ELEMS = decode.TILE_ELEMS, tile_elems
-                try:
-                    return decode_timer(batch, splits, branches)()
-                finally:
-                    decode.TILE_ELEMS = saved
+                return patched(decode, "TILE_ELEMS", tile_elems, decode_timer(batch, splits, branches, 0, warps))
+            if warps:  # the main kernel's num_warps
+                return patched(decode, "decode_warps", lambda ns_pad, d: warps, decode_timer(batch, splits, branches))
             qd = rnd(batch, HQ, 1, D)
             t = torch.tensor([S - 1], device=device)
             if branches is None:
@@ -330,6 +330,7 @@ def rows_for(layout: str, S: int, device: str):
         for splits in sorted({1, auto, max(1, auto // 2)}):
             yield "decode", f"b{batch}_split{splits}", decode_timer(batch, splits, subsets[""])
         yield "decode", f"b{batch}_split{auto}_tiles2048", decode_timer(batch, auto, subsets[""], 2048)
+        yield "decode", f"b{batch}_split{auto}_w8", decode_timer(batch, auto, subsets[""], warps=8)
         for name, branches in subsets.items():
             if name:
                 yield "decode", f"b{batch}_split{auto}{name}", decode_timer(batch, auto, branches)
