@@ -182,7 +182,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (combine._combine_bwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                     (combine._gate_mlp_combine_kernel, dict(HID=t, W2=t, B2=t, O0=t, O1=t, O2=t, Y=t),
-                     dict(D=D, D_PAD=pad_pow2(D), HID_PAD=256, HAS_BIAS=True), 1),  # M7C's gate: 192 hidden
+                     dict(D=D, D_PAD=pad_pow2(D), HID_PAD=256, HAS_BIAS=True), combine.gate_warps(192)),  # M7C's gate
                 ]
                 # fused static decode: the paper's geometry (l=32, d=16, n=16), 64k and 256k-token caches,
                 # the compressed scan in the one kernel or split (32 splits and 4 window programs, as at

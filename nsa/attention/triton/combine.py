@@ -187,6 +187,12 @@ def gate_combine(logits: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
     return GateCombine.apply(logits, o_cmp, o_slc, o_win)
 
 
+def gate_warps(hidden: int) -> int:
+    """num_warps of the gate kernel: one warp up to a hidden layer of 256 (M7C: 192), more for wider ones, so
+    that the [4, hidden] fp32 weight tile stays at <= 32 registers per thread."""
+    return max(1, min(8, pad_pow2(hidden) // 256))
+
+
 def gate_mlp_combine(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, o_cmp: torch.Tensor,
                      o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
     """gate_combine(linear(silu(hidden), w2, b2), o_cmp, o_slc, o_win) in one kernel, for inference (no
@@ -211,5 +217,5 @@ def gate_mlp_combine(hidden: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | 
         _gate_mlp_combine_kernel[(B * S, H)](
             hidden, w2, w2 if b2 is None else b2, o_cmp, o_slc, o_win, y, *hidden.stride(), *w2.stride(),
             *o_cmp.stride(), *y.stride(), H, S, N, D=D, D_PAD=pad_pow2(D), HID_PAD=pad_pow2(N),
-            HAS_BIAS=b2 is not None, num_warps=1)
+            HAS_BIAS=b2 is not None, num_warps=gate_warps(N))
     return y
