@@ -180,9 +180,9 @@ def rows_for(layout: str, S: int, device: str):
     yield "select", "fused_unaligned", unaligned(select.BN)
     yield "select", "fused_unaligned_bn16", unaligned(16)
 
-    def nj32(run):  # 32 selection blocks per tile (128 keys at the paper geometry) with the fused top-n
+    def nj32(run):  # the wide tile tuning may pick (select.wide_tiles): 32 selection blocks, 128 keys per tile
         return with_env("NSA_SELECT", "fused", lambda: patched(
-            select, "NJ_MIN", 32, lambda: patched(select, "ALIGNED_MAX_KEYS", 128, run)))
+            select, "NJ_MIN", select.NJ_WIDE, lambda: patched(select, "ALIGNED_MAX_KEYS", select.WIDE_MAX_KEYS, run)))
 
     # its scores round differently at tile edges, so near-ties may pick other blocks: the name gives the
     # share of (query, group) rows whose blocks equal the default's
