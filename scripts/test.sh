@@ -3,6 +3,10 @@
 #
 #   bash scripts/test.sh [extra pytest args, e.g. -x -k "not e2e", or test paths instead of tests/]
 #
+# pytest runs in two phases (pytest-xdist): most tests spread over the cores (TEST_WORKERS, default one per
+# core), then the serial ones (tests/conftest.py SERIAL_FILES). With -m, -n or -p in the arguments, or
+# without xdist, it is one plain pytest run.
+#
 # On a fresh machine it first creates .venv and installs requirements-cpu.txt (skipped when the
 # requirements stamp matches: a re-run starts testing within seconds), and installs bats-core if it
 # is missing (Debian apt as root, else npm into .venv/tools). Exits non-zero if either suite fails.
@@ -54,11 +58,28 @@ bats_s=$(( SECONDS - t0 ))
 
 t0=$SECONDS
 py_rc=0
+py="$(venv_dir)/bin/python"
 # pytest on all of tests/, unless the arguments name test paths themselves
-pytest_args=("$@") has_path=0
-for a in "$@"; do [[ $a != -* && -e $a ]] && has_path=1; done
+pytest_args=("$@") has_path=0 own_selection=0
+for a in "$@"; do
+    [[ $a != -* && -e $a ]] && has_path=1
+    [[ $a == -m || $a == -n* || $a == -p ]] && own_selection=1
+done
 (( has_path )) || pytest_args=(tests "$@")
-"$(venv_dir)/bin/python" -m pytest "${pytest_args[@]}" || py_rc=$?
+if (( own_selection )) || ! "$py" -c "import xdist" 2>/dev/null; then
+    "$py" -m pytest "${pytest_args[@]}" || py_rc=$?
+else
+    # Two phases (tests/conftest.py SERIAL_FILES): the unit and kernel tests spread over the cores, then the
+    # multi-threaded, multi-process and timing tests one at a time. Exit 5 = that phase selected no tests.
+    log "pytest phase 1/2: tests spread over ${TEST_WORKERS:-auto} workers"
+    rc1=0; "$py" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadgroup -m "not serial" "${pytest_args[@]}" || rc1=$?
+    log "pytest phase 2/2: the serial tests (trainer processes, multi-threaded, wall-clock checks)"
+    rc2=0; "$py" -m pytest -m serial "${pytest_args[@]}" || rc2=$?
+    if (( rc1 == 5 && rc2 == 5 )); then py_rc=5
+    elif (( rc1 != 0 && rc1 != 5 )); then py_rc=$rc1
+    elif (( rc2 != 0 && rc2 != 5 )); then py_rc=$rc2
+    fi
+fi
 py_s=$(( SECONDS - t0 ))
 
 verdict() { (( $1 == 0 )) && echo PASS || echo "FAIL (exit $1)"; }
