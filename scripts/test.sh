@@ -72,7 +72,7 @@ else
     # Two phases (tests/conftest.py SERIAL_FILES): the unit and kernel tests spread over the cores, then the
     # multi-threaded, multi-process and timing tests one at a time. Exit 5 = that phase selected no tests.
     log "pytest phase 1/2: tests spread over ${TEST_WORKERS:-auto} workers"
-    rc1=0; "$py" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadgroup -m "not serial" "${pytest_args[@]}" || rc1=$?
+    rc1=0; "$py" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadfile -m "not serial" "${pytest_args[@]}" || rc1=$?
     log "pytest phase 2/2: the serial tests (trainer processes, multi-threaded, wall-clock checks)"
     rc2=0; "$py" -m pytest -m serial "${pytest_args[@]}" || rc2=$?
     if (( rc1 == 5 && rc2 == 5 )); then py_rc=5

@@ -22,30 +22,25 @@ TINY_MODEL = {"vocab_size": 512, "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_h
 TINY_NSA = {"cmp_block": 8, "cmp_stride": 4, "slc_block": 8, "n_selected": 4, "window": 16}
 
 
-# scripts/test.sh runs the suite in two phases: everything else spread over the cores (pytest-xdist), then
-# these files one test at a time. They train with several threads, start several processes per test, or
-# check wall-clock times, so beside another worker on a 2-core machine they would run 2-5x slower or fail.
+# scripts/test.sh runs the suite in two phases: first everything else spread over the cores (pytest-xdist,
+# one test file per worker at a time: --dist loadfile, so a module-scoped fixture runs once), then these
+# files one test at a time. They train with several threads, start several processes per test, or check
+# wall-clock times, so beside another worker on a 2-core machine they would run 2-5x slower or fail.
 SERIAL_FILES = {
     "test_nsa_learning.py", "test_train_cpu_default.py", "test_runner_e2e.py", "test_train.py",
-    "test_train_ddp.py", "test_operations.py", "test_watchdog_alerts.py", "test_bench.py",
+    "test_train_ddp.py", "test_operations.py", "test_watchdog_alerts.py",
 }
-# Files whose module-scoped fixtures train or run the CLI: one worker takes the whole file, so the fixture
-# runs once (xdist's --dist loadgroup).
-GROUPED_FILES = {"test_config.py", "test_data.py", "test_preflight.py", "test_report.py"}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes tens of seconds or more (still part of the default run)")
     config.addinivalue_line("markers", "serial: runs in scripts/test.sh's one-at-a-time phase (SERIAL_FILES)")
-    config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SERIAL_FILES:
             item.add_marker(pytest.mark.serial)
-        elif item.path.name in GROUPED_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def offline_env(**extra) -> dict:
