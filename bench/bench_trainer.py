@@ -33,9 +33,11 @@ from common import ROOT, device_name, nsa_env
 
 import torch  # noqa: E402
 
+from nsa.model import LOSS_PATHS, loss_path  # noqa: E402
+
 
 def run_trainer(config: str, attention: str, compile_: bool, device: str, steps: int, batch_tokens: int | None,
-                seq_len: int | None, skip_logs: int, timeout: int) -> dict:
+                seq_len: int | None, skip_logs: int, timeout: int, loss: str | None = None) -> dict:
     out_dir = tempfile.mkdtemp(prefix="bench_trainer_")
     overrides = [f"model.attention={attention}", f"runtime.compile={'true' if compile_ else 'false'}",
                  f"runtime.device={device}", "train.log_every=1", f"train.eval_every={steps * 100}",
@@ -49,9 +51,14 @@ def run_trainer(config: str, attention: str, compile_: bool, device: str, steps:
     row = {"bench": "trainer", "config": os.path.relpath(config, ROOT) if os.path.isabs(config) else config,
            "attention": attention, "compile": compile_, "steps": steps, "device": device_name(device),
            "torch": torch.__version__, "nsa_env": nsa_env()}
+    env = dict(os.environ)
+    if loss:  # how the model computes the cross-entropy (M7C.loss); recorded as the trainer resolves it
+        env["NSA_LOSS"] = loss
+        row["nsa_env"]["NSA_LOSS"] = loss
+    row["loss"] = loss_path(torch.device(device), env.get("NSA_LOSS"))
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         row["rc"] = proc.returncode
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
     except subprocess.TimeoutExpired as e:
@@ -103,14 +110,21 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--skip-logs", type=int, default=3, help="logged steps left out of the medians (warm-up)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per trainer run")
+    ap.add_argument("--loss", default=None,
+                    help=f"comma list of NSA_LOSS values ({', '.join(LOSS_PATHS)}; default: the environment's)")
     args = ap.parse_args()
+    losses = args.loss.split(",") if args.loss else [None]
+    for loss in losses:
+        if loss is not None and loss not in LOSS_PATHS:
+            ap.error(f"--loss {loss!r}: expected a comma list of {', '.join(LOSS_PATHS)}")
     failed = False
     for comp in args.compile.split(","):
-        for attention in args.attention.split(","):
-            row = run_trainer(args.config, attention, comp == "1", args.device, args.steps, args.batch_tokens,
-                              args.seq_len, args.skip_logs, args.timeout)
-            failed |= "error" in row
-            print(json.dumps(row), flush=True)
+        for loss in losses:
+            for attention in args.attention.split(","):
+                row = run_trainer(args.config, attention, comp == "1", args.device, args.steps, args.batch_tokens,
+                                  args.seq_len, args.skip_logs, args.timeout, loss)
+                failed |= "error" in row
+                print(json.dumps(row), flush=True)
     return 1 if failed else 0
 
 

@@ -23,8 +23,8 @@ def device_name(device: str) -> str:
 
 
 # the environment switches that pick kernel paths (nsa/attention/triton, layer.py, rope.py)
-KERNEL_SWITCHES = ("NSA_COMBINE", "NSA_ROPE", "NSA_SELECT", "NSA_SLC_DKV", "NSA_SLC_DKV_ROWS", "NSA_SLC_QTILE",
-                   "NSA_TUNE", "NSA_WINDOW")
+KERNEL_SWITCHES = ("NSA_COMBINE", "NSA_LOSS", "NSA_ROPE", "NSA_SELECT", "NSA_SLC_DKV", "NSA_SLC_DKV_ROWS",
+                   "NSA_SLC_QTILE", "NSA_TUNE", "NSA_WINDOW")
 
 
 def nsa_env() -> dict:

@@ -43,6 +43,9 @@
 #   train_compile       150  bench_train: seq 4096 with torch.compile (the NSA branches stay eager)
 #   attention_m7c_core   90  bench_attention: M7C layout, attention core (no projections)
 #   train_compile_16384 150  bench_train: seq 16384 with torch.compile
+#   train_loss          120  bench_train: seq 4096 x batch 8, eager, full attention, the cross-entropy chunked
+#                            (F.linear_cross_entropy, torch >= 2.13; a skipped row on older torch) vs the
+#                            logits then F.cross_entropy: tokens/s and peak memory (M7C.loss, NSA_LOSS)
 #   variant_tests       180  the parity tests of every kernel tile variant tuning may pick, at the paper layout
 #                            (head dim 128) on the GPU, and of the fused decode kernel: the part of kernel_tests
 #                            a session that changed kernels needs first (Triton once miscompiled one for sm_90
@@ -210,7 +213,7 @@ install_wheels() {
     fi
 }
 
-STEPS=",kernel_tests,decode,decode_compiled,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,variant_tests,"
+STEPS=",kernel_tests,decode,decode_compiled,kernels,attention_paper,attention_m7c,train_4096,train_16384,train_4096_untuned,trainer,attention_fla,demo_64k,train_compile,attention_m7c_core,train_compile_16384,train_loss,variant_tests,"
 for s in ${ONLY//,/ }; do
     [[ $STEPS == *",$s,"* ]] || echo "gpu_suite: SUITE_ONLY names an unknown step '$s' (steps: ${STEPS//,/ })" >&2
 done
@@ -311,6 +314,11 @@ run_step() {
     train_compile_16384)
         step train_compile_16384 150 train \
             "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 1 --steps 6 --warmup 2
+        ;;
+    train_loss)
+        step train_loss 120 train \
+            "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
+            --attention full --loss chunked,full
         ;;
     esac
 }

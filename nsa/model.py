@@ -19,7 +19,9 @@ of several groups, at 6/16 tile use. Change `model.n_kv_heads` to trade these.
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,26 @@ from nsa.attention.cache import KVCache, NSACache
 from nsa.attention.layer import NSAttention, build_attention, keep_branches_eager
 from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
+
+
+LOSS_PATHS = ("auto", "chunked", "full")
+PADDING_LOGIT = -1e4  # bias of the padded head rows in the chunked loss: exp() of it is exactly 0
+CPU_LOSS_CHUNK_ROWS = 128  # CPU default (dim 64): 128 x 50304 fp32 logits per chunk; 64-512 within 15%
+# torch 2.13's F.linear_cross_entropy with its chunked path (options) and a bias (linear_bias)
+HAS_CHUNKED_LOSS = hasattr(nn, "LinearCrossEntropyOptions") and {"options", "linear_bias"} <= set(
+    inspect.signature(F.linear_cross_entropy).parameters if hasattr(F, "linear_cross_entropy") else ())
+
+
+def loss_path(device: torch.device, setting: str | None = None) -> str:
+    """How M7C.loss computes the cross-entropy on `device`: `setting` (default: NSA_LOSS) = auto (chunked on
+    CPU, full elsewhere until a GPU has measured the chunked path's speed), chunked or full. Full where
+    this torch has no chunked F.linear_cross_entropy."""
+    path = setting if setting is not None else os.environ.get("NSA_LOSS", LOSS_PATHS[0])
+    if path not in LOSS_PATHS:
+        raise ValueError(f"NSA_LOSS={path!r}: expected one of {', '.join(LOSS_PATHS)}")
+    if path == "auto":
+        path = "chunked" if device.type == "cpu" else "full"
+    return path if HAS_CHUNKED_LOSS else "full"
 
 
 class RMSNorm(nn.Module):
@@ -98,19 +120,61 @@ class M7C(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, vocab_size]."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, vocab_size]; with targets [B, S], the next-token
+        cross-entropy instead (fp32; `reduction` as in F.cross_entropy), without the logits tensor."""
         x = self.embed(input_ids)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, self.rope, use_reentrant=False)
             else:
                 x = block(x, self.rope)
-        return self.logits(self.norm(x))
+        if targets is None:
+            return self.logits(self.norm(x))
+        return self.loss(self.norm(x), targets, reduction)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the head's logits of h [.., dim] against targets [..] (fp32: a scalar, or
+        per token with reduction="none"). Two ways, the same result (tests/test_model.py):
+
+        "chunked" (`NSA_LOSS`, see loss_path): torch's F.linear_cross_entropy makes the logits a few
+        hundred rows at a time, so the [tokens, vocab] logits, their fp32 copy, log-softmax and gradient
+        never exist whole (~20 GB at 8 x 4096 tokens, the 80G tier's micro-batch). It multiplies by the
+        whole padded head (aligned GEMMs, see the module docstring) with a bias of PADDING_LOGIT on the
+        padding rows, whose probabilities are then exactly 0, so they get no gradient. In fp32 it also
+        precomputes the gradient in the forward: the CPU default's head and loss take half the time (the
+        logits chunk stays in cache). In bf16 torch sums the loss across chunks in bf16 (15% off at 128
+        chunks), so there it returns per-token losses, summed here in fp32, and recomputes each chunk in
+        the backward.
+        "full": the logits, then F.cross_entropy on their fp32 copy."""
+        if loss_path(h.device) == "full":
+            logits = self.logits(h)
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   reduction=reduction)
+        device = h.device.type
+        # the dtype F.linear would compute in: autocast's where it is on (h itself is fp32 there)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        padded, vocab = self.cfg.padded_vocab_size, self.cfg.vocab_size
+        bias = None
+        if padded > vocab:
+            bias = torch.where(torch.arange(padded, device=h.device) < vocab, 0.0, PADDING_LOGIT).to(dtype)
+        if device == "cpu":  # torch's size heuristic gives 1-row chunks at small dims on CPU (16x slower)
+            options = nn.LinearCrossEntropyOptions(batch_chunk_size=CPU_LOSS_CHUNK_ROWS)
+        else:  # torch's per-device pick; under torch.compile it needs allow_retain_graph (else a warning)
+            options = nn.LinearCrossEntropyOptions(allow_retain_graph=torch.compiler.is_compiling())
+        chunk_reduction = reduction if dtype == torch.float32 else "none"
+        with torch.autocast(device, enabled=False):
+            loss = F.linear_cross_entropy(h.reshape(-1, h.size(-1)).to(dtype), self.head.weight.to(dtype),
+                                          targets.reshape(-1), linear_bias=bias, reduction=chunk_reduction,
+                                          options=options).float()
+        if chunk_reduction != reduction:
+            loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+        return loss
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[.., vocab_size] logits. On CUDA a view of the padded [.., padded_vocab_size] product (aligned
-        GEMM, see the module docstring); the padding columns are never used, and the loss's .float()
+        GEMM, see the module docstring); the padding columns are never used, and the full loss's .float()
         copies the view into a contiguous tensor anyway. Elsewhere the real rows only: on CPU the padded
         product's backward (zeros the full padded size, then copies in) made the head and loss ~20% slower."""
         if h.is_cuda:

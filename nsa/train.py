@@ -58,7 +58,6 @@ from contextlib import nullcontext  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from nsa import checkpoint as ckpt  # noqa: E402
 from nsa import distributed as dist_utils  # noqa: E402
@@ -309,8 +308,12 @@ class Trainer:
         self.resume_path = path
 
         seed_everything(t.seed)  # identical init on every rank (DDP also broadcasts)
-        from nsa.model import build_model
+        from nsa.model import build_model, loss_path
 
+        try:  # how the cross-entropy is computed (M7C.loss); announced below
+            self.loss_path = loss_path(self.device)
+        except ValueError as e:
+            raise UserError(f"{e}: unset NSA_LOSS or set it to one of those.") from None
         model = build_model(cfg.model).to(self.device)
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.raw_model = model
@@ -398,7 +401,7 @@ class Trainer:
             f"heads={m.n_heads}/{m.n_kv_heads}kv params={self.num_params / 1e6:.2f}M | seq_len={t.seq_len} "
             f"micro_batch={t.batch_size} accum={self.accum} ranks={info.world_size} tokens/step={self.tokens_per_step} "
             f"steps={t.steps} | data {self.data.describe()['dataset']} tokenizer {self.data.describe()['tokenizer']} | "
-            f"device {self.device} precision {self.metrics.data['precision']} | out_dir {self.out_dir} | "
+            f"device {self.device} precision {self.metrics.data['precision']} loss {self.loss_path} | out_dir {self.out_dir} | "
             + (f"resumed from {self.resume_path} at step {self.state.step}" if self.resume_path else "fresh start"),
             flush=True)
 
@@ -443,8 +446,7 @@ class Trainer:
             sync = nullcontext() if (last or not self.info.enabled) else self.model.no_sync()
             with sync:
                 with autocast:
-                    logits = self.model(x)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+                    loss = self.model(x, y)  # the mean next-token cross-entropy (M7C.loss)
                 if inject_nan and i == 0:
                     loss = loss * float("nan")
                 loss = loss / len(chunks)  # mean over equally sized chunks == mean over the step's tokens
@@ -639,9 +641,7 @@ class Trainer:
             self.heartbeat.beat("eval", self.state.step)
             b = b.to(self.device)
             with autocast:
-                logits = model(b[:, :-1])
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1),
-                                     reduction="sum").item()
+                total += model(b[:, :-1], b[:, 1:], reduction="sum").item()
             n += b[:, 1:].numel()
         model.train()
         total, n = dist_utils.all_reduce_sum([total, float(n)], self.device)

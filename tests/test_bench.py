@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from nsa.model import HAS_CHUNKED_LOSS
 from tests.conftest import REPO, offline_env
 
 BENCH = os.path.join(REPO, "bench")
@@ -210,7 +211,7 @@ def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
     script = os.path.join(BENCH, "bench_trainer.py")
     env = dict(offline_env(), NSA_SLC_QTILE="2")
     good = subprocess.Popen([sys.executable, script, "--config", "configs/smoke.yaml", "--device", "cpu", "--steps", "4",
-                             "--compile", "0", "--attention", "nsa", "--skip-logs", "1"],
+                             "--compile", "0", "--attention", "nsa", "--skip-logs", "1", "--loss", "chunked"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         bad = subprocess.run([sys.executable, script, "--config", "configs/smoke.yaml", "--device", "cpu", "--steps", "2",
@@ -225,7 +226,8 @@ def test_bench_trainer_runs_the_real_trainer_and_reports_failures(tmp_path):
     assert (row["bench"], row["attention"], row["compile"], row["rc"], row["logged_steps"]) == ("trainer", "nsa", False, 0, 4)
     assert row["toks_per_s"] > 0 and row["step_ms"] > 0 and row["seq_len"] == 64 and "error" not in row
     assert 0 < row["loss_last"] < row["loss_first"] < 20  # the loss curve's ends (it learns in 4 steps)
-    assert row["nsa_env"] == {"NSA_SLC_QTILE": "2"}  # the switches a row ran with are on the row
+    assert row["nsa_env"] == {"NSA_SLC_QTILE": "2", "NSA_LOSS": "chunked"}  # the switches a row ran with are on the row
+    assert row["loss"] == ("chunked" if HAS_CHUNKED_LOSS else "full")  # as the trainer resolved it
     assert row["tuned"] == {}  # kernel tuning (the run's kernel_tuning.json) happens on CUDA only
     (row,) = [json.loads(line) for line in bad.stdout.splitlines()]
     assert bad.returncode == 1 and row["rc"] == 2 and "model.attention" in row["error"], row

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_train_concurrently, tiny_config
+from tests.conftest import REPO, offline_env, run_train_concurrently, tiny_config
 from nsa.config import config_from_dict, load_config, parse_faults, save_config
 from nsa.errors import UserError
 
@@ -124,6 +124,7 @@ CLI_ERRORS = [
     (["--config", "configs/smoke.yaml", "--dataset", "local:/no/such/file.jsonl", "model.vocab_size=50257"],
      "does not exist"),
     (["--config", "configs/smoke.yaml", "--lr", "3"], "--lr"),
+    (["--config", "configs/smoke.yaml"], "NSA_LOSS='fused'", {"NSA_LOSS": "fused"}),
 ]
 
 
@@ -132,11 +133,12 @@ def cli_error_runs(tmp_path_factory):
     """Every case's own `python -m nsa.train` process, one per core at a time (each is mostly torch's
     single-threaded import: run one after another they leave a core idle)."""
     tmp = tmp_path_factory.mktemp("cli_errors")
-    return run_train_concurrently([((*args[1:2], *args[2:], "--out-dir", str(tmp / f"out{i}")), {"timeout": 180})
-                                   for i, (args, _) in enumerate(CLI_ERRORS)])
+    return run_train_concurrently([((*args[1:2], *args[2:], "--out-dir", str(tmp / f"out{i}")),
+                                    {"timeout": 180, "env": {**offline_env(), **(case[2] if len(case) > 2 else {})}})
+                                   for i, case in enumerate(CLI_ERRORS) for args in case[:1]])
 
 
-@pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=[f"args{i}-{n}" for i, (_, n) in enumerate(CLI_ERRORS)])
+@pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=[f"args{i}-{case[1]}" for i, case in enumerate(CLI_ERRORS)])
 def test_cli_user_errors_exit_2_without_traceback(cli_error_runs, case):
     r, needle = cli_error_runs[case], CLI_ERRORS[case][1]
     out = r.stdout + r.stderr

@@ -280,3 +280,73 @@ def test_gate_stats_reported_for_nsa_only():
     assert set(stats) == {"gate/cmp", "gate/slc", "gate/win"} and all(0 < v < 1 for v in stats.values())
     assert full.gate_stats() == {}
     assert isinstance(nsa, M7C)
+
+
+def _loss_and_grads(model, x, y, monkeypatch, path, autocast=False, reduction="mean"):
+    monkeypatch.setenv("NSA_LOSS", path)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(x, y, reduction=reduction)
+    loss.sum().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_chunked_loss_matches_logits_then_cross_entropy(attention, monkeypatch):
+    """M7C.loss's chunked path (torch's F.linear_cross_entropy over the padded head, padding rows biased
+    out) against the logits and F.cross_entropy, fp32: the loss for every reduction and every gradient.
+    vocab 100 pads to 128, so the bias matters; 3 x 50 tokens are 2 chunks of CPU_LOSS_CHUNK_ROWS=128."""
+    from nsa import model as model_module
+
+    if not model_module.HAS_CHUNKED_LOSS:
+        pytest.skip("this torch has no chunked F.linear_cross_entropy")
+    torch.manual_seed(0)
+    model = build_model({**TINY, "attention": attention})
+    x, y = torch.randint(0, 100, (3, 50)), torch.randint(0, 100, (3, 50))
+    for reduction in ("mean", "sum", "none"):
+        ref, ref_grads = _loss_and_grads(model, x, y, monkeypatch, "full", reduction=reduction)
+        got, grads = _loss_and_grads(model, x, y, monkeypatch, "chunked", reduction=reduction)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # the padding rows of the tied head/embedding get no gradient from either path
+    assert grads["embed.weight"][100:].abs().max() == 0
+    # the logits path is unchanged: model(x) without targets
+    assert model(x).shape == (3, 50, 100)
+
+
+def test_chunked_loss_is_exact_in_bf16(monkeypatch):
+    """In bf16 torch sums the chunked loss across chunks in bf16 (15% off at 128 chunks); M7C.loss takes
+    per-token losses there and sums them in fp32. With 8-row chunks (19 of them) the mean must agree with
+    the fp32 loss of the same bf16 logits to within bf16 rounding of single tokens, not of a running sum."""
+    from nsa import model as model_module
+
+    if not model_module.HAS_CHUNKED_LOSS:
+        pytest.skip("this torch has no chunked F.linear_cross_entropy")
+    monkeypatch.setattr(model_module, "CPU_LOSS_CHUNK_ROWS", 8)
+    torch.manual_seed(0)
+    model = build_model({**TINY, "init_std": 0.5})
+    x, y = torch.randint(0, 100, (3, 50)), torch.randint(0, 100, (3, 50))
+    ref, ref_grads = _loss_and_grads(model, x, y, monkeypatch, "full", autocast=True)
+    for reduction, scale in (("sum", 150), ("mean", 1)):
+        got, grads = _loss_and_grads(model, x, y, monkeypatch, "chunked", autocast=True, reduction=reduction)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got / scale, ref, rtol=2e-3, atol=0)
+    for name, g in ref_grads.items():  # the mean's: bf16 GEMMs on both sides, differently blocked
+        assert (grads[name] - g).norm() <= 0.02 * g.norm(), name
+
+
+def test_loss_path_setting(monkeypatch):
+    from nsa import model as model_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(model_module, "HAS_CHUNKED_LOSS", True)
+    monkeypatch.delenv("NSA_LOSS", raising=False)
+    assert model_module.loss_path(cpu) == "chunked" and model_module.loss_path(cuda) == "full"
+    assert model_module.loss_path(cuda, "chunked") == "chunked" and model_module.loss_path(cpu, "full") == "full"
+    monkeypatch.setenv("NSA_LOSS", "fused")
+    with pytest.raises(ValueError, match="NSA_LOSS='fused'"):
+        model_module.loss_path(cpu)
+    monkeypatch.setattr(model_module, "HAS_CHUNKED_LOSS", False)  # an older torch: the logits path
+    assert model_module.loss_path(cpu, "chunked") == "full"
