@@ -38,9 +38,18 @@ from nsa.config import ModelConfig
 LOSS_PATHS = ("auto", "chunked", "full")
 PADDING_LOGIT = -1e4  # bias of the padded head rows in the chunked loss: exp() of it is exactly 0
 CPU_LOSS_CHUNK_ROWS = 128  # CPU default (dim 64): 128 x 50304 fp32 logits per chunk; 64-512 within 15%
-# torch 2.13's F.linear_cross_entropy with its chunked path (options) and a bias (linear_bias)
-HAS_CHUNKED_LOSS = hasattr(nn, "LinearCrossEntropyOptions") and {"options", "linear_bias"} <= set(
-    inspect.signature(F.linear_cross_entropy).parameters if hasattr(F, "linear_cross_entropy") else ())
+
+
+def _has_chunked_loss() -> bool:
+    """torch 2.13's F.linear_cross_entropy with its chunked path (options) and a bias (linear_bias)."""
+    try:
+        params = inspect.signature(F.linear_cross_entropy).parameters
+    except (AttributeError, TypeError, ValueError):  # absent, or a builtin without a signature
+        return False
+    return hasattr(nn, "LinearCrossEntropyOptions") and {"options", "linear_bias"} <= set(params)
+
+
+HAS_CHUNKED_LOSS = _has_chunked_loss()
 
 
 def loss_path(device: torch.device, setting: str | None = None) -> str:
@@ -159,10 +168,10 @@ class M7C(nn.Module):
         bias = None
         if padded > vocab:
             bias = torch.where(torch.arange(padded, device=h.device) < vocab, 0.0, PADDING_LOGIT).to(dtype)
-        if device == "cpu":  # torch's size heuristic gives 1-row chunks at small dims on CPU (16x slower)
-            options = nn.LinearCrossEntropyOptions(batch_chunk_size=CPU_LOSS_CHUNK_ROWS)
-        else:  # torch's per-device pick; under torch.compile it needs allow_retain_graph (else a warning)
-            options = nn.LinearCrossEntropyOptions(allow_retain_graph=torch.compiler.is_compiling())
+        # chunk rows: fixed on CPU (torch's size heuristic gives 1-row chunks at small dims there, 16x
+        # slower), torch's per-device pick elsewhere; under torch.compile the op needs allow_retain_graph
+        options = nn.LinearCrossEntropyOptions(batch_chunk_size=CPU_LOSS_CHUNK_ROWS if device == "cpu" else None,
+                                               allow_retain_graph=torch.compiler.is_compiling())
         chunk_reduction = reduction if dtype == torch.float32 else "none"
         with torch.autocast(device, enabled=False):
             loss = F.linear_cross_entropy(h.reshape(-1, h.size(-1)).to(dtype), self.head.weight.to(dtype),
