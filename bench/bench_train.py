@@ -13,6 +13,7 @@ null where the peak is unknown, e.g. CPU), peak_mem_gb, device, loss (how the cr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -27,8 +28,9 @@ from nsa.model import HAS_CHUNKED_LOSS, LOSS_PATHS, build_model, compile_model, 
 
 
 def measure(attention: str, seq_len: int, compile_: bool, device: str, batch: int, steps: int, warmup: int,
-            profile: int = 0, loss: str = "auto") -> dict:
-    os.environ["NSA_LOSS"] = loss
+            profile: int = 0, loss: str | None = None) -> dict:
+    if loss:  # else the environment's NSA_LOSS
+        os.environ["NSA_LOSS"] = loss
     torch.manual_seed(0)
     model = build_model({"attention": attention, "max_seq_len": seq_len}).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
@@ -76,7 +78,8 @@ def main() -> None:
                     help="tokens per step, e.g. 32768 = 8 x 4096 = 2 x 16384 (default: batch 1)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--loss", default="auto", help=f"comma list of NSA_LOSS values ({', '.join(LOSS_PATHS)})")
+    ap.add_argument("--loss", default=None,
+                    help=f"comma list of NSA_LOSS values ({', '.join(LOSS_PATHS)}; default: the environment's)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one step after the timed ones and add its N most expensive kernels "
                          "(CPU: operators) to the row as \"profile\"")
@@ -89,40 +92,41 @@ def main() -> None:
     def batch_for(seq: int) -> int:
         return args.batch or max(1, (args.batch_tokens or seq) // seq)
 
-    losses = args.loss.split(",")
+    losses = args.loss.split(",") if args.loss else [""]
     for loss in losses:
-        if loss not in LOSS_PATHS:
+        if loss and loss not in LOSS_PATHS:
             ap.error(f"--loss {loss!r}: expected a comma list of {', '.join(LOSS_PATHS)}")
     if args._one:
         attention, seq, comp, loss = args._one.split(":")
         print(json.dumps(measure(attention, int(seq), comp == "1", args.device, batch_for(int(seq)), steps, warmup,
                                  args.profile, loss)))
         return
+
+    def one_row(attention: str, seq: int, comp: str, loss: str) -> dict:
+        requested = loss or os.environ.get("NSA_LOSS", LOSS_PATHS[0])
+        base = {"attention": attention, "seq_len": seq, "compile": comp == "1", "batch": batch_for(seq), "loss": requested}
+        if requested == "chunked" and not HAS_CHUNKED_LOSS:  # it would silently measure "full" again
+            return {**base, "skipped": f"torch {torch.__version__} has no chunked F.linear_cross_entropy (2.13+)",
+                    "device": device_name(args.device)}
+        if not cuda:  # a fresh process per row, so that its peak memory is its own
+            return run_isolated(__file__, ["--device", "cpu", "--batch", str(batch_for(seq)), "--steps", str(steps),
+                                           "--warmup", str(warmup), "--profile", str(args.profile),
+                                           "--_one", f"{attention}:{seq}:{comp}:{loss}"])
+        try:
+            return measure(attention, seq, comp == "1", "cuda", batch_for(seq), steps, warmup, args.profile, loss)
+        except Exception as e:  # noqa: BLE001 - OOM or a failure of one variant is a row
+            traceback.print_exc(limit=4)
+            err = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"
+            return {**base, "error": err[:300], "device": device_name("cuda")}
+        finally:
+            torch.cuda.empty_cache()
+
     rows = []
-    for seq in (int(s) for s in (args.seq_lens or ("4096,16384" if cuda else "512")).split(",")):
-        for comp in (args.compile or ("0,1" if cuda else "0")).split(","):
-            for loss in losses:
-                for attention in args.attention.split(","):
-                    if loss == "chunked" and not HAS_CHUNKED_LOSS:  # it would silently measure "full" again
-                        row = {"attention": attention, "seq_len": seq, "compile": comp == "1", "batch": batch_for(seq),
-                               "loss": loss, "skipped": f"torch {torch.__version__} has no chunked "
-                               "F.linear_cross_entropy (2.13+)", "device": device_name(args.device)}
-                    elif cuda:
-                        try:
-                            row = measure(attention, seq, comp == "1", "cuda", batch_for(seq), steps, warmup,
-                                          args.profile, loss)
-                        except Exception as e:  # noqa: BLE001 - OOM or a failure of one variant is a row
-                            traceback.print_exc(limit=4)
-                            err = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"
-                            row = {"attention": attention, "seq_len": seq, "compile": comp == "1", "batch": batch_for(seq),
-                                   "loss": loss, "error": err[:300], "device": device_name("cuda")}
-                        torch.cuda.empty_cache()
-                    else:
-                        row = run_isolated(__file__, ["--device", "cpu", "--batch", str(batch_for(seq)), "--steps", str(steps),
-                                                      "--warmup", str(warmup), "--profile", str(args.profile),
-                                                      "--_one", f"{attention}:{seq}:{comp}:{loss}"])
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+    seqs = [int(s) for s in (args.seq_lens or ("4096,16384" if cuda else "512")).split(",")]
+    compiles = (args.compile or ("0,1" if cuda else "0")).split(",")
+    for seq, comp, loss, attention in itertools.product(seqs, compiles, losses, args.attention.split(",")):
+        rows.append(one_row(attention, seq, comp, loss))
+        print(json.dumps(rows[-1]), flush=True)
     if not args.json_only:
         by = {(r["attention"], r["seq_len"], r["compile"], r["loss"]): r for r in rows}
         print(f"\n{'seq_len':>8} {'compile':>8} {'loss':>8} {'nsa tok/s':>10} {'full tok/s':>11} {'nsa/full':>9} {'nsa MFU':>8} {'full MFU':>9} {'nsa GB':>7} {'full GB':>8}")

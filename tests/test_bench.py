@@ -178,6 +178,24 @@ def test_bench_decode_one_row_in_a_fresh_process(bench_attention):  # the fixtur
         run_isolated(script, ["--device", "cpu", "--steps", "2", "--_one", "dense:256:1:graph"])
 
 
+def test_bench_train_chunked_loss_rows_say_when_torch_lacks_it(bench_attention, monkeypatch, capsys):  # bench/ on sys.path
+    """bench_train.py --loss chunked on a torch without F.linear_cross_entropy's chunked path: a skipped row
+    naming why, not a row that silently measured the logits path again (nothing is measured here)."""
+    spec = importlib.util.spec_from_file_location("bench_train_under_test", os.path.join(BENCH, "bench_train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "HAS_CHUNKED_LOSS", False)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--seq-lens", "64", "--attention", "nsa",
+                                      "--loss", "chunked", "--json-only"])
+    mod.main()
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert (row["attention"], row["loss"]) == ("nsa", "chunked") and "no chunked" in row["skipped"]
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--loss", "fused"])
+    with pytest.raises(SystemExit):  # argparse's usage error: exit 2
+        mod.main()
+    assert "--loss 'fused'" in capsys.readouterr().err
+
+
 def test_demo_64k_runs_on_cpu_at_reduced_length():
     """scripts/demo_64k.py end to end on CPU (a few training steps, two short contexts): one row per
     context with timings, the decode step's reads by branch (compressed blocks complete by t = S - 1,
