@@ -266,7 +266,8 @@ def build_model(model_cfg) -> M7C:
     return M7C(ModelConfig.from_dict(model_cfg))
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """torch.compile, with the NSA branches (the Triton kernels) left eager: see keep_branches_eager."""
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """torch.compile (`options` go to it), with the NSA branches (the Triton kernels) left eager: see
+    keep_branches_eager."""
     keep_branches_eager()
-    return torch.compile(model)
+    return torch.compile(model, **options)

@@ -288,7 +288,7 @@ def _loss_and_grads(model, x, y, monkeypatch, path, autocast=False, reduction="m
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(x, y, reduction=reduction)
     loss.sum().backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("attention", ["nsa", "full"])
@@ -350,3 +350,36 @@ def test_loss_path_setting(monkeypatch):
         model_module.loss_path(cpu)
     monkeypatch.setattr(model_module, "HAS_CHUNKED_LOSS", False)  # an older torch: the logits path
     assert model_module.loss_path(cpu, "chunked") == "full"
+
+
+@pytest.mark.parametrize("path", ["chunked", "full"])
+def test_loss_traces_under_torch_compile(path, monkeypatch):
+    """The trainer compiles model(x, targets) (runtime.compile): Dynamo traces the loss with the model (the
+    NSA branches stay eager behind their graph break). Compiled with aot_eager (tracing and autograd, no
+    Inductor code generation: seconds, not minutes), the loss and gradients equal the eager ones."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from nsa import model as model_module
+    from nsa.model import compile_model
+
+    if path == "chunked" and not model_module.HAS_CHUNKED_LOSS:
+        pytest.skip("this torch has no chunked F.linear_cross_entropy")
+    monkeypatch.setenv("NSA_LOSS", path)
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    x, y = torch.randint(0, 100, (2, 40)), torch.randint(0, 100, (2, 40))
+    want, want_grads = _loss_and_grads(model, x, y, monkeypatch, path)
+    graphs = []  # what Dynamo captured, then aot_eager runs it
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = compile_model(model, backend=backend)
+    got, grads = _loss_and_grads(compiled, x, y, monkeypatch, path)
+    torch._dynamo.reset()
+    assert any(("linear_cross_entropy" if path == "chunked" else "cross_entropy") in code for code in graphs)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
