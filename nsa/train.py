@@ -380,6 +380,7 @@ class Trainer:
             "config_path": self.args.config, "config": cfg.to_dict(),
             "world_size": info.world_size, "accumulate_grad_batches": self.accum,
             "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "loss_path": self.loss_path,
             "hardware": hardware.describe(self.device), "peak_tflops_per_device": self.peak,
             "data": self.data.describe(), "resumed_from": self.resume_path,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

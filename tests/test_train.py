@@ -65,6 +65,10 @@ def test_outputs_follow_the_contract(straight):
     assert m["config"]["data"]["tokenizer"] == "gpt2"  # redaction must not eat ordinary fields
     # the run announces what it trains, and logs units
     assert "params=" in stdout and "seq_len=32" in stdout and "tok/s" in stdout and "ETA" in stdout
+    # and how it computes the loss (M7C.loss: the chunked path on CPU where torch has it)
+    from nsa.model import HAS_CHUNKED_LOSS
+
+    assert m["loss_path"] == ("chunked" if HAS_CHUNKED_LOSS else "full") and f"loss {m['loss_path']} |" in stdout
     meta = json.load(open(os.path.join(out, "final-model.json")))
     assert meta["step"] == 8 and meta["model_config"]["dim"] == 32
 
