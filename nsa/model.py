@@ -33,6 +33,7 @@ from nsa.attention.cache import KVCache, NSACache
 from nsa.attention.layer import NSAttention, build_attention, keep_branches_eager
 from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
+from nsa.errors import UserError
 
 
 LOSS_PATHS = ("auto", "chunked", "full")
@@ -58,7 +59,7 @@ def loss_path(device: torch.device, setting: str | None = None) -> str:
     this torch has no chunked F.linear_cross_entropy."""
     path = setting if setting is not None else os.environ.get("NSA_LOSS", LOSS_PATHS[0])
     if path not in LOSS_PATHS:
-        raise ValueError(f"NSA_LOSS={path!r}: expected one of {', '.join(LOSS_PATHS)}")
+        raise UserError(f"NSA_LOSS={path!r}: expected one of {', '.join(LOSS_PATHS)}; unset it or pick one.")
     if path == "auto":
         path = "chunked" if device.type == "cpu" else "full"
     return path if HAS_CHUNKED_LOSS else "full"

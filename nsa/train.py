@@ -310,10 +310,7 @@ class Trainer:
         seed_everything(t.seed)  # identical init on every rank (DDP also broadcasts)
         from nsa.model import build_model, loss_path
 
-        try:  # how the cross-entropy is computed (M7C.loss); announced below
-            self.loss_path = loss_path(self.device)
-        except ValueError as e:
-            raise UserError(f"{e}: unset NSA_LOSS or set it to one of those.") from None
+        self.loss_path = loss_path(self.device)  # how M7C.loss computes the cross-entropy; announced below
         model = build_model(cfg.model).to(self.device)
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.raw_model = model

@@ -133,9 +133,9 @@ def cli_error_runs(tmp_path_factory):
     """Every case's own `python -m nsa.train` process, one per core at a time (each is mostly torch's
     single-threaded import: run one after another they leave a core idle)."""
     tmp = tmp_path_factory.mktemp("cli_errors")
-    return run_train_concurrently([((*args[1:2], *args[2:], "--out-dir", str(tmp / f"out{i}")),
-                                    {"timeout": 180, "env": {**offline_env(), **(case[2] if len(case) > 2 else {})}})
-                                   for i, case in enumerate(CLI_ERRORS) for args in case[:1]])
+    return run_train_concurrently([((*args[1:], "--out-dir", str(tmp / f"out{i}")),
+                                    {"timeout": 180, "env": {**offline_env(), **(env[0] if env else {})}})
+                                   for i, (args, _, *env) in enumerate(CLI_ERRORS)])
 
 
 @pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=[f"args{i}-{case[1]}" for i, case in enumerate(CLI_ERRORS)])

@@ -346,7 +346,7 @@ def test_loss_path_setting(monkeypatch):
     assert model_module.loss_path(cpu) == "chunked" and model_module.loss_path(cuda) == "full"
     assert model_module.loss_path(cuda, "chunked") == "chunked" and model_module.loss_path(cpu, "full") == "full"
     monkeypatch.setenv("NSA_LOSS", "fused")
-    with pytest.raises(ValueError, match="NSA_LOSS='fused'"):
+    with pytest.raises(UserError, match="NSA_LOSS='fused'"):
         model_module.loss_path(cpu)
     monkeypatch.setattr(model_module, "HAS_CHUNKED_LOSS", False)  # an older torch: the logits path
     assert model_module.loss_path(cpu, "chunked") == "full"
