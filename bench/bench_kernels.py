@@ -20,7 +20,9 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), the
                         K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
-                        the union of their blocks; the union's construction included)
+                        the union of their blocks; the union's construction included), head tiles
+                        "qt64h", "qt128h" (qt queries of one head per program; S <= 16384, 2-byte;
+                        the union given, as from tuning)
                         and "bc" (the block-centric forward: per selected block, the queries that
                         chose it as dot rows, partial results merged by a second kernel; with its
                         index, and "bc_index_given" without, as the training backward reuses it)
@@ -32,7 +34,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         ("block_dkdv_w8", "block_dq_w4", "block_dq_w8"; "block" is the defaults), vs
                         "block_dq" (the block-centric kernel alone, adding dQ with atomics), vs
                         "block_dqsum" (the same storing per-(query, slot) dQ shares, summed after), and
-                        "block_qt{qt}" (the dQ kernel on query tiles, lists from the forward), and
+                        "block_qt{qt}" / "block_qt{qt}h" (the dQ kernel on query / head tiles, lists
+                        from the forward), and
                         "block_rows64" / "block_dq_rows64" / "block_dqsum_rows64" (the dK/dV kernel on
                         64-row (query, head) tiles, rows=64), "block_kr" / "block_rows64_kr" (its key-rows
                         form: scores computed as k q^T, no transposed dot operand for dK and dV)
@@ -208,6 +211,16 @@ def rows_for(layout: str, S: int, device: str):
         qt = qtiles[-1]
         yield "slc_fwd", f"qt{qt}_w8", lambda qt=qt: tuned("selected_fwd", 8, lambda: selected.selected_forward(
             q, k, v, idx, LP, qt=qt))
+    # head tiles (tuned variants "qt64h", "qt128h": qt queries of one head walk the union of their blocks);
+    # offered by tuning for short sequences only, where the union is nearly the causal range: at 64k it is
+    # dense-attention work, so not timed there
+    head_tiles = [qt for qt in selected.HEAD_TILE_CANDIDATES if S <= 16384]  # bf16 here
+    lists.update({f"{qt}h": selected.tile_lists(idx, qt) for qt in head_tiles})
+    for qt in head_tiles:
+        union = lists[f"{qt}h"][1].float().mean().item()
+        yield "slc_lists", f"qt{qt}h_union{union:.1f}of{qt * N_SEL}", lambda qt=qt: bench(lambda: selected.tile_lists(idx, qt))
+        yield "slc_fwd", f"qt{qt}h", lambda qt=qt: bench(lambda: selected.selected_forward(
+            q, k, v, idx, LP, qt=qt, lists=lists[f"{qt}h"], head_tiles=True))
     # the block-centric forward (tuned variant "bc"): with its index built, and given (the backward reuses it)
     segments = selected.block_segments(idx, math.ceil(S / LP))
     yield "slc_fwd", "bc", lambda: bench(lambda: selected.selected_forward_blocks(q, k, v, idx, LP))
@@ -236,6 +249,9 @@ def rows_for(layout: str, S: int, device: str):
     for qt in qtiles:  # the lists come from the forward in training: not timed here
         yield "slc_bwd", f"block_qt{qt}", lambda qt=qt: bench(lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[qt]))
+    for qt in head_tiles:
+        yield "slc_bwd", f"block_qt{qt}h", lambda qt=qt: bench(lambda: selected.selected_backward(
+            q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[f"{qt}h"], head_tiles=True))
     yield "slc_bwd", "block_index_only", lambda: bench(
         lambda: selected.block_segments(idx, math.ceil(S / LP)))
 

@@ -173,6 +173,41 @@ def test_selected_attention_query_tiles(monkeypatch, qt, mode, dtype, r, Sq, q_s
     check_grads(out, ref, (q, k, v), dtype)
 
 
+@pytest.mark.parametrize("qt,mode,dtype,r,Sq,q_start", [(16, "block", F32, 3, 26, 0), (32, "block", BF16, 6, 40, 0),
+                                                        (8, "atomic", F32, 2, 21, 0), (16, "block", F32, 1, 19, 0),
+                                                        (16, "block", BF16, 16, 5, 40)])
+def test_selected_attention_head_tiles(qt, mode, dtype, r, Sq, q_start):
+    """Head tiles (tuned variants "qt64h"/"qt128h"): a program's rows are qt queries of one head (grid
+    axis 2), walking the union of their blocks; forward, LSE and dq/dk/dv as ops and as the group
+    tiles (ragged last tile, r = 1 and 16, decode-like q_start, the atomic dK/dV)."""
+    B, G, D, blk, n = 2, 2, 16, 8, 3
+    N = q_start + Sq
+    q = randn(B, G * r, Sq, D, dtype=dtype, seed=81, strided=True)
+    k, v = randn(B, G, N, D, dtype=dtype, seed=82), randn(B, G, N, D, dtype=dtype, seed=83)
+    k_cmp = randn(B, G, num_cmp_blocks(N, 8, 4), D, dtype=dtype, seed=84, grad=False)
+    idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n, q_start)
+    idx[0, 1, Sq // 2] = -1  # a query with no slot: zero output, -inf LSE
+    qt = selected.head_query_tile(Sq, dtype, qt)
+    lists = selected.tile_lists(idx, qt)
+    out, lse = selected.selected_forward(q.detach(), k, v, idx, blk, q_start, qt, lists, head_tiles=True)
+    ref = ops.selected_attention(q.detach(), k, v, idx, blk, q_start)
+    check("out", out, ref, dtype)
+    _, lse_ref = selected.selected_forward(q.detach(), k, v, idx, blk, q_start)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - lse_ref[finite]).abs().max() <= 1e-3
+    go = randn(*ref.shape, dtype=dtype, seed=85, grad=False)
+    grads = selected.selected_backward(q.detach(), k.detach(), v.detach(), idx, out, lse, go, blk, q_start,
+                                       mode=mode, qt=qt, lists=lists, head_tiles=True)
+    want = torch.autograd.grad(ops.selected_attention(q, k, v, idx, blk, q_start), (q, k, v), go)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        check(name, a, b, dtype)
+
+
+def test_head_query_tile_caps():
+    assert selected.head_query_tile(4096, BF16, 128) == 128 and selected.head_query_tile(4096, F32, 128) == 32
+    assert selected.head_query_tile(50, BF16, 64) == 50 and selected.head_query_tile(4096, BF16, 256) == 128
+
+
 def test_tile_lists_union_per_tile():
     """tile_lists: each tile's distinct blocks ascending, then -1, and their count."""
     g = torch.Generator().manual_seed(9)
@@ -691,6 +726,32 @@ def test_selected_key_rows_variants_cuda(G, r, D, rows):
                                          rows=rows, key_rows=key_rows)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             check(f"{name} key_rows={key_rows}", a, b, BF16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
+@pytest.mark.parametrize("G,r,D", [(1, 16, 128), (2, 6, 64)])
+@pytest.mark.parametrize("qt", selected.HEAD_TILE_CANDIDATES if AVAILABLE else [])
+def test_selected_head_tile_variants_cuda(G, r, D, qt):
+    """Head tiles (tuned "qt64h"/"qt128h": qt queries of one head per program, 4 or 8 warps) at the paper
+    and M7C head layouts, bf16, paper block sizes, S = 1000: output, LSE and gradients against ops."""
+    B, S, lp, n = 2, 1000, 64, 16
+    q = randn(B, G * r, S, D, dtype=BF16, seed=91, strided=True)
+    k, v = randn(B, G, S, D, dtype=BF16, seed=92), randn(B, G, S, D, dtype=BF16, seed=93)
+    kc = randn(B, G, num_cmp_blocks(S, 32, 16), D, dtype=BF16, seed=94, grad=False)
+    idx = ops.select_blocks(q.detach(), kc, 32, 16, lp, n)
+    ref = ops.selected_attention(q, k, v, idx, lp)
+    go = randn(*ref.shape, dtype=BF16, seed=95, grad=False)
+    want = torch.autograd.grad(ref, (q, k, v), go)
+    lists = selected.tile_lists(idx, qt)
+    out, lse = selected.selected_forward(q.detach(), k.detach(), v.detach(), idx, lp, qt=qt, lists=lists,
+                                         head_tiles=True)
+    check("out", out, ref, BF16)
+    _, lse_ref = selected.selected_forward(q.detach(), k.detach(), v.detach(), idx, lp)
+    assert (lse - lse_ref).abs().max() <= 1e-2
+    got = selected.selected_backward(q.detach(), k.detach(), v.detach(), idx, out, lse, go, lp, mode="block",
+                                     qt=qt, lists=lists, head_tiles=True)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        check(name, a, b, BF16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton RoPE dispatch is CUDA-only")

@@ -216,9 +216,41 @@ def test_partial_buffers_bound_the_block_centric_variants(monkeypatch):
     assert not any(name == "bc" or name.startswith("block_dqsum") for name in timed) and "qt2" in timed
 
 
+@needs_kernels
+@pytest.mark.parametrize("slice_queries,dtype,fastest", [(8192, BF16, "qt40h"), (8192, BF16, "qt1"),
+                                                     (24, BF16, None), (8192, F32, None)])
+def test_head_tiles_tuned_for_sequences_the_slice_holds(monkeypatch, slice_queries, dtype, fastest):
+    """Head tiles are offered when the tuning slice holds every query (their union of blocks grows with
+    the sequence, so a prefix would time them too fast), for 2-byte inputs; chosen, the dQ kernel
+    follows them and the branch equals the PyTorch path's."""
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "SLICE_QUERIES", slice_queries)
+    monkeypatch.setattr(tune, "REPS", 1)
+    B, G, r, S, D, blk, n = 1, 2, 3, 40, 16, 8, 3  # head tiles of 64 and 128 queries: both 40 here
+    ms = dict.fromkeys(("qt2", "qt4", "qt5", "qt8", "qt1s1", "qt1s2", "qt1s4", "bc", "qt40h"), 3.0)
+    ms.update({"qt1": 2.0, fastest: 1.0} if fastest else {"qt1": 2.0})
+    ms.update({"block/rows0": 1.0, "block/rows64": 2.0, "block_dq/rows0": 3.0, "block_dq/rows64": 4.0,
+               "block_dqsum/rows0": 5.0, "block_dqsum/rows64": 5.0, "block/rows0/kr": 1.5, "block/rows64/kr": 2.5})
+    timed = fake_clock(monkeypatch, ms)
+    q = randn(B, G * r, S, D, dtype=dtype, seed=11, strided=True)
+    k, v = randn(B, G, S, D, dtype=dtype, seed=12), randn(B, G, S, D, dtype=dtype, seed=13)
+    idx = ops.select_blocks(q.detach(), randn(B, G, 9, D, dtype=dtype, seed=14, grad=False), 8, 4, blk, n)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk)
+    ref = ops.selected_attention(q, k, v, idx, blk)
+    check("out", out, ref, dtype)
+    check_grads(out, ref, (q, k, v), dtype)
+    got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
+    assert ("qt40h" in timed) == (slice_queries >= S and dtype == BF16)
+    want = fastest or "qt1"
+    assert got["selected_fwd"] == want and f"selected_bwd_{want}" in got
+
+
 def test_parse_tile():
-    assert [selected.parse_tile(n) for n in ("qt1", "qt8", "qt1s2", "qt1s4", "bc")] == [
-        (1, None), (8, None), (1, 2), (1, 4), (1, None)]
+    assert [selected.parse_tile(n) for n in ("qt1", "qt8", "qt1s2", "qt1s4", "bc", "qt64h", "qt128h")] == [
+        (1, None, False), (8, None, False), (1, 2, False), (1, 4, False), (1, None, False), (64, None, True),
+        (128, None, True)]
+    assert selected.parse_tile("qt64h").head_tiles and selected.parse_tile("qt2").qt == 2
 
 
 def test_tuning_slice_covers_a_training_batch(monkeypatch):
@@ -324,7 +356,7 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     out = nsa_triton.window_attention(q, k, v, w)
     check_grads(out, ops.window_attention(q, k, v, w), (q, k, v), BF16)
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
-    assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4", "bc"}
+    assert got["selected_fwd"] in {"qt1", "qt2", "qt4", "qt8", "qt1s1", "qt1s2", "qt1s4", "bc", "qt64h", "qt128h"}
     assert got[f"selected_bwd_{got['selected_fwd']}"] in {
         "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64", "block_dqsum/rows0", "block_dqsum/rows64",
         "block/rows0/kr", "block/rows64/kr"}

@@ -125,6 +125,11 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                 slc_tiles = [(dict(slc, QT=qt, ROWS_PAD=pad_pow2(qt * group), NSEL_PAD=16),
                               dict(IDX="*i64", LST="*i64" if qt == 1 else "*i32", CNT="*i64" if qt == 1 else "*i32"))
                              for qt in (1, max_rows // group)]
+                # head tiles (tuned variants "qt64h", "qt128h"; 2-byte inputs only): qt queries of one head,
+                # 4 or 8 warps as launched
+                head_tiles = [(dict(slc, QT=qt, ROWS_PAD=qt, NSEL_PAD=16, HEAD_TILES=True),
+                               dict(IDX="*i64", LST="*i32", CNT="*i32"), 8 if qt >= 128 else 4)
+                              for qt in selected.HEAD_TILE_CANDIDATES if dtn != "fp32" and D <= 128]
                 cmp_ = dict(rd, **dots)
                 esize = 4 if dtn == "fp32" else 2
 
@@ -146,6 +151,10 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     *((selected._slc_bwd_kernel, dict(qkv, **lists, DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
                        dict(consts, DKV_ATOMIC=atomic))
                       for consts, lists in slc_tiles for atomic in (False, True) if consts["QT"] == 1 or not atomic),
+                    *((selected._slc_fwd_kernel, dict(qkv, **lists, O=t, LSE=f), consts, warps)
+                      for consts, lists, warps in head_tiles),
+                    *((selected._slc_bwd_kernel, dict(qkv, **lists, DO=t, LSE=f, DELTA=f, DQ=t, DK=f, DV=f),
+                       dict(consts, DKV_ATOMIC=False), warps) for consts, lists, warps in head_tiles),
                     (selected._slc_fwd_block_kernel,
                      dict(qkv, QIDX="*i32", PAIR="*i32", SEG_OWNER="*i32", SEG_START="*i32", SEG_END="*i32",
                           PO=t, PL=f),

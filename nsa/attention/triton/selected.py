@@ -14,7 +14,10 @@ its idx row in registers), so every row's result is exactly the per-query one. N
 queries share most blocks (the forced initial and local ones always): on random inputs at 4k
 tokens a tile of 4 queries walks 26 distinct blocks instead of 4 x 16, and a tile of 8 walks 31
 instead of 128, so K/V loads fall 2.5-4x and the dots grow from r = 6 useful rows of 16 to 48 of
-64. With r = 16 (paper layout) the gain is the shared loads only. The block-centric dK/dV kernel
+64. With r = 16 (paper layout) the gain is the shared loads only. Head tiles (tuned too, for
+sequences the tuning slice holds whole): a program's rows are 64 or 128 queries of one head, as in a
+flash-attention kernel, walking the union of their blocks (grid axis 2: the head within the group).
+The block-centric dK/dV kernel
 has the same option for its rows (tuned too; NSA_SLC_DKV_ROWS pins it, default DKV_HEAD_ROWS = 0): all r heads of a few
 queries as one tile of up to 64 (query, head) rows instead of 32 queries head by head.
 
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +80,7 @@ DKV_MODES = ("block", "atomic", "block_dq", "block_dqsum")
 SEG = 256  # queries per dK/dV segment (block-centric backward)
 BM_DKV = 32  # query rows per dot in the block-centric dK/dV kernel
 MAX_TILE_ROWS = 64  # (query, head) rows of a query tile (NSA_SLC_QTILE), bf16/fp16; 16 in fp32
+HEAD_TILE_ROWS = 128  # queries of a head tile (one head per program), bf16/fp16; 32 in fp32
 # the dK/dV kernel's default row tile without tuning: all r heads of a few queries as one tile of up
 # to this many (query, head) rows instead of BM_DKV queries head by head; 0 = off (tuning also tries 64)
 DKV_HEAD_ROWS = 0
@@ -91,6 +96,22 @@ def dkv_mode() -> str:
     return env_choice("NSA_SLC_DKV", DKV_MODES)
 
 
+@device_function
+def _tile_rows(offs_r, t0, g, Sq, R: tl.constexpr, QT: tl.constexpr, HEAD_TILES: tl.constexpr):
+    """(query, head, valid) of a query-centric program's rows: all R heads of QT queries, row =
+    (query t0 + row // R, head g*R + row % R); HEAD_TILES: QT queries of the one head g*R +
+    program_id(2)."""
+    if HEAD_TILES:
+        tq = t0 + offs_r
+        heads = g * R + tl.program_id(2) + offs_r * 0
+        rmask = (offs_r < QT) & (tq < Sq)
+    else:
+        tq = t0 + offs_r // R
+        heads = g * R + offs_r % R
+        rmask = (offs_r < QT * R) & (tq < Sq)
+    return tq, heads, rmask
+
+
 @triton.jit
 def _slc_fwd_kernel(
     Q, K, V, IDX, LST, CNT, O, LSE,
@@ -103,7 +124,7 @@ def _slc_fwd_kernel(
     G, N, Sq, NSEL, NLST, q_start, scale,
     R: tl.constexpr, QT: tl.constexpr, ROWS_PAD: tl.constexpr, NSEL_PAD: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLK: tl.constexpr, BLK_PAD: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, HEAD_TILES: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -114,11 +135,9 @@ def _slc_fwd_kernel(
     offs_r = tl.arange(0, ROWS_PAD)  # row = (query t0 + row // R, head g*R + row % R)
     offs_d = tl.arange(0, D_PAD)
     offs_n = tl.arange(0, BLK_PAD)
-    tq = t0 + offs_r // R
-    rmask = (offs_r < QT * R) & (tq < Sq)
+    tq, heads, rmask = _tile_rows(offs_r, t0, g, Sq, R, QT, HEAD_TILES)
     dmask = offs_d < D
     nvalid = offs_n < BLK
-    heads = g * R + offs_r % R
     lim = tl.minimum(q_start + tq + 1, N)  # [ROWS_PAD] keys tok < lim: causal (tok <= t) and in range
     lim_tile = tl.max(tl.where(rmask, lim, 0), 0)  # no row of the tile sees a key at or past this
 
@@ -173,6 +192,7 @@ def _slc_bwd_kernel(
     R: tl.constexpr, QT: tl.constexpr, ROWS_PAD: tl.constexpr, NSEL_PAD: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, BLK: tl.constexpr, BLK_PAD: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DKV_ATOMIC: tl.constexpr,
+    HEAD_TILES: tl.constexpr = False,
 ):
     """dQ of a tile of QT queries (rows as in the forward); DKV_ATOMIC: also dK/dV with atomics."""
     pid_t = tl.program_id(0)
@@ -184,12 +204,10 @@ def _slc_bwd_kernel(
     offs_r = tl.arange(0, ROWS_PAD)
     offs_d = tl.arange(0, D_PAD)
     offs_n = tl.arange(0, BLK_PAD)
-    tq = t0 + offs_r // R
-    rmask = (offs_r < QT * R) & (tq < Sq)
+    tq, heads, rmask = _tile_rows(offs_r, t0, g, Sq, R, QT, HEAD_TILES)
     dmask = offs_d < D
     nvalid = offs_n < BLK
     rd_mask = rmask[:, None] & dmask[None, :]
-    heads = g * R + offs_r % R
     lim = tl.minimum(q_start + tq + 1, N)
     lim_tile = tl.max(tl.where(rmask, lim, 0), 0)
 
@@ -525,6 +543,11 @@ def query_tile(Sq: int, r: int, dtype: torch.dtype, qt: int | None = None) -> in
     return max(1, min(qt, Sq, row_cap(MAX_TILE_ROWS, dtype) // r))
 
 
+def head_query_tile(Sq: int, dtype: torch.dtype, qt: int) -> int:
+    """Queries per program of a head tile: qt, at most Sq and HEAD_TILE_ROWS (a quarter in fp32)."""
+    return max(1, min(qt, Sq, row_cap(HEAD_TILE_ROWS, dtype)))
+
+
 def tile_lists(idx: torch.Tensor, qt: int):
     """The union of the selected blocks of each tile of qt consecutive queries.
 
@@ -545,7 +568,7 @@ def tile_lists(idx: torch.Tensor, qt: int):
     return torch.where(x == big, -1, x), cnt
 
 
-def _meta(q, k, idx, slc_block, qt):
+def _meta(q, k, idx, slc_block, qt, head_tiles: bool = False):
     B, H, Sq, D = q.shape
     G, N = k.shape[1], k.shape[2]
     if H % G:
@@ -553,9 +576,14 @@ def _meta(q, k, idx, slc_block, qt):
     r = H // G
     n = idx.shape[-1]
     return dict(B=B, H=H, Sq=Sq, D=D, G=G, N=N, r=r, n=n, D_PAD=pad_pow2(D),
-                consts=dict(R=r, QT=qt, ROWS_PAD=pad_pow2(qt * r), NSEL_PAD=pad_pow2(n, 1), D=D,
-                            D_PAD=pad_pow2(D), BLK=int(slc_block), BLK_PAD=pad_pow2(slc_block),
-                            **dot_config(q.dtype)))
+                consts=dict(R=r, QT=qt, ROWS_PAD=pad_pow2(qt * (1 if head_tiles else r)), NSEL_PAD=pad_pow2(n, 1),
+                            D=D, D_PAD=pad_pow2(D), BLK=int(slc_block), BLK_PAD=pad_pow2(slc_block),
+                            HEAD_TILES=head_tiles, **dot_config(q.dtype)))
+
+
+def _grid(n_tiles: int, m: dict) -> tuple[int, int, int]:
+    """Query-centric programs: (query tiles, batch x KV group, heads per group with head tiles, else 1)."""
+    return n_tiles, m["B"] * m["G"], m["r"] if m["consts"]["HEAD_TILES"] else 1
 
 
 def _tile_args(idx, lists, qt):
@@ -567,6 +595,8 @@ def _tile_args(idx, lists, qt):
 
 
 def _warps(kernel: str, m: dict) -> int:
+    if m["consts"]["HEAD_TILES"]:  # as flash attention's 64- and 128-row tiles
+        return 8 if m["consts"]["ROWS_PAD"] >= 128 else 4
     if m["consts"]["QT"] == 1:
         return launch_warps(kernel, m["D"])
     return TUNING.get(kernel, num_warps(m["D"]))  # query tiles: not measured yet
@@ -579,11 +609,11 @@ def _stages(stages: int | None) -> dict:
 
 
 def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1, lists=None,
-                     stages: int | None = None):
+                     stages: int | None = None, head_tiles: bool = False):
     """Triton forward: (out [B,H,Sq,D] in q.dtype, lse [B,H,Sq] fp32). qt > 1: tiles of qt queries
     walk the union of their blocks, `lists` = tile_lists(idx, qt) (built here when None); stages:
-    see _stages."""
-    m = _meta(q, k, idx, slc_block, qt)
+    see _stages; head_tiles: a program's rows are qt queries of one head, not all heads of qt queries."""
+    m = _meta(q, k, idx, slc_block, qt, head_tiles)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(m["B"], m["H"], m["Sq"], dtype=torch.float32, device=q.device)
     if m["Sq"] == 0:
@@ -591,7 +621,7 @@ def selected_forward(q, k, v, idx, slc_block: int, q_start: int = 0, qt: int = 1
     if qt > 1 and lists is None:
         lists = tile_lists(idx, qt)
     tile_args, n_tiles, n_list = _tile_args(idx, lists, qt)
-    _slc_fwd_kernel[(n_tiles, m["B"] * m["G"])](
+    _slc_fwd_kernel[_grid(n_tiles, m)](
         q, k, v, tile_args[0], tile_args[1], tile_args[2], out, lse,
         *q.stride(), *k.stride(), *v.stride(), *tile_args[3:], *out.stride(),
         m["G"], m["N"], m["Sq"], m["n"], n_list, int(q_start), 1.0 / math.sqrt(m["D"]),
@@ -644,12 +674,12 @@ def _merge(parts, idx, out, m: dict, part_lse=None, lse=None) -> None:
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
                       qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None, segments=None,
-                      key_rows: bool | None = None):
+                      key_rows: bool | None = None, head_tiles: bool = False):
     """(dq, dk, dv); mode "block", "atomic", "block_dq" or "block_dqsum" (default: NSA_SLC_DKV, else "block");
-    qt / lists / stages as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's row
-    tile (see dkdv_queries_per_step); key_rows: its score form (default DKV_KEY_ROWS); segments:
+    qt / lists / stages / head_tiles as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's
+    row tile (see dkdv_queries_per_step); key_rows: its score form (default DKV_KEY_ROWS); segments:
     block_segments(idx, ...) when the forward built them."""
-    m = _meta(q, k, idx, slc_block, qt)
+    m = _meta(q, k, idx, slc_block, qt, head_tiles)
     mode = mode or dkv_mode()
     key_rows = DKV_KEY_ROWS if key_rows is None else bool(key_rows)
     do = grad_out
@@ -672,7 +702,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             if qt > 1 and lists is None:
                 lists = tile_lists(idx, qt)
             tile_args, n_tiles, n_list = _tile_args(idx, lists, qt)
-            _slc_bwd_kernel[(n_tiles, m["B"] * m["G"])](
+            _slc_bwd_kernel[_grid(n_tiles, m)](
                 q, k, v, tile_args[0], tile_args[1], tile_args[2], do, lse, delta, dq, dk, dv,
                 *strides, *tile_args[3:], *do.stride(),
                 m["G"], m["N"], m["Sq"], m["n"], n_list, int(q_start), 1.0 / math.sqrt(m["D"]),
@@ -684,7 +714,8 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             qidx, seg_owner, seg_start, seg_end, pair = segments or block_segments(idx, n_blocks)
             dq_mode = {"block_dq": 1, "block_dqsum": 2}.get(mode, 0)
             if seg_owner.numel():
-                consts = {k_: v_ for k_, v_ in m["consts"].items() if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD")}
+                consts = {k_: v_ for k_, v_ in m["consts"].items()
+                          if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD", "HEAD_TILES")}
                 qpr = dkdv_queries_per_step(m["r"], q.dtype, rows)
                 _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
                     q, k, v, do, lse, delta, dk, dv, dq_parts if dq_mode == 2 else dq, qidx, pair,
@@ -705,6 +736,16 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
 # which walks the same blocks, follows the forward's): fewer stages, less shared memory per program,
 # more programs per SM to hide the gathers' latency.
 QTILE_CANDIDATES = (1, 2, 4, 8)
+# Head tiles ("qt64h", "qt128h"): a program's rows are 64 or 128 queries of one head, as in a flash-attention
+# kernel, walking the union of their blocks. Below ~8k tokens a query's n blocks are a large share of the
+# blocks it can see (M7C at 4096: 16 of ~32 on average), so the union is nearly the causal range and a
+# program does ~2x the needed dot work, but on full 64/128-row tiles (group tiles: r = 6 heads of 8
+# queries fill 48 of 64 rows and walk ~31 blocks for 16 needed). Offered only when the tuning slice holds
+# every query of the call (Sq <= tune.SLICE_QUERIES): the union grows with the sequence, so a prefix of a
+# long sequence would time them too fast. 2-byte inputs and head dims up to 128 only: in fp32 at head dim 128
+# the dQ kernel's 32-row tile overflows an A100's shared memory (`aot_check --ptxas-info --only _slc_`).
+HEAD_TILE_CANDIDATES = (64, 128)
+HEAD_SUFFIX = "h"
 BLOCK_TILE = "bc"  # the block-centric forward (selected_forward_blocks), also a forward candidate
 # the block-centric forward and block_dqsum keep one row per (query, slot, head) in HBM: offered only
 # while that buffer stays under this size for the whole call (M7C training, 8 x 4096 tokens: 0.8 / 1.6
@@ -741,19 +782,27 @@ def _tune_inputs(k, v, q_start, *per_query):
     return k[:b, :, :n_keys], v[:b, :, :n_keys], tune.prefix(*per_query)
 
 
-def parse_tile(name: str) -> tuple[int, int | None]:
-    """A forward variant's name -> (queries per program, pipeline stages or None) of the forward and
-    its dQ kernel: "qt4" -> (4, None), "qt1s2" -> (1, 2); "bc" (block-centric forward) -> (1, None)."""
+class Tile(NamedTuple):
+    qt: int  # queries per program
+    stages: int | None = None  # K/V pipeline depth, None: Triton's default
+    head_tiles: bool = False  # rows: qt queries of one head (else all r heads of qt queries)
+
+
+def parse_tile(name: str) -> Tile:
+    """A forward variant's name -> its Tile, for the forward and its dQ kernel: "qt4" -> (4, None, False),
+    "qt1s2" -> (1, 2, False), "qt64h" -> (64, None, True); "bc" (block-centric forward) -> (1, None, False)."""
     if name == BLOCK_TILE:
-        return 1, None
-    qt, _, stages = name[2:].partition("s")
-    return int(qt), int(stages) if stages else None
+        return Tile(1)
+    heads = name.endswith(HEAD_SUFFIX)
+    qt, _, stages = name[2:].removesuffix(HEAD_SUFFIX).partition("s")
+    return Tile(int(qt), int(stages) if stages else None, heads)
 
 
 def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
     """The forward's (and its dQ's) tile variant, a name parse_tile reads: NSA_SLC_QTILE's query tile
-    when set, else the tuned fastest of QTILE_CANDIDATES and one query at STAGE_CANDIDATES when
-    tuning, else one query per program."""
+    when set, else the tuned fastest of QTILE_CANDIDATES, one query at STAGE_CANDIDATES, the head tiles
+    (HEAD_TILE_CANDIDATES; short sequences) and the block-centric forward when tuning, else one query
+    per program."""
     Sq, r = q.shape[2], q.shape[1] // k.shape[1]
     if "NSA_SLC_QTILE" in os.environ or not tune.wanted(q):
         return f"qt{query_tile(Sq, r, q.dtype)}"
@@ -761,6 +810,8 @@ def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
     options = [f"qt{qt}" for qt in sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})]
     if q.element_size() == 2:  # fp32 K/V stages are twice as big: 4 of them overflow an A100's shared memory
         options += [f"qt1s{st}" for st in STAGE_CANDIDATES]
+    if Sq <= tune.SLICE_QUERIES and q.element_size() == 2 and q.shape[-1] <= 128:  # fp32 / wider heads: smem
+        options += [f"qt{qt}{HEAD_SUFFIX}" for qt in sorted({head_query_tile(Sq, q.dtype, c) for c in HEAD_TILE_CANDIDATES})]
     if partials_fit(q, idx, q.element_size()):
         options.append(BLOCK_TILE)
 
@@ -775,9 +826,9 @@ def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
 
 
 def _tile_opts(name: str) -> tuple:
-    """selected_forward's (qt, lists, stages) arguments for a tile variant."""
-    qt, stages = parse_tile(name)
-    return qt, None, stages
+    """selected_forward's (qt, lists, stages, head_tiles) arguments for a tile variant."""
+    qt, stages, heads = parse_tile(name)
+    return qt, None, stages, heads
 
 
 def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int,
@@ -796,11 +847,11 @@ def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int
     if len(options) == 1:
         return options[0]
     ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
-    qt, stages = parse_tile(tile)
+    qt, stages, heads = parse_tile(tile)
     lists = tile_lists(ids, qt) if qt > 1 else None
     variants = {dkv_variant_name(m, rows, kr): (lambda m=m, rows=rows, kr=kr: selected_backward(
         qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows, stages=stages,
-        key_rows=kr)) for m, rows, kr in options}
+        key_rows=kr, head_tiles=heads)) for m, rows, kr in options}
     key = tune.shape_key(f"selected_bwd_{tile}", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
     return parse_dkv_variant(tune.pick(key, variants, tune.differs, q.device))
 
@@ -809,12 +860,12 @@ def _planned_forward(q, k, v, idx, slc_block: int, q_start: int):
     """(out, lse, tile, lists, segments): the forward with its tile variant chosen (forward_tile);
     segments: the block-centric forward's block_segments (None otherwise), which the backward reuses."""
     tile = forward_tile(q, k, v, idx, slc_block, q_start)
-    qt, stages = parse_tile(tile)
+    qt, stages, heads = parse_tile(tile)
     lists = tile_lists(idx, qt) if qt > 1 else (idx, idx)
     if tile == BLOCK_TILE:
         out, lse, segments = selected_forward_blocks(q, k, v, idx, slc_block, q_start)
         return out, lse, tile, lists, segments
-    out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists, stages)
+    out, lse = selected_forward(q, k, v, idx, slc_block, q_start, qt, lists, stages, heads)
     return out, lse, tile, lists, None
 
 
@@ -833,10 +884,10 @@ class SelectedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, idx, out, lse, lst, cnt = ctx.saved_tensors
         mode, rows, key_rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.tile)
-        qt, stages = parse_tile(ctx.tile)
+        qt, stages, heads = parse_tile(ctx.tile)
         dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
                                        mode=mode, qt=qt, lists=(lst, cnt), rows=rows, stages=stages,
-                                       segments=ctx.segments, key_rows=key_rows)
+                                       segments=ctx.segments, key_rows=key_rows, head_tiles=heads)
         return dq, dk, dv, None, None, None
 
 
