@@ -445,11 +445,11 @@ def test_selection_differs_accepts_near_ties_only():
 
 
 @needs_kernels
-@pytest.mark.parametrize("fastest", ["nj16", "nj32"])
-def test_select_wide_tiles_tuned(monkeypatch, fastest):
-    """For 2-byte inputs at head dim > 64 the fused top-n's tile width is tuned on the last queries
-    (select_nj): the clock's favourite is kept, and the blocks are a top-n of the untuned kernel's
-    scores. At head dim 64 it is not offered."""
+@pytest.mark.parametrize("fastest", ["nj16", "nj32", "rows"])
+def test_select_tiles_tuned(monkeypatch, fastest):
+    """For 2-byte inputs the fused top-n's tile is tuned on the last queries (select_tile): the clock's
+    favourite is kept, and the blocks are a top-n of the untuned kernel's scores. The wide tile is offered
+    above head dim 64 only, the rows tile up to 128 and 16 heads per group; fp32 tunes nothing."""
     from nsa.attention.blocks import num_cmp_blocks
     from nsa.attention.triton import select
 
@@ -457,20 +457,24 @@ def test_select_wide_tiles_tuned(monkeypatch, fastest):
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "SLICE_QUERIES", 24)
     monkeypatch.setattr(tune, "REPS", 1)
-    timed = fake_clock(monkeypatch, {"nj16": 2.0, "nj32": 1.0} if fastest == "nj32" else {"nj16": 1.0, "nj32": 2.0})
+    ms = {"nj16": 2.0, "nj32": 3.0, "rows": 3.0}
+    ms[fastest] = 1.0
+    timed = fake_clock(monkeypatch, ms)
     l, d, lp, n, Sq, q_start = 8, 4, 8, 5, 40, 300  # 43 selection blocks: two tiles of 32
     q = randn(1, 4, Sq, 128, dtype=BF16, seed=41, grad=False)
     kc = randn(1, 2, num_cmp_blocks(q_start + Sq, l, d), 128, dtype=BF16, seed=42, grad=False)
     _, lse = compressed.compressed_forward(q, kc, kc, l, d, q_start)
     got = select.select_blocks(q, kc, l, d, lp, n, q_start, lse=lse)
-    [(key, choice)] = [(k, c) for k, c in tune.choices().items() if k.startswith("select_nj|")]
-    assert choice == fastest and key.endswith("|S32") and "|NS64" in key and set(timed) == {"nj16", "nj32"}
+    [(key, choice)] = [(k, c) for k, c in tune.choices().items() if k.startswith("select_tile|")]
+    assert choice == fastest and key.endswith("|S32") and "|NS64" in key and set(timed) == {"nj16", "nj32", "rows"}
     monkeypatch.setenv("NSA_TUNE", "off")
     want = select.select_blocks(q, kc, l, d, lp, n, q_start, lse=lse)
     scores = select.block_scores(q, kc, l, d, lp, 0, Sq, q_start, lse=lse)
     assert select.selection_differs(got, want, lambda: scores) is None
     monkeypatch.setenv("NSA_TUNE", "on")
-    tune.reset()
-    select.select_blocks(q[..., :64].contiguous(), kc[..., :64].contiguous(), l, d, lp, n, q_start,
-                         lse=lse)  # head dim 64: the wide tile is not offered
-    assert not any(k.startswith("select_nj|") for k in tune.choices())
+    for D, dtype, offered in ((64, BF16, {"nj16", "rows"}), (128, F32, set())):
+        tune.reset()
+        timed.clear()
+        q2, kc2 = q[..., :D].to(dtype).contiguous(), kc[..., :D].to(dtype).contiguous()
+        select.select_blocks(q2, kc2, l, d, lp, n, q_start, lse=lse)
+        assert set(timed) == offered
