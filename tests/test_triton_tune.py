@@ -12,7 +12,8 @@ from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter
     BF16, DEVICE, F32, check, check_grads, interpreter, needs_kernels, nsa_triton, randn,
 )
 
-from nsa.attention import ops  # noqa: E402
+from nsa.attention import ops
+from nsa.attention.blocks import num_cmp_blocks  # noqa: E402
 from nsa.attention.triton import compressed, selected, window  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -424,6 +425,47 @@ def test_compressed_tiles_are_tuned_on_the_last_queries(monkeypatch):
     assert (16, S - 16) in starts and (16, 72 - 16) in starts  # timed on the tail, at its own positions
     keys = [key.split("|") for key in tune.choices()]
     assert sorted(parts[-2] for parts in keys if parts[0] == "compressed_fwd") == ["N16", "N32"]
+
+
+@needs_kernels
+def test_selected_variants_are_tuned_on_the_last_queries(monkeypatch):
+    """The selected-attention variants are timed on the last tune.slice_len queries with all their keys
+    (their union of blocks per query tile is as large as a long sequence's; the first queries choose among
+    few blocks) and keyed by the number of keys, so 16k and 64k tokens are tuned apart; the backward too."""
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "SLICE_QUERIES", 16)
+    monkeypatch.setattr(tune, "REPS", 1)
+    B, G, r, S, D, blk, n = 1, 1, 2, 40, 16, 8, 3
+    k, v = randn(B, G, 72, D, dtype=F32, seed=2, grad=False), randn(B, G, 72, D, dtype=F32, seed=3, grad=False)
+    q = randn(B, G * r, S, D, dtype=F32, seed=1, grad=False)
+    t0, ks, vs, (qs, xs) = selected._tune_inputs(k, v, 5, q, q + 1)
+    assert t0 == 5 + S - 16 and ks.shape == k.shape and torch.equal(qs, q[:, :, S - 16:])
+    assert torch.equal(xs, q[:, :, S - 16:] + 1)
+    starts = []
+    real_forward, real_backward = selected.selected_forward, selected.selected_backward
+
+    def spy_fwd(q_, k_, v_, idx_, blk_, q_start=0, *a, **kw):
+        starts.append(("fwd", q_.shape[2], k_.shape[2], q_start))
+        return real_forward(q_, k_, v_, idx_, blk_, q_start, *a, **kw)
+
+    def spy_bwd(q_, k_, v_, idx_, out_, lse_, go_, blk_, q_start=0, **kw):
+        starts.append(("bwd", q_.shape[2], k_.shape[2], q_start))
+        return real_backward(q_, k_, v_, idx_, out_, lse_, go_, blk_, q_start, **kw)
+
+    monkeypatch.setattr(selected, "selected_forward", spy_fwd)
+    monkeypatch.setattr(selected, "selected_backward", spy_bwd)
+    for n_keys in (40, 72):  # buckets N64 and N128
+        kn, vn = (x[:, :, :n_keys].clone().requires_grad_() for x in (k, v))
+        qn = q.clone().requires_grad_()
+        kc = randn(B, G, num_cmp_blocks(n_keys, 8, 4), D, dtype=F32, seed=4, grad=False)
+        idx = ops.select_blocks(qn.detach(), kc, 8, 4, blk, n, n_keys - S)
+        out = nsa_triton.selected_attention(qn, kn, vn, idx, blk, n_keys - S)
+        check_grads(out, ops.selected_attention(qn, kn, vn, idx, blk, n_keys - S), (qn, kn, vn), F32)
+    for n_keys in (40, 72):  # timed on the tail, at its own positions, over every key
+        assert ("fwd", 16, n_keys, n_keys - 16) in starts and ("bwd", 16, n_keys, n_keys - 16) in starts
+    keys = [key.split("|") for key in tune.choices()]
+    assert sorted(parts[-2] for parts in keys if parts[0] == "selected_fwd") == ["N128", "N64"]
 
 
 def test_selection_differs_accepts_near_ties_only():

@@ -777,9 +777,19 @@ def parse_dkv_variant(name: str) -> tuple[str, int, bool]:
 
 
 def _tune_inputs(k, v, q_start, *per_query):
-    """The tuning slice: per-query tensors cut by tune.prefix, k/v to the keys those queries see."""
-    b, n_keys = tune.slice_batch(per_query[0]), min(k.shape[2], q_start + tune.slice_len(per_query[0]))
-    return k[:b, :, :n_keys], v[:b, :, :n_keys], tune.prefix(*per_query)
+    """The tuning slice: (its q_start, k, v, [each per-query tensor cut]): the LAST tune.slice_len queries
+    of tune.slice_batch batch elements, with all their keys. They choose among as many blocks as most
+    queries of a long sequence do; the first queries choose among few, so neighbouring queries share more
+    blocks there, which flattered the query tiles at 16k-64k (as the compressed tiles, compressed._tail)."""
+    b, s = tune.slice_batch(per_query[0]), tune.slice_len(per_query[0])
+    off = per_query[0].shape[2] - s
+    return q_start + off, k[:b], v[:b], [t[:b, :, off:] for t in per_query]
+
+
+def _key(step: str, q, k, idx, slc_block: int) -> str:
+    """Tuning key: the slice length (tune.shape_key) and the number of keys (the tail slices of 16k and 64k
+    differ)."""
+    return tune.shape_key(step, q, k, f"n{idx.shape[-1]}", f"blk{slc_block}", f"N{pad_pow2(k.shape[2], 1)}")
 
 
 class Tile(NamedTuple):
@@ -806,7 +816,7 @@ def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
     Sq, r = q.shape[2], q.shape[1] // k.shape[1]
     if "NSA_SLC_QTILE" in os.environ or not tune.wanted(q):
         return f"qt{query_tile(Sq, r, q.dtype)}"
-    ks, vs, (qs, ids) = _tune_inputs(k, v, q_start, q, idx)
+    t0, ks, vs, (qs, ids) = _tune_inputs(k, v, q_start, q, idx)
     options = [f"qt{qt}" for qt in sorted({query_tile(qs.shape[2], r, q.dtype, qt) for qt in QTILE_CANDIDATES})]
     if q.element_size() == 2:  # fp32 K/V stages are twice as big: 4 of them overflow an A100's shared memory
         options += [f"qt1s{st}" for st in STAGE_CANDIDATES]
@@ -817,11 +827,11 @@ def forward_tile(q, k, v, idx, slc_block: int, q_start: int) -> str:
 
     def run(name):  # compared on the output (the LSE comes out of the same pass)
         if name == BLOCK_TILE:
-            return selected_forward_blocks(qs, ks, vs, ids, slc_block, q_start)[:1]
-        return selected_forward(qs, ks, vs, ids, slc_block, q_start, *_tile_opts(name))[:1]
+            return selected_forward_blocks(qs, ks, vs, ids, slc_block, t0)[:1]
+        return selected_forward(qs, ks, vs, ids, slc_block, t0, *_tile_opts(name))[:1]
 
     variants = {name: (lambda name=name: run(name)) for name in options}
-    key = tune.shape_key("selected_fwd", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
+    key = _key("selected_fwd", q, k, idx, slc_block)
     return tune.pick(key, variants, tune.differs, q.device)
 
 
@@ -846,13 +856,13 @@ def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int
         return pinned_mode, pinned_rows, DKV_KEY_ROWS
     if len(options) == 1:
         return options[0]
-    ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
+    t0, ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
     qt, stages, heads = parse_tile(tile)
     lists = tile_lists(ids, qt) if qt > 1 else None
     variants = {dkv_variant_name(m, rows, kr): (lambda m=m, rows=rows, kr=kr: selected_backward(
-        qs, ks, vs, ids, outs, lses, gos, slc_block, q_start, mode=m, qt=qt, lists=lists, rows=rows, stages=stages,
+        qs, ks, vs, ids, outs, lses, gos, slc_block, t0, mode=m, qt=qt, lists=lists, rows=rows, stages=stages,
         key_rows=kr, head_tiles=heads)) for m, rows, kr in options}
-    key = tune.shape_key(f"selected_bwd_{tile}", q, k, f"n{idx.shape[-1]}", f"blk{slc_block}")
+    key = _key(f"selected_bwd_{tile}", q, k, idx, slc_block)
     return parse_dkv_variant(tune.pick(key, variants, tune.differs, q.device))
 
 
