@@ -739,20 +739,27 @@ def test_paper_geometry_cuda(monkeypatch, dtype, G, r, D, qt):
     check_grads(out, ref, (q, k, v), dtype)
 
 
+def paper_blocks_case(B, G, r, D, seed):
+    """bf16 q, k, v (S = 1000) with paper block sizes (l=32, d=16, l'=64, n=16): (q, k, v, idx, ops' output,
+    an upstream gradient, ops' dq/dk/dv for it)."""
+    S, lp, n = 1000, 64, 16
+    q = randn(B, G * r, S, D, dtype=BF16, seed=seed, strided=True)
+    k, v = randn(B, G, S, D, dtype=BF16, seed=seed + 1), randn(B, G, S, D, dtype=BF16, seed=seed + 2)
+    kc = randn(B, G, num_cmp_blocks(S, 32, 16), D, dtype=BF16, seed=seed + 3, grad=False)
+    idx = ops.select_blocks(q.detach(), kc, 32, 16, lp, n)
+    ref = ops.selected_attention(q, k, v, idx, lp)
+    go = randn(*ref.shape, dtype=BF16, seed=seed + 4, grad=False)
+    return q, k, v, idx, ref, go, torch.autograd.grad(ref, (q, k, v), go)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
 @pytest.mark.parametrize("G,r,D", [(1, 16, 128), (2, 6, 64)])
 @pytest.mark.parametrize("rows", [0, 64])
 def test_selected_key_rows_variants_cuda(G, r, D, rows):
     """The selected dK/dV kernel's key-rows form (tuned for "block", at selected.KEY_ROWS_WARPS warps) at
     the paper and M7C head layouts, bf16, paper block sizes: the gradients of the default form and of ops."""
-    B, S, lp, n = 1, 1000, 64, 16
-    q = randn(B, G * r, S, D, dtype=BF16, seed=71, strided=True)
-    k, v = randn(B, G, S, D, dtype=BF16, seed=72), randn(B, G, S, D, dtype=BF16, seed=73)
-    kc = randn(B, G, num_cmp_blocks(S, 32, 16), D, dtype=BF16, seed=74, grad=False)
-    idx = ops.select_blocks(q.detach(), kc, 32, 16, lp, n)
-    ref = ops.selected_attention(q, k, v, idx, lp)
-    go = randn(*ref.shape, dtype=BF16, seed=75, grad=False)
-    want = torch.autograd.grad(ref, (q, k, v), go)
+    lp = 64
+    q, k, v, idx, ref, go, want = paper_blocks_case(1, G, r, D, seed=71)
     out, lse = selected.selected_forward(q.detach(), k.detach(), v.detach(), idx, lp)
     for key_rows in (False, True):
         got = selected.selected_backward(q.detach(), k.detach(), v.detach(), idx, out, lse, go, lp, mode="block",
@@ -767,14 +774,8 @@ def test_selected_key_rows_variants_cuda(G, r, D, rows):
 def test_selected_head_tile_variants_cuda(G, r, D, qt):
     """Head tiles (tuned "qt64h"/"qt128h": qt queries of one head per program, 4 or 8 warps) at the paper
     and M7C head layouts, bf16, paper block sizes, S = 1000: output, LSE and gradients against ops."""
-    B, S, lp, n = 2, 1000, 64, 16
-    q = randn(B, G * r, S, D, dtype=BF16, seed=91, strided=True)
-    k, v = randn(B, G, S, D, dtype=BF16, seed=92), randn(B, G, S, D, dtype=BF16, seed=93)
-    kc = randn(B, G, num_cmp_blocks(S, 32, 16), D, dtype=BF16, seed=94, grad=False)
-    idx = ops.select_blocks(q.detach(), kc, 32, 16, lp, n)
-    ref = ops.selected_attention(q, k, v, idx, lp)
-    go = randn(*ref.shape, dtype=BF16, seed=95, grad=False)
-    want = torch.autograd.grad(ref, (q, k, v), go)
+    lp = 64
+    q, k, v, idx, ref, go, want = paper_blocks_case(2, G, r, D, seed=91)
     lists = selected.tile_lists(idx, qt)
     out, lse = selected.selected_forward(q.detach(), k.detach(), v.detach(), idx, lp, qt=qt, lists=lists,
                                          head_tiles=True)

@@ -206,6 +206,26 @@ def _overlap(cmp_start, slc_start, CB, LS):
     return tl.maximum(tl.minimum(cmp_start + CB, slc_start + LS) - tl.maximum(cmp_start, slc_start), 0).to(tl.float32)
 
 
+@device_function
+def _aligned_map(p_grp, offs_i, js, offs_j0, carry, j0, CB, CS, LS, NJ: tl.constexpr, PREC_W: tl.constexpr):
+    # Eq. 9 on an aligned tile: the group probabilities p_grp [rows, keys] of the keys offs_i (those starting in
+    # selection blocks js = [j0, j0 + NJ)) mapped onto js, plus the previous tile's carry into its first block.
+    # Returns (scores [rows, NJ], the carry into the next tile's first block [rows]).
+    st = offs_i * CS
+    w = _overlap(st[:, None], js[None, :] * LS, CB, LS) / CS  # Eq. 9 weights within the tile [keys, NJ]
+    acc = tl.dot(p_grp, w, input_precision=PREC_W)
+    acc += tl.where(offs_j0 == 0, 1.0, 0.0)[None, :] * carry[:, None]
+    return acc, tl.sum(p_grp * (_overlap(st, (j0 + NJ) * LS, CB, LS) / CS)[None, :], 1)
+
+
+@device_function
+def _forced_and_future(acc, js, cur):
+    # the initial and the 2 local blocks forced (+inf), blocks after the query's own block excluded (-inf)
+    forced = (js[None, :] == 0) | (js[None, :] == cur[:, None]) | (js[None, :] == cur[:, None] - 1)
+    val = tl.where(forced, float("inf"), acc)
+    return tl.where(js[None, :] > cur[:, None], float("-inf"), val)
+
+
 @triton.jit
 def _select_scores_kernel(
     Q, K, LSE, OUT,
@@ -260,11 +280,7 @@ def _select_scores_kernel(
             seen = mmask[:, None] & (offs_i[None, :] < vis[:, None]) & a_valid[None, :]  # [BM, BNA]
             p_grp = _group_probs(Q, LSE, k, seen, b, g, tq, mmask, md_mask, offs_d, scale,
                                  s_qb, s_qh, s_qt, s_qd, s_lb, s_lh, s_lt, R, BM, BNA, DOT_T, PREC)
-            st = offs_i * CS
-            w = _overlap(st[:, None], js[None, :] * LS, CB, LS) / CS  # Eq. 9 weights within the tile [BNA, NJ]
-            acc = tl.dot(p_grp, w, input_precision=PREC_W)
-            acc += tl.where(offs_j0 == 0, 1.0, 0.0)[None, :] * carry[:, None]
-            carry = tl.sum(p_grp * (_overlap(st, (j0 + NJ) * LS, CB, LS) / CS)[None, :], 1)
+            acc, carry = _aligned_map(p_grp, offs_i, js, offs_j0, carry, j0, CB, CS, LS, NJ, PREC_W)
         else:
             # compressed blocks overlapping selection blocks [j0, j0 + NJ): i*d + l > j0*l', i*d < (j0+NJ)*l'
             i_lo = tl.maximum(j0 * LS - CB + CS, 0) // CS
@@ -279,9 +295,7 @@ def _select_scores_kernel(
                                      s_qb, s_qh, s_qt, s_qd, s_lb, s_lh, s_lt, R, BM, BN, DOT_T, PREC)
                 w = _overlap(offs_i[:, None] * CS, js[None, :] * LS, CB, LS) / CS  # Eq. 9 weights [BN, NJ]
                 acc += tl.dot(p_grp, w, input_precision=PREC_W)
-        forced = (js[None, :] == 0) | (js[None, :] == cur[:, None]) | (js[None, :] == cur[:, None] - 1)
-        val = tl.where(forced, float("inf"), acc)
-        val = tl.where(js[None, :] > cur[:, None], float("-inf"), val)
+        val = _forced_and_future(acc, js, cur)
         if MODE == "scores":
             tl.store(out_rows + js[None, :], val, mask=mmask[:, None] & (js[None, :] < NS))
         else:
@@ -356,15 +370,8 @@ def _select_rows_kernel(
         seen = rvalid[:, None] & (offs_i[None, :] < rvis[:, None]) & a_valid[None, :]
         p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)
         p_grp = tl.sum(tl.reshape(p, [BQ, R_PAD, BNA]), axis=1)  # Eq. 10: summed over the group's heads
-        st = offs_i * CS
-        w = _overlap(st[:, None], js[None, :] * LS, CB, LS) / CS  # Eq. 9 weights within the tile [BNA, NJ]
-        acc = tl.dot(p_grp, w, input_precision=PREC_W)
-        acc += tl.where(offs_j0 == 0, 1.0, 0.0)[None, :] * carry[:, None]
-        carry = tl.sum(p_grp * (_overlap(st, (j0 + NJ) * LS, CB, LS) / CS)[None, :], 1)
-        forced = (js[None, :] == 0) | (js[None, :] == cur[:, None]) | (js[None, :] == cur[:, None] - 1)
-        val = tl.where(forced, float("inf"), acc)
-        val = tl.where(js[None, :] > cur[:, None], float("-inf"), val)
-        top = _merge_top(top, block_keys(val, js[None, :], NS), BQ, NJ, LOG_NJ)
+        acc, carry = _aligned_map(p_grp, offs_i, js, offs_j0, carry, j0, CB, CS, LS, NJ, PREC_W)
+        top = _merge_top(top, block_keys(_forced_and_future(acc, js, cur), js[None, :], NS), BQ, NJ, LOG_NJ)
     idx = block_index(top, NS).to(tl.int64)
     tl.store(out_rows + offs_j0[None, :], idx, mask=mmask[:, None] & (offs_j0[None, :] < NSEL))
 
