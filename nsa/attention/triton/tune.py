@@ -1,14 +1,16 @@
 """Pick the fastest correct variant of a kernel step on this device by timing the variants on real inputs.
 
 Some steps have several Triton variants that compute the same result: the selected-attention forward
-and dQ with query tiles of 1, 2, 4 or 8 queries (one query also at other K/V pipeline depths), its
-dK/dV with one head or all heads per row tile, with or without dQ folded in; for head dim > 64, the
-window forward with 64 or 128 queries per program. Which is fastest depends on the GPU, the head
-layout and the sequence length, so the first call for a shape times them on a slice of its real
-inputs (the first SLICE_QUERIES queries and the keys they see, of as many batch elements as make up
-about SLICE_TOKENS query tokens: bounded scratch memory, yet a batch-8 call of 4096 tokens is timed
-whole, so a variant's per-call host cost does not decide what the GPU time should) and the process
-keeps the fastest:
+and dQ with query tiles of 1, 2, 4 or 8 queries (one query also at other K/V pipeline depths) or one
+head's 64 or 128 queries, its dK/dV with one head or all heads per row tile, with or without dQ folded
+in; the selection's tile; the compressed kernels' tiles; for head dim > 64, the window forward with 64
+or 128 queries per program. Which is fastest depends on the GPU, the head layout and the sequence
+length, so the first call for a shape times them on a slice of its real inputs (SLICE_QUERIES queries
+with the keys they see, of as many batch elements as make up about SLICE_TOKENS query tokens: bounded
+scratch memory, yet a batch-8 call of 4096 tokens is timed whole, so a variant's per-call host cost
+does not decide what the GPU time should; the LAST queries for the selected, selection and compressed
+steps, whose work per query grows with its position, the first for the window) and the process keeps
+the fastest:
 
 * once per key: step, device name, dtype, head layout, sequence length rounded up to a power of two;
   inputs of fewer than MIN_QUERIES queries (decode, tests) keep the reference: too little to gain;
