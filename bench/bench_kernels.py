@@ -16,8 +16,7 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         compressed blocks over each tile's overlapping range, the previous scheme) and
                         "fused_unaligned_bn16" (the same with BN=16), "fused_nj32_same{share}" (32 selection
                         blocks per tile, select.NJ_MIN: half the query reloads; share = rows choosing the
-                        same blocks as "fused"), "fused_rows_same{share}" (the group's heads x 16
-                        queries as the rows of one dot, select_tile "rows")
+                        same blocks as "fused")
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), the
                         K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
@@ -197,15 +196,6 @@ def rows_for(layout: str, S: int, device: str):
         name = "fused_nj32"
     yield "select", name, lambda: nj32(lambda: bench(sel))
 
-    def rows(run):  # the rows tile tuning may pick (select.select_tile "rows"): the heads as one dot's rows
-        return with_env("NSA_SELECT", "fused", lambda: patched(select, "select_tile", lambda *a, **k: "rows", run))
-
-    try:
-        same = (rows(sel) == with_env("NSA_SELECT", "fused", sel)).all(-1).float().mean().item()
-        name = f"fused_rows_same{same:.4f}"
-    except Exception:  # noqa: BLE001 - the timed row records the error
-        name = "fused_rows"
-    yield "select", name, lambda: rows(lambda: bench(sel))
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):
         yield "slc_fwd", f"w{w}", lambda w=w: tuned("selected_fwd", w, lambda: selected.selected_forward(q, k, v, idx, LP))

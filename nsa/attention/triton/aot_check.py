@@ -246,11 +246,6 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                  dict(rd, BM=SEL_BM, BN=bn, NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
                                       KPB=kpb, BNA=pad_pow2(nj * kpb), PREC_W="ieee" if dtn == "fp32" else "tf32",
                                       **dots)))
-                if esize == 2 and D <= 128 and pad_pow2(group) <= select.ROWS_MAX_HEADS:  # the rows tile (select_tile)
-                    jobs.append((select._select_rows_kernel, dict(Q=t, K=t, LSE=f, OUT="*i64"),
-                                 dict(R=group, R_PAD=pad_pow2(group), D=D, D_PAD=pad_pow2(D),
-                                      BQ=select.rows_queries(group), NJ=16, LOG_NJ=4, KPB=4, BNA=64, PREC_W="tf32",
-                                      DOT_T=dots["DOT_T"], PREC=dots["PREC"]), select.ROWS_WARPS))
                 for job_no, (kernel, ptrs, consts, *fixed_warps) in enumerate(jobs):
                     if only and only not in kernel.__name__:
                         continue

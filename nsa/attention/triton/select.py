@@ -44,15 +44,11 @@ Top-n, chosen by NSA_SELECT (read at each call; a bad value raises ValueError):
   At the end the first n keys are decoded (j = NS - 1 - low half, -1 below VALID_KEY_MIN) and
   stored straight into the int64 [B, G, Sq, n] result. For n > MAX_FUSED_N the register list
   would spill, and "topk" is used instead. `chunk` only splits the queries over several launches.
-  The tile is tuned per shape where offered (select_tile, 2-byte inputs): NJ = 16 blocks (the default),
-  NJ_WIDE = 32 (head dim > 64; aligned tiles of up to 128 keys: each q tile loaded half as often), or
-  "rows" (_select_rows_kernel, aligned tiles): the default loads each head's [BM, D] q tile again for
-  every key tile and scores it with its own dot (r dots and r q loads per key tile, ~r * 16 KB of L2 reads
-  at the paper layout); the rows tile loads the r heads x BQ queries once, as the rows of one [r*BQ, D]
-  tile (r padded to a power of two; BQ = 16 queries at r = 6 and 16), scores each key tile with one dot
-  and sums the heads by a reduction over the head axis. Their blocks may differ on near-ties (fp32 sums
-  in another order), so tuning accepts a variant when its blocks are a top-n of the default's scores up
-  to rounding (selection_differs).
+  The tile is tuned per shape where offered (select_tile, 2-byte inputs above head dim 64): NJ = 16
+  blocks (the default) or NJ_WIDE = 32 (aligned tiles of up to 128 keys: each head's q tile is loaded
+  half as often). Their blocks may differ on near-ties (sums in another order, and the Eq. 9 map dot
+  rounds p to tf32 for 2-byte inputs), so tuning accepts the wide tile when its blocks are a top-n of
+  the reference's scores up to that rounding (selection_differs).
 * "topk": the kernel writes the keys of a chunk of C queries into an int64 [B, G, C, n_slc]
   buffer and torch.topk picks the n largest (the previous implementation; kept for comparison
   and as the reference). On an H100 (M7C layout, 64k tokens) the topk and the buffer fills cost
@@ -100,13 +96,13 @@ NJ_MIN = 16
 # --ptxas-info --only _select`); its picks may differ from the default's on near-ties (fp32 sums in another order)
 NJ_WIDE = 32
 WIDE_MAX_KEYS = 128
+# how far (a share of the row's largest finite score) a tile variant's weakest pick may fall below the default's on
+# the reference scores, for 2-byte inputs: the Eq. 9 map dot rounds p to tf32 (10 mantissa bits, truncated at
+# worst), so each variant's scores may be off by 2^-10 of themselves and two variants may swap blocks whose exact
+# scores differ by twice that. A 1e-4 bound dropped nj32 in run K over 0.003% of rows; a wrong block is off by far
+# more
+TF32_SWAP_TOL = 2 * 2.0 ** -10
 MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk ("topk")
-# the rows tile (select_tile "rows"): the group's heads (padded to a power of two, at most ROWS_MAX_HEADS) times
-# at least 16 queries (a dot's least M) as the rows of one dot, ~ROWS_TARGET of them, at ROWS_WARPS warps. 256 rows
-# at r = 6 and head dim 128 took 176 KB of shared memory, over an A100's 163 (`aot_check --ptxas-info`)
-ROWS_TARGET = 128
-ROWS_MAX_HEADS = 16
-ROWS_WARPS = 8
 
 # key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
 _NEG_INF_KEY32 = (0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)  # int32 bits of -inf are negative: flipped
@@ -309,78 +305,10 @@ def _select_scores_kernel(
         tl.store(out_rows + offs_j0[None, :], idx, mask=mmask[:, None] & (offs_j0[None, :] < NSEL))
 
 
-@triton.jit
-def _select_rows_kernel(
-    Q, K, LSE, OUT,
-    s_qb, s_qh, s_qt, s_qd,
-    s_kb, s_kg, s_kn, s_kd,
-    s_lb, s_lh, s_lt,
-    s_ob, s_og, s_ot,
-    G, NCMP, NS, NSEL, C, c0, q_start, scale, CB, CS, LS,
-    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BQ: tl.constexpr,
-    NJ: tl.constexpr, LOG_NJ: tl.constexpr, KPB: tl.constexpr, BNA: tl.constexpr,
-    DOT_T: tl.constexpr, PREC: tl.constexpr, PREC_W: tl.constexpr,
-):
-    # The fused top-n ("topn" on aligned tiles, as _select_scores_kernel) with the group's heads as rows of
-    # one dot (the "rows" variant, module docstring): rows = (query row // R_PAD, head row % R_PAD) of BQ
-    # queries, R_PAD * BQ of them, loaded once; each key tile is one [rows, keys] dot, and the heads'
-    # probabilities are summed by a reduction over the head axis. Query-major rows: a query's heads are
-    # neighbouring rows of the dot's output, so the reduction needs no layout conversion (head-major rows
-    # took 24 KB more shared memory for one, `aot_check --ptxas-info`). OUT [B, G, C, NSEL] as "topn".
-    ROWS: tl.constexpr = R_PAD * BQ
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = (pid_bg % G).to(tl.int64)
-    offs_m = pid_m * BQ + tl.arange(0, BQ)  # query index within the chunk
-    mmask = offs_m < C
-    t = q_start + c0 + offs_m.to(tl.int64)
-    cur = t // LS  # [BQ] the query's own selection block
-    t_last = q_start + c0 + tl.minimum(pid_m * BQ + BQ, C) - 1
-    vis_max = tl.minimum(tl.maximum(t_last - CB + 1 + CS, 0) // CS, NCMP)
-    cur_max = t_last // LS
-
-    offs_row = tl.arange(0, ROWS)
-    hh = offs_row % R_PAD
-    rq = pid_m * BQ + offs_row // R_PAD  # the row's query within the chunk
-    rvalid = (hh < R) & (rq < C)
-    rtq = (c0 + rq).to(tl.int64)
-    rvis = tl.minimum(tl.maximum(q_start + rtq - CB + 1 + CS, 0) // CS, NCMP)  # [ROWS] visible compressed blocks
-    heads = g * R + hh
-    offs_d = tl.arange(0, D_PAD)
-    dmask = offs_d < D
-    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + rtq[:, None] * s_qt + offs_d[None, :] * s_qd,
-                mask=rvalid[:, None] & dmask[None, :], other=0.0).to(DOT_T)  # [ROWS, D_PAD], loaded once
-    lse = tl.load(LSE + b * s_lb + heads * s_lh + rtq * s_lt, mask=rvalid, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E  # no visible block: nothing contributes
-
-    offs_j0 = tl.arange(0, NJ)
-    offs_a = tl.arange(0, BNA)
-    a_valid = offs_a < NJ * KPB
-    ka_ptrs = K + b * s_kb + g * s_kg + offs_a[:, None] * s_kn + offs_d[None, :] * s_kd
-    out_rows = OUT + b * s_ob + g * s_og + offs_m[:, None].to(tl.int64) * s_ot
-    top = tl.full([BQ, NJ], KEY_FLOOR, tl.int64)
-    carry = tl.zeros([BQ], tl.float32)
-    for j0 in range(0, cur_max + 1, NJ):
-        js = j0 + offs_j0
-        offs_i = j0 * KPB + offs_a  # the keys that start in selection blocks [j0, j0 + NJ)
-        imask = a_valid & (offs_i < vis_max)
-        k = tl.load(ka_ptrs + (j0 * KPB) * s_kn, mask=imask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # [ROWS, BNA], log2 units
-        seen = rvalid[:, None] & (offs_i[None, :] < rvis[:, None]) & a_valid[None, :]
-        p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)
-        p_grp = tl.sum(tl.reshape(p, [BQ, R_PAD, BNA]), axis=1)  # Eq. 10: summed over the group's heads
-        acc, carry = _aligned_map(p_grp, offs_i, js, offs_j0, carry, j0, CB, CS, LS, NJ, PREC_W)
-        top = _merge_top(top, block_keys(_forced_and_future(acc, js, cur), js[None, :], NS), BQ, NJ, LOG_NJ)
-    idx = block_index(top, NS).to(tl.int64)
-    tl.store(out_rows + offs_j0[None, :], idx, mask=mmask[:, None] & (offs_j0[None, :] < NSEL))
-
-
 def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_start, ns, mode, n_sel=0,
             tile: str = "nj16"):
     """Run the kernel for queries c0..c1-1 into `out` (rows = those queries, columns contiguous).
-    tile (mode "topn"): "nj16" (the default), "nj32" (NJ_WIDE-block tiles) or "rows" (the heads as rows of
-    one dot, _select_rows_kernel); see select_tile."""
+    tile (mode "topn"): "nj16" (the default) or "nj32" (NJ_WIDE-block tiles); see select_tile."""
     B, H, Sq, D = q.shape
     G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     C = c1 - c0
@@ -392,21 +320,6 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
     nj = max(NJ_WIDE if wide else NJ_MIN, pad_pow2(n_sel)) if mode == "topn" else NJ
     kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj, WIDE_MAX_KEYS if wide else ALIGNED_MAX_KEYS)
     prec_w = "ieee" if dots["PREC"] == "ieee" else "tf32"
-    if tile == "rows":
-        if mode != "topn" or kpb == 0:
-            raise ValueError("nsa triton select_blocks: the rows tile needs the fused top-n on aligned tiles")
-        r_pad = pad_pow2(H // G, 1)
-        bq = rows_queries(H // G, C)
-        _select_rows_kernel[(cdiv(C, bq), B * G)](
-            q, kc, lse, out,
-            *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
-            G, n_cmp, ns, n_sel, C, c0, int(q_start), 1.0 / math.sqrt(D),
-            int(cmp_block), int(cmp_stride), int(slc_block),
-            R=H // G, R_PAD=r_pad, D=D, D_PAD=pad_pow2(D), BQ=bq, NJ=nj, LOG_NJ=nj.bit_length() - 1, KPB=kpb,
-            BNA=pad_pow2(nj * kpb), PREC_W=prec_w, DOT_T=dots["DOT_T"], PREC=dots["PREC"],
-            num_warps=ROWS_WARPS,
-        )
-        return
     _select_scores_kernel[(cdiv(C, BM), B * G)](
         q, kc, lse, out,
         *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
@@ -416,13 +329,6 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
         NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode, KPB=kpb, BNA=pad_pow2(nj * kpb),
         PREC_W=prec_w, **dots, num_warps=launch_warps("select", D),
     )
-
-
-def rows_queries(r: int, C: int | None = None) -> int:
-    """Queries per program of the rows tile: ROWS_TARGET // pad_pow2(r) in [16, BM] (16 at r = 6 and 16:
-    128 and 256 rows), and no more than the chunk needs."""
-    bq = max(16, min(BM, ROWS_TARGET // pad_pow2(r, 1)))
-    return bq if C is None else min(bq, max(16, pad_pow2(C)))
 
 
 def aligned_keys_per_block(cmp_block: int, cmp_stride: int, slc_block: int, nj: int, max_keys: int | None = None) -> int:
@@ -511,22 +417,16 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
 
 def select_tile(q, k_cmp, lse, cmp_block: int, cmp_stride: int, slc_block: int, n_selected: int, q_start: int,
                 ns: int) -> str:
-    """The fused top-n's tile here, tuned per shape (`select_tile`) where there is a choice (2-byte inputs,
-    n <= NJ_MIN): "nj16" (the default and reference); "nj32" (NJ_WIDE-block tiles, head dim > 64);
-    "rows" (the heads as rows of one dot, aligned tiles, head dim <= 128, at most ROWS_MAX_HEADS heads per
-    group). Timed on the LAST queries of the tuning slice (they score every selection block, as most queries
-    of a long sequence do; keyed by the number of blocks), accepted when its blocks are a top-n of the
-    default's scores up to rounding (selection_differs)."""
-    if q.element_size() != 2 or pad_pow2(n_selected) > NJ_MIN or k_cmp.shape[2] == 0 or not tune.wanted(q):
+    """The fused top-n's tile here, tuned per shape (`select_tile`) where there is a choice (2-byte inputs above
+    head dim 64, where the wide tile does not spill registers for sm_90; n <= NJ_MIN): "nj16" (the default and
+    reference) or "nj32" (NJ_WIDE-block tiles). Timed on the LAST queries of the tuning slice (they score every
+    selection block, as most queries of a long sequence do; keyed by the number of blocks), accepted when its
+    blocks are a top-n of the reference's scores up to the map dot's tf32 rounding (selection_differs,
+    TF32_SWAP_TOL)."""
+    if (q.element_size() != 2 or q.shape[-1] <= 64 or pad_pow2(n_selected) > NJ_MIN or k_cmp.shape[2] == 0
+            or not tune.wanted(q)):
         return "nj16"
-    D, r = q.shape[-1], q.shape[1] // k_cmp.shape[1]
-    options = ["nj16"]
-    if D > 64:  # at 64 the wide tile spills registers for sm_90
-        options.append("nj32")
-    if D <= 128 and pad_pow2(r, 1) <= ROWS_MAX_HEADS and aligned_keys_per_block(cmp_block, cmp_stride, slc_block, NJ_MIN):
-        options.append("rows")
-    if len(options) == 1:
-        return options[0]
+    options = ["nj16", "nj32"]
     b, s = tune.slice_batch(q), tune.slice_len(q)
     off = q.shape[2] - s
     qs, ks, ls, t0 = q[:b, :, off:], k_cmp[:b], lse[:b, :, off:], q_start + off
@@ -538,7 +438,7 @@ def select_tile(q, k_cmp, lse, cmp_block: int, cmp_stride: int, slc_block: int, 
 
     def differs(got, want):
         return selection_differs(got, want, lambda: block_scores(qs, ks, cmp_block, cmp_stride, slc_block, 0, s,
-                                                                 t0, lse=ls))
+                                                                 t0, lse=ls), rel_tol=TF32_SWAP_TOL)
 
     key = tune.shape_key("select_tile", q, k_cmp, f"l{cmp_block}", f"d{cmp_stride}", f"lp{slc_block}",
                          f"n{n_selected}", f"NS{pad_pow2(ns, 1)}")
