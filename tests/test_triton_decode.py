@@ -176,17 +176,19 @@ def test_fused_decode_ablations(branches):
 
 def test_scan_splits_fill_the_gpu(monkeypatch):
     """Batch 1 has only G programs: the compressed scan is split so that B*G*splits covers the SMs once,
-    each split keeping >= 2 tiles of 64 slots; a full batch is not split; off CUDA never. The window
+    each split keeping >= MIN_SPLIT_TILES = 4 tiles of 64 slots; a full batch is not split; off CUDA never. The window
     runs beside a split scan in as many programs as keep each to the compressed splits' tile count."""
     monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert decode.scan_splits(2, 4095, cuda) == 32  # M7C at 64k, batch 1: 64 tiles -> 32 splits of 2
-    assert decode.scan_splits(2, 1000, cuda) == 8  # 16 tiles
+    assert decode.MIN_SPLIT_TILES == 4
+    assert decode.scan_splits(2, 4095, cuda) == 16  # M7C at 64k, batch 1: 64 tiles -> 16 splits of 4
+    assert decode.scan_splits(2, 1000, cuda) == 4  # 16 tiles
     assert decode.scan_splits(64, 4095, cuda) == 3  # batch 32: 64 programs -> 3 per (sequence, group)
     assert decode.scan_splits(256, 4095, cuda) == 1
     assert decode.scan_splits(2, 100, cuda) == 1
     assert decode.scan_splits(2, 4095, torch.device("cpu")) == 1
-    assert decode.window_splits(32, 4095, 512) == 4  # 8 ring tiles, 2 per program as the compressed splits
+    assert decode.window_splits(16, 4095, 512) == 2  # 8 ring tiles, 4 per program as the compressed splits
+    assert decode.window_splits(32, 4095, 512) == 4  # 2 per program
     assert decode.window_splits(3, 4095, 512) == 1  # 22 compressed tiles per split: the ring in one program
     assert decode.window_splits(8, 1000, 4096) == 32  # 64 ring tiles, 2 per program: capped at MAX_SPLITS
     assert decode.window_splits(1, 4095, 512) == 0  # no split kernel: the main kernel scans the window

@@ -194,8 +194,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                      dict(D=D, D_PAD=pad_pow2(D), HID_PAD=256, HAS_BIAS=True), combine.gate_warps(192)),  # M7C's gate
                 ]
                 # fused static decode: the paper's geometry (l=32, d=16, n=16), 64k and 256k-token caches,
-                # the compressed scan in the one kernel or split (32 splits and 4 window programs, as at
-                # batch 1 and 64k; their partials merged)
+                # the compressed scan in the one kernel or split (MAX_SPLITS = 32 splits, batch 1 from 128k
+                # tokens, and 4 window programs; their partials merged)
                 rp = pad_pow2(group)
                 dec = dict(R=group, RP=rp, D=D, D_PAD=pad_pow2(D), L=32, DS=16, BC=decode.BC, BW=decode.BW,
                            USE_SLC=True, **dots)

@@ -54,7 +54,9 @@ from nsa.attention.triton.select import KEY_FLOOR, block_index, block_keys
 
 BC = 64  # compressed slots per tile
 BW = 64  # window ring slots per tile
-MIN_SPLIT_TILES = 2  # a split of the compressed scan takes at least this many tiles
+# a split of the compressed scan takes at least this many tiles. Run K (H200, bench_kernels): half the splits of
+# 2-tile ones was faster at batch 1, M7C 64k 46 against 51 us, 16k 28.5 against 30 (paper 16k 51 against 55)
+MIN_SPLIT_TILES = 4
 MAX_SPLITS = 32
 # Elements per tile of the main kernel's serial loops (64 fp32 registers per thread at 4 warps). At batch 1
 # each loop iteration waits on a memory round trip, so fewer, larger tiles: the probability pass reads
