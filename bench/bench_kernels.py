@@ -43,6 +43,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py);
                         "flash" / "flash3": flash-attn 2 / 3's sliding window, where installed
+  win_dq                the window dQ kernel alone, per tile variant (window.DQ_TILES; the first is the
+                        reference; tuned above head dim 64)
   win_dkv               the window dK/dV kernel alone, per tile variant (window.DKV_TILES; the first is
                         the reference, "kr_": scores computed as k q^T)
   combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
@@ -283,6 +285,9 @@ def rows_for(layout: str, S: int, device: str):
                 yield "win_bwd", f"triton_bm{bm}_bn{bn}", lambda tiles=tiles, qg=qg, kg=kg, vg=vg: tiles(
                     lambda: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go))
         o_win, lse_win = window.window_forward(q, k, v, WINDOW)
+        for name in window.DQ_TILES:  # the dQ kernel alone, each tile variant tuning may pick (head dim > 64)
+            yield "win_dq", name, lambda name=name: bench(lambda: window.window_backward(
+                q, k, v, o_win, lse_win, go, WINDOW, dq_tile=name, parts="dq"))
         for name in window.DKV_TILES:  # the dK/dV kernel alone, each tile variant tuning may pick
             yield "win_dkv", name, lambda name=name: bench(lambda: window.window_backward(
                 q, k, v, o_win, lse_win, go, WINDOW, dkv_tile=name, parts="dkv"))

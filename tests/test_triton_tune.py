@@ -311,8 +311,8 @@ def test_timing_failure_falls_back_to_the_reference(monkeypatch, tmp_path, capsy
 def test_compressed_and_window_tiles_tuned(monkeypatch):
     """bf16, head dim > 64: the compressed forward, dQ and dK/dV tiles (compressed.FWD_TILES, DQ_TILES,
     DKV_TILES: each kernel timed on its own; here the split key-rows dK/dV wins), the window forward query
-    tile (64 / 128) and the window dK/dV tile (window.DKV_TILES) are tuned; with non-reference tiles chosen
-    the results still equal the PyTorch path's."""
+    tile (64 / 128), the window dQ tile (window.DQ_TILES) and the window dK/dV tile (window.DKV_TILES) are
+    tuned; with non-reference tiles chosen the results still equal the PyTorch path's."""
     monkeypatch.setenv("NSA_TUNE", "on")
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "REPS", 1)
@@ -332,8 +332,10 @@ def test_compressed_and_window_tiles_tuned(monkeypatch):
     check_grads(out, ref, (q, k, v), BF16)
     got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
     assert got == {"compressed_fwd": "bm128_bn64", "compressed_dq": "bm128_bn64",
-                   "compressed_dkv": "kr_split_bm64_bn128", "window_fwd": "bm128", "window_dkv": "kr_bm32_bn128"}
-    assert set(compressed.FWD_TILES) | set(compressed.DKV_TILES) | set(window.DKV_TILES) <= set(timed)
+                   "compressed_dkv": "kr_split_bm64_bn128", "window_fwd": "bm128", "window_dq": "bm128_bn64",
+                   "window_dkv": "kr_bm32_bn128"}
+    assert (set(compressed.FWD_TILES) | set(compressed.DKV_TILES) | set(window.DQ_TILES) | set(window.DKV_TILES)
+            <= set(timed))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="times real kernels: GPU only")
@@ -363,7 +365,8 @@ def test_tuning_on_the_gpu(monkeypatch, G, r, D):
     assert got[f"selected_bwd_{got['selected_fwd']}"] in {
         "block/rows0", "block/rows64", "block_dq/rows0", "block_dq/rows64", "block_dqsum/rows0", "block_dqsum/rows64",
         "block/rows0/kr", "block/rows64/kr"}
-    assert ("window_fwd" in got) == (D > 64)
+    assert ("window_fwd" in got) == ("window_dq" in got) == (D > 64)
+    assert got.get("window_dq", "bm64_bn64") in window.DQ_TILES
     assert got["compressed_fwd"] in compressed.FWD_TILES and got["compressed_dq"] in compressed.DQ_TILES
     assert got["compressed_dkv"] in compressed.DKV_TILES and got["window_dkv"] in window.DKV_TILES
 

@@ -95,6 +95,25 @@ def test_window_dkdv_tile_variants(dtype):
             assert err <= TOL[dtype], f"{what} {name}: relative max error {err:.2e} > {TOL[dtype]:.0e}"
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_window_dq_tile_variants(dtype):
+    """Every dQ tile tuning may pick (window.DQ_TILES: 64 or 128 queries per program, 64 or 32 keys per step)
+    gives ops' dQ: band edges inside the tiles (window 16, S = 150, keys starting later than the queries);
+    on CUDA the paper layout at head dim 128 with the paper's window."""
+    B, G, r, S, D, w, k0 = (1, 2, 16, 1024, 128, 512, 0) if DEVICE == "cuda" else (1, 1, 2, 150, 16, 16, 5)
+    q = randn(B, G * r, S, D, dtype=dtype, seed=15, strided=True)
+    k, v = randn(B, G, S - k0, D, dtype=dtype, seed=16), randn(B, G, S - k0, D, dtype=dtype, seed=17)
+    ref = ops.window_attention(q, k, v, w, 0, k0)
+    go = randn(*ref.shape, dtype=dtype, seed=18, grad=False)
+    (want_dq,) = torch.autograd.grad(ref, (q,), go)
+    out, lse = win_mod.window_forward(q, k, v, w, 0, k0)
+    assert len(win_mod.DQ_TILES) >= 3
+    for name in win_mod.DQ_TILES:
+        (dq,) = win_mod.window_backward(q, k, v, out, lse, go, w, 0, k0, dq_tile=name, parts="dq")[:1]
+        err = rel_err(dq, want_dq)
+        assert err <= TOL[dtype], f"dq {name}: relative max error {err:.2e} > {TOL[dtype]:.0e}"
+
+
 def test_window_attention_query_without_keys():
     """Queries 2..4 lie before the first key (position 5): zero output and zero dq, as in ops."""
     out, (dq, _, _) = run_parity(F32, 1, 1, 2, 6, 2, 5, 10, 16, 4)

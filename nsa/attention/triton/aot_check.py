@@ -227,8 +227,11 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                                         NVR=t),
                              dict(R=group, RP=pad_pow2(group, 1), D=D, D_PAD=pad_pow2(D, 1), HALF=D // 2,
                                   HALF_PAD=pad_pow2(D // 2, 1)), 1))
-                if esize == 2 and D > 64:  # the candidate window tile (window.WIDE_FWD_TILE)
+                if esize == 2 and D > 64:  # the candidate window tiles (window.WIDE_FWD_TILE, window.DQ_TILES)
                     jobs.append((window._win_fwd_kernel, dict(qkv, O=t, LSE=f), dict(win, BM=2 * window.BM_MAX)))
+                    jobs.extend((window._win_bwd_dq_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DQ=t),
+                                 dict(win, BM=bm, BN=bn), warps or num_warps(D))
+                                for bm, bn, warps in list(window.DQ_TILES.values())[1:])
                 if esize == 2:  # the window dK/dV tile variants tuning may time (the first is `win`, above)
                     jobs.extend((window._win_bwd_dkdv_kernel, dict(qkv, DO=t, LSE=f, DELTA=f, DK=t, DV=t),
                                  dict(win, BM=spec.bm, BN=spec.bn, KEY_ROWS=spec.key_rows), spec.warps or num_warps(D))
@@ -290,7 +293,7 @@ def _tag(name: str, consts: dict, warps: int) -> str:
     tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""
     tag += f" NSPLIT={consts['NSPLIT']}" if "NSPLIT" in consts else ""
     tag += " dense" if "_decode" in name and consts.get("L") == 1 else ""
-    tag += f" BM={consts['BM']} BN={consts['BN']}" if "_cmp_" in name or name == "_win_bwd_dkdv_kernel" else ""
+    tag += f" BM={consts['BM']} BN={consts['BN']}" if "_cmp_" in name or name.startswith("_win_bwd") else ""
     tag += f" PARTS={consts['PARTS']}" if consts.get("PARTS") else ""
     tag += " KEY_ROWS" if consts.get("KEY_ROWS") else ""
     tag += " atomic" if consts.get("ATOMIC") else ""

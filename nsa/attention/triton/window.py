@@ -9,7 +9,8 @@ Kernels (flash-attention style, fp32 softmax statistics, same conventions as com
 * forward: one program per (query tile of BM queries, batch x query head); loops over key tiles
   of BN over the tile's band only, key indices [max(0, t_first - window + 1 - k_start),
   min(N, t_last + 1 - k_start)); writes O and LSE [B,H,Sq] fp32, kept for the backward;
-* backward dQ: same grid and band, recomputes p = exp(s - LSE); delta = rowsum(dO * O);
+* backward dQ: same grid and band, recomputes p = exp(s - LSE); delta = rowsum(dO * O). For head dim > 64
+  (2-byte inputs) its tile is tuned per shape (DQ_TILES, backward_dq_tile): 64 or 128 queries per program;
 * backward dK/dV: one program per (key tile of BN keys, batch x KV group), looping over the r
   query heads of the group and the query tiles that can see the tile (query positions
   [p_first, p_last + window - 1]); accumulates in fp32 registers, no atomics (deterministic).
@@ -23,11 +24,13 @@ diagonal tiles small while the dots still fill the tensor cores (the flash-atten
 fp32 with head dim > 64 uses 32 x 32: at 64 x 64 the backward kernels need ~214 KB of shared
 memory on sm80 (aot_check), above the A100's 163 KB per block. Measured on an H100 (bf16,
 bench/bench_kernels.py): 64 x 64 is the fastest for head dim 64 in both directions; for head dim
-128 the forward ran 30% faster with 128-query tiles (5.7 vs 8.2 ms at 64k, paper layout; the
-backward cannot use them: 262 KB of shared memory). Not the untuned default (WIDE_FWD_TILE): the one
-GPU run that used them had a failing kernel test it could not name before its time ran out
-(BENCHMARKS.md); the GPU tests run both settings, and tuning (tune.py, forward_wide_tile) times both
-per shape and keeps the 128-query tiles only where their output matches the 64-query one.
+128 the forward ran 30% faster with 128-query tiles (5.7 vs 8.2 ms at 64k, paper layout; the dK/dV
+kernel cannot step 128 queries: 262 KB of shared memory; the dQ kernel's 128-query tiles take 160 KB for
+sm_90 and 128 KB for sm_80 without spills, `aot_check --ptxas-info --only _win_`). Not the untuned default
+(WIDE_FWD_TILE): the one GPU run that used them had a failing kernel test it could not name before its time
+ran out (BENCHMARKS.md); the GPU tests run both settings, and tuning (tune.py, forward_wide_tile,
+backward_dq_tile) times them per shape and keeps the 128-query tiles only where their output matches the
+64-query one.
 
 Where flash-attn is installed (nsa/attention/flash_window.py), `window_attention(..., impl="auto")`, the
 layer's default (NSA_WINDOW), times its sliding-window kernels against these on the first call per shape
@@ -246,6 +249,12 @@ def _win_bwd_dkdv_kernel(
     tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
+# dQ tile variants (queries BM per program, keys BN per step, num_warps; 0 = num_warps(head dim)), tuned per shape on
+# the device for 2-byte inputs above head dim 64, as the forward's 128-query tile (run K, H200, paper layout: the
+# forward's 128-query tile was 1.5x faster at 4k-8k; the compressed dQ kernel's 128 x 64 tile 17% faster at 64k,
+# where the window dQ ran at ~200 TFLOP/s); the first is the reference (tile_sizes), used untuned.
+DQ_TILES = {"bm64_bn64": (BM_MAX, BN_MAX, 0), "bm128_bn64": (128, 64, 8), "bm128_bn32": (128, 32, 8)}
+
 # dK/dV tile variants (DkvTile: queries BM per step, keys BN per program, num_warps, the KEY_ROWS score form),
 # tuned per shape on the device for 2-byte inputs (backward_dkv_tile); the first is the reference
 # (tile_sizes), used untuned and for fp32. A key tile reads the q and dO of its (BN + window)
@@ -290,9 +299,9 @@ def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0, wid
 
 
 def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, k_start: int = 0,
-                    dkv_tile: str | None = None, parts: str = "dq,dkv"):
-    """(dq, dk, dv); dkv_tile: a DKV_TILES name (None: the reference); parts: which kernels run ("dq",
-    "dkv" or both; a gradient not computed is returned as zeros), for tuning."""
+                    dkv_tile: str | None = None, parts: str = "dq,dkv", dq_tile: str | None = None):
+    """(dq, dk, dv); dq_tile / dkv_tile: DQ_TILES / DKV_TILES names (None: the references); parts: which
+    kernels run ("dq", "dkv" or both; a gradient not computed is returned as zeros), for tuning."""
     m = _meta(q, k)
     run = parts.split(",")
     if m["N"] == 0 or m["Sq"] == 0:
@@ -307,8 +316,13 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     if "dq" in run:
-        _win_bwd_dq_kernel[(cdiv(m["Sq"], m["BM"]), m["B"] * m["H"])](
-            q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **consts)
+        dq_consts = dict(consts)
+        if dq_tile is not None and not small_tiles(q.element_size(), m["D"]):
+            bm, bn, warps = DQ_TILES[dq_tile]
+            dq_consts.update(BM=min(bm, pad_pow2(m["Sq"])), BN=min(bn, pad_pow2(m["N"])),
+                             num_warps=warps or consts["num_warps"])
+        _win_bwd_dq_kernel[(cdiv(m["Sq"], dq_consts["BM"]), m["B"] * m["H"])](
+            q, k, v, do, lse, delta, dq, *strides, m["H"], *geom, **dq_consts)
     if "dkv" in run:
         key_rows = False
         if dkv_tile is not None and not small_tiles(q.element_size(), m["D"]):
@@ -331,6 +345,19 @@ def backward_dkv_tile(q, k, v, out, lse, grad_out, window: int, q_start: int, k_
     variants = {name: (lambda name=name: window_backward(qs, ks, vs, outs, lses, gos, window, q_start, k_start,
                                                          dkv_tile=name, parts="dkv")[1:]) for name in DKV_TILES}
     return tune.pick(tune.shape_key("window_dkv", q, k, f"w{window}"), variants, tune.differs, q.device)
+
+
+def backward_dq_tile(q, k, v, out, lse, grad_out, window: int, q_start: int, k_start: int) -> str | None:
+    """The dQ kernel's tuned tile where it is tuned (2-byte inputs above head dim 64, as the forward's wide
+    tile), else None: the reference."""
+    if not (wide_applies(q.element_size(), q.shape[-1]) and tune.wanted(q)):
+        return None
+    b, n_keys = tune.slice_batch(q), max(0, min(k.shape[2], q_start + tune.slice_len(q) - k_start))
+    qs, outs, lses, gos = tune.prefix(q, out, lse, grad_out)
+    ks, vs = k[:b, :, :n_keys], v[:b, :, :n_keys]
+    variants = {name: (lambda name=name: window_backward(qs, ks, vs, outs, lses, gos, window, q_start, k_start,
+                                                         dq_tile=name, parts="dq")[:1]) for name in DQ_TILES}
+    return tune.pick(tune.shape_key("window_dq", q, k, f"w{window}"), variants, tune.differs, q.device)
 
 
 def forward_wide_tile(q, k, v, window: int, q_start: int, k_start: int) -> bool | None:
@@ -409,8 +436,9 @@ class WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
+        dq_tile = backward_dq_tile(q, k, v, out, lse, grad_out, *ctx.geom)
         dkv_tile = backward_dkv_tile(q, k, v, out, lse, grad_out, *ctx.geom)
-        dq, dk, dv = window_backward(q, k, v, out, lse, grad_out, *ctx.geom, dkv_tile=dkv_tile)
+        dq, dk, dv = window_backward(q, k, v, out, lse, grad_out, *ctx.geom, dkv_tile=dkv_tile, dq_tile=dq_tile)
         return dq, dk, dv, None, None, None
 
 
