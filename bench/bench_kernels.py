@@ -16,7 +16,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         compressed blocks over each tile's overlapping range, the previous scheme) and
                         "fused_unaligned_bn16" (the same with BN=16), "fused_nj32_same{share}" (32 selection
                         blocks per tile, select.NJ_MIN: half the query reloads; share = rows choosing the
-                        same blocks as "fused")
+                        same blocks as "fused"), "fused_bm128_same{share}" / "fused_w4_…" / "fused_w8_…"
+                        (select.TILE_SHAPES: 128 queries per program at 8 warps, 64 at 4 or 8 warps)
   slc_fwd               selected attention forward, num_warps swept (variant "w2", "w4", "w8"), the
                         K/V pipeline depth ("s1", "s2", "s4"; Triton's default is 3), and
                         query tiles "qt2", "qt4", "qt8" (NSA_SLC_QTILE: qt queries per program walk
@@ -197,6 +198,17 @@ def rows_for(layout: str, S: int, device: str):
     except Exception:  # noqa: BLE001 - e.g. it does not compile here: the timed row records the error
         name = "fused_nj32"
     yield "select", name, lambda: nj32(lambda: bench(sel))
+
+    for tile in select.TILE_SHAPES:  # the other tile shapes tuning may pick (128 queries per program, num_warps)
+        def shaped(run, tile=tile):
+            return with_env("NSA_SELECT", "fused", lambda: patched(select, "select_tile", lambda *a, **k: tile, run))
+
+        try:
+            same = (shaped(sel) == with_env("NSA_SELECT", "fused", sel)).all(-1).float().mean().item()
+            name = f"fused_{tile}_same{same:.4f}"
+        except Exception:  # noqa: BLE001 - the timed row records the error
+            name = f"fused_{tile}"
+        yield "select", name, lambda shaped=shaped: shaped(lambda: bench(sel))
 
     idx = tk.select_blocks(q, kc, L, D_STRIDE, LP, N_SEL, lse=lse)
     for w in (2, 4, 8):

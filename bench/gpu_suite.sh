@@ -249,7 +249,7 @@ run_step() {
         step variant_tests 240 - \
             "$PY" -m pytest -v -rfEs --tb=short --log-level=WARNING -p no:cacheprovider -p no:benchmark \
             ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py tests/test_triton_window.py tests/test_triton_decode.py \
-            -k "tile_variants or key_rows or head_tile or wide_tile or fused_decode_matches or fused_decode_small or decodes_through"
+            -k "tile_variants or key_rows or head_tile or tile_shapes or fused_decode_matches or fused_decode_small or decodes_through"
         ;;
     decode)
         step decode 120 decode \

@@ -756,24 +756,41 @@ def test_selected_head_tile_variants_cuda(G, r, D, qt):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")
-def test_select_wide_tile_cuda():
-    """The selection's wide tile (select_tile "nj32", tuned for 2-byte inputs above head dim 64) at the paper
-    layout, bf16, paper block sizes, 8k tokens (eight tiles of 16 selection blocks): a top-n of the reference
-    scores within the tf32 rounding tuning accepts (select.TF32_SWAP_TOL), as the default tile's are (run K's
-    H200 dropped the wide tile at the old 1e-4 bound)."""
-    B, G, r, D, S, l, d, lp, n = 1, 4, 16, 128, 8192, 32, 16, 64, 16
+@pytest.mark.parametrize("G,r,D", [(4, 16, 128), (2, 6, 64)])
+def test_select_tile_variants_cuda(G, r, D):
+    """Every selection tile tuning may pick (select_tile: nj16, nj32 above head dim 64, bm128, the other num_warps)
+    at the paper and M7C head layouts, bf16, paper block sizes, 8k tokens (eight tiles of 16 selection blocks):
+    a top-n of the reference scores within the tf32 rounding tuning accepts (select.TF32_SWAP_TOL), as the
+    default tile's is (run K's H200 dropped nj32 at the old 1e-4 bound)."""
+    B, S, l, d, lp, n = 1, 8192, 32, 16, 64, 16
     q = randn(B, G * r, S, D, dtype=BF16, seed=96, grad=False)
     kc = randn(B, G, num_cmp_blocks(S, l, d), D, dtype=BF16, seed=97, grad=False)
     _, lse = nsa_triton.compressed_attention(q, kc, kc, l, d)
     ns = -(-S // lp)
-    outs = {}
-    for tile in ("nj16", "nj32"):
-        outs[tile] = torch.empty(B, G, S, n, dtype=torch.int64, device=DEVICE)
-        select._launch(q, kc, lse, outs[tile], l, d, lp, 0, S, 0, ns, "topn", n, tile)
     scores = block_scores(q, kc, l, d, lp, 0, S, lse=lse)
     exact = select.top_n(scores, n)
-    for tile in ("nj16", "nj32"):
-        assert select.selection_differs(outs[tile], exact, lambda: scores, rel_tol=select.TF32_SWAP_TOL) is None, tile
+    for tile in ("nj16", *(["nj32"] if D > 64 else []), *select.TILE_SHAPES):
+        out = torch.empty(B, G, S, n, dtype=torch.int64, device=DEVICE)
+        select._launch(q, kc, lse, out, l, d, lp, 0, S, 0, ns, "topn", n, tile)
+        assert select.selection_differs(out, exact, lambda: scores, rel_tol=select.TF32_SWAP_TOL) is None, tile
+
+
+@pytest.mark.parametrize("tile", sorted(select.TILE_SHAPES))
+def test_select_tile_shapes(tile):
+    """The selection tiles of other shapes (select.TILE_SHAPES: 128 queries per program, other num_warps) choose
+    ops' blocks in fp32: aligned tiles with the carry, ragged query tiles, two launches (chunk)."""
+    B, G, r, Sq, q_start, l, d, lp, n = 1, 2, 3, 150, 300, 8, 4, 8, 5
+    q = randn(B, G * r, Sq, 16, dtype=F32, seed=65, grad=False)
+    kc = randn(B, G, num_cmp_blocks(q_start + Sq, l, d), 16, dtype=F32, seed=66, grad=False)
+    _, lse = nsa_triton.compressed_attention(q, kc, kc, l, d, q_start)
+    ns = -(-(q_start + Sq) // lp)
+    want = ops.select_blocks(q, kc, l, d, lp, n, q_start)
+    out = torch.empty(B, G, Sq, n, dtype=torch.int64, device=DEVICE)
+    for c0, c1 in ((0, 40), (40, Sq)):
+        select._launch(q, kc, lse, out[:, :, c0:], l, d, lp, c0, c1, q_start, ns, "topn", n, tile)
+    assert torch.equal(out, want)
+    with pytest.raises(ValueError, match="unknown tile"):
+        select._launch(q, kc, lse, out, l, d, lp, 0, Sq, q_start, ns, "topn", n, "rows")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton RoPE dispatch is CUDA-only")

@@ -500,11 +500,12 @@ def test_selection_differs_accepts_near_ties_only():
 
 
 @needs_kernels
-@pytest.mark.parametrize("fastest", ["nj16", "nj32"])
+@pytest.mark.parametrize("fastest", ["nj16", "nj32", "bm128"])
 def test_select_tiles_tuned(monkeypatch, fastest):
     """For 2-byte inputs the fused top-n's tile is tuned on the last queries (select_tile): the clock's
     favourite is kept, and the blocks are a top-n of the untuned kernel's scores. The wide tile is offered
-    above head dim 64 only; fp32 tunes nothing."""
+    above head dim 64 only, the other num_warps as the default's ("w4" at 128, "w8" at 64); fp32 tunes
+    nothing."""
     from nsa.attention.blocks import num_cmp_blocks
     from nsa.attention.triton import select
 
@@ -512,7 +513,7 @@ def test_select_tiles_tuned(monkeypatch, fastest):
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "SLICE_QUERIES", 24)
     monkeypatch.setattr(tune, "REPS", 1)
-    ms = {"nj16": 2.0, "nj32": 3.0}
+    ms = {"nj16": 2.0, "nj32": 3.0, "bm128": 3.0, "w4": 3.0, "w8": 3.0}
     ms[fastest] = 1.0
     timed = fake_clock(monkeypatch, ms)
     l, d, lp, n, Sq, q_start = 8, 4, 8, 5, 40, 300  # 43 selection blocks: two tiles of 32
@@ -521,15 +522,15 @@ def test_select_tiles_tuned(monkeypatch, fastest):
     _, lse = compressed.compressed_forward(q, kc, kc, l, d, q_start)
     got = select.select_blocks(q, kc, l, d, lp, n, q_start, lse=lse)
     [(key, choice)] = [(k, c) for k, c in tune.choices().items() if k.startswith("select_tile|")]
-    assert choice == fastest and key.endswith("|S32") and "|NS64" in key and set(timed) == {"nj16", "nj32"}
+    assert choice == fastest and key.endswith("|S32") and "|NS64" in key and set(timed) == {"nj16", "nj32", "bm128", "w4"}
     monkeypatch.setenv("NSA_TUNE", "off")
     want = select.select_blocks(q, kc, l, d, lp, n, q_start, lse=lse)
     scores = select.block_scores(q, kc, l, d, lp, 0, Sq, q_start, lse=lse)
     assert select.selection_differs(got, want, lambda: scores) is None
     monkeypatch.setenv("NSA_TUNE", "on")
-    for D, dtype in ((64, BF16), (128, F32)):
+    for D, dtype, offered in ((64, BF16, {"nj16", "bm128", "w8"}), (128, F32, set())):
         tune.reset()
         timed.clear()
         q2, kc2 = q[..., :D].to(dtype).contiguous(), kc[..., :D].to(dtype).contiguous()
         select.select_blocks(q2, kc2, l, d, lp, n, q_start, lse=lse)
-        assert not timed
+        assert set(timed) == offered

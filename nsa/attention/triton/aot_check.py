@@ -249,6 +249,11 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                                  dict(rd, BM=SEL_BM, BN=bn, NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode,
                                       KPB=kpb, BNA=pad_pow2(nj * kpb), PREC_W="ieee" if dtn == "fp32" else "tf32",
                                       **dots)))
+                if esize == 2:  # the select_tile variants of other shapes (select.TILE_SHAPES), aligned tiles
+                    jobs.extend((select._select_scores_kernel, dict(Q=t, K=t, LSE=f, OUT="*i64"),
+                                 dict(rd, BM=bm, BN=SEL_BN, NJ=16, LOG_NJ=4, MODE="topn", KPB=4, BNA=64,
+                                      PREC_W="tf32", **dots), warps)
+                                for bm, warps in select.TILE_SHAPES.values())
                 for job_no, (kernel, ptrs, consts, *fixed_warps) in enumerate(jobs):
                     if only and only not in kernel.__name__:
                         continue
@@ -287,7 +292,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
 
 def _tag(name: str, consts: dict, warps: int) -> str:
     """What tells a kernel's variants apart in the report."""
-    tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "NJ", "BN", "KPB") if "MODE" in consts)
+    tag = "".join(f" {k}={consts[k]}" for k in ("MODE", "BM", "NJ", "BN", "KPB") if "MODE" in consts)
     tag += f" QT={consts['QT']}" if "QT" in consts else ""
     tag += f" QPR={consts['QPR']}" if "QPR" in consts else ""
     tag += f" NS_PAD={consts['NS_PAD']}" if "NS_PAD" in consts else ""

@@ -44,11 +44,12 @@ Top-n, chosen by NSA_SELECT (read at each call; a bad value raises ValueError):
   At the end the first n keys are decoded (j = NS - 1 - low half, -1 below VALID_KEY_MIN) and
   stored straight into the int64 [B, G, Sq, n] result. For n > MAX_FUSED_N the register list
   would spill, and "topk" is used instead. `chunk` only splits the queries over several launches.
-  The tile is tuned per shape where offered (select_tile, 2-byte inputs above head dim 64): NJ = 16
-  blocks (the default) or NJ_WIDE = 32 (aligned tiles of up to 128 keys: each head's q tile is loaded
-  half as often). Their blocks may differ on near-ties (sums in another order, and the Eq. 9 map dot
-  rounds p to tf32 for 2-byte inputs), so tuning accepts the wide tile when its blocks are a top-n of
-  the reference's scores up to that rounding (selection_differs).
+  The tile is tuned per shape (select_tile, 2-byte inputs): NJ = 16 blocks on BM queries (the default),
+  NJ_WIDE = 32 above head dim 64 (aligned tiles of up to 128 keys: each head's q tile is loaded half as
+  often), 128 queries per program at 8 warps (each key tile serves twice the queries, the dots are twice
+  as tall), or the default at the other num_warps (TILE_SHAPES). Their blocks may differ on near-ties
+  (sums in another order, and the Eq. 9 map dot rounds p to tf32 for 2-byte inputs), so tuning accepts a
+  variant when its blocks are a top-n of the reference scores up to that rounding (selection_differs).
 * "topk": the kernel writes the keys of a chunk of C queries into an int64 [B, G, C, n_slc]
   buffer and torch.topk picks the n largest (the previous implementation; kept for comparison
   and as the reference). On an H100 (M7C layout, 64k tokens) the topk and the buffer fills cost
@@ -102,6 +103,10 @@ WIDE_MAX_KEYS = 128
 # scores differ by twice that. A 1e-4 bound dropped nj32 in run K over 0.003% of rows; a wrong block is off by far
 # more
 TF32_SWAP_TOL = 2 * 2.0 ** -10
+# select_tile variants of the default NJ_MIN tile: (queries per program, num_warps). The selection kernel's warps
+# were never swept on a GPU; none of these spills registers for sm_90 at head dims 64 and 128 (ptxas -v, bf16; at
+# 128 queries and NJ_WIDE blocks it spills 130-280 bytes, not offered)
+TILE_SHAPES = {"bm128": (128, 8), "w4": (BM, 4), "w8": (BM, 8)}
 MAX_CHUNK_ELEMS = 1 << 24  # bound on the [B, G, C, n_slc] score buffer per chunk ("topk")
 
 # key of a -inf score (with j part 0) and the smallest key of a finite or +inf score
@@ -308,7 +313,10 @@ def _select_scores_kernel(
 def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_start, ns, mode, n_sel=0,
             tile: str = "nj16"):
     """Run the kernel for queries c0..c1-1 into `out` (rows = those queries, columns contiguous).
-    tile (mode "topn"): "nj16" (the default) or "nj32" (NJ_WIDE-block tiles); see select_tile."""
+    tile (mode "topn"): "nj16" (the default), "nj32" (NJ_WIDE-block tiles) or a TILE_SHAPES name; see
+    select_tile."""
+    if tile not in ("nj16", "nj32", *TILE_SHAPES):
+        raise ValueError(f"nsa triton select_blocks: unknown tile {tile!r}")
     B, H, Sq, D = q.shape
     G, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     C = c1 - c0
@@ -320,14 +328,15 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
     nj = max(NJ_WIDE if wide else NJ_MIN, pad_pow2(n_sel)) if mode == "topn" else NJ
     kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj, WIDE_MAX_KEYS if wide else ALIGNED_MAX_KEYS)
     prec_w = "ieee" if dots["PREC"] == "ieee" else "tf32"
+    bm, warps = TILE_SHAPES.get(tile, (BM, 0)) if mode == "topn" else (BM, 0)
     _select_scores_kernel[(cdiv(C, BM), B * G)](
         q, kc, lse, out,
         *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
         G, n_cmp, ns, n_sel, C, c0, int(q_start), 1.0 / math.sqrt(D),
         int(cmp_block), int(cmp_stride), int(slc_block),
-        R=H // G, D=D, D_PAD=pad_pow2(D), BM=min(BM, pad_pow2(C)), BN=BN,
+        R=H // G, D=D, D_PAD=pad_pow2(D), BM=min(bm, pad_pow2(C)), BN=BN,
         NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode, KPB=kpb, BNA=pad_pow2(nj * kpb),
-        PREC_W=prec_w, **dots, num_warps=launch_warps("select", D),
+        PREC_W=prec_w, **dots, num_warps=warps or launch_warps("select", D),
     )
 
 
@@ -417,16 +426,16 @@ def select_blocks(q, k_cmp, cmp_block: int, cmp_stride: int, slc_block: int, n_s
 
 def select_tile(q, k_cmp, lse, cmp_block: int, cmp_stride: int, slc_block: int, n_selected: int, q_start: int,
                 ns: int) -> str:
-    """The fused top-n's tile here, tuned per shape (`select_tile`) where there is a choice (2-byte inputs above
-    head dim 64, where the wide tile does not spill registers for sm_90; n <= NJ_MIN): "nj16" (the default and
-    reference) or "nj32" (NJ_WIDE-block tiles). Timed on the LAST queries of the tuning slice (they score every
-    selection block, as most queries of a long sequence do; keyed by the number of blocks), accepted when its
-    blocks are a top-n of the reference's scores up to the map dot's tf32 rounding (selection_differs,
-    TF32_SWAP_TOL)."""
-    if (q.element_size() != 2 or q.shape[-1] <= 64 or pad_pow2(n_selected) > NJ_MIN or k_cmp.shape[2] == 0
-            or not tune.wanted(q)):
+    """The fused top-n's tile here, tuned per shape (`select_tile`) for 2-byte inputs (n <= NJ_MIN): "nj16" (the
+    default and reference); "nj32" (NJ_WIDE-block tiles, above head dim 64, where it does not spill registers for
+    sm_90); "bm128" (128 queries per program, 8 warps); the default at the other num_warps ("w4" or "w8"). Timed on
+    the LAST queries of the tuning slice (they score every selection block, as most queries of a long sequence do;
+    keyed by the number of blocks), accepted when its blocks are a top-n of the reference's scores up to the map
+    dot's tf32 rounding (selection_differs, TF32_SWAP_TOL)."""
+    if q.element_size() != 2 or pad_pow2(n_selected) > NJ_MIN or k_cmp.shape[2] == 0 or not tune.wanted(q):
         return "nj16"
-    options = ["nj16", "nj32"]
+    D = q.shape[-1]
+    options = ["nj16", *(["nj32"] if D > 64 else []), "bm128", "w4" if launch_warps("select", D) == 8 else "w8"]
     b, s = tune.slice_batch(q), tune.slice_len(q)
     off = q.shape[2] - s
     qs, ks, ls, t0 = q[:b, :, off:], k_cmp[:b], lse[:b, :, off:], q_start + off
