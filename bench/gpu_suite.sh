@@ -26,7 +26,8 @@
 #                            each with a profile of its 12 costliest kernels (--profile) and a CUDA-graph time
 #   train_4096          150  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full (the first
 #                            NSA step tunes ~28 kernel variants, a Triton compile each)
-#                            (tokens/s, MFU, peak memory, profile of one step's 15 costliest kernels)
+#                            (tokens/s, MFU, peak memory, profile of one step's 60 costliest kernels: run K's 15
+#                            left 61 of NSA's 178 ms unnamed)
 #   train_16384         150  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
 #   train_4096_untuned   90  train_4096 for NSA with the kernel tuning off (NSA_TUNE=off: one query per
 #                            selected-attention program, block-centric dK/dV head by head), to show
@@ -276,12 +277,12 @@ run_step() {
     train_4096)
         step train_4096 150 train \
             "$PY" bench/bench_train.py --device cuda --seq-lens 4096 --batch-tokens 32768 --compile 0 --steps 8 --warmup 3 \
-            --profile 15
+            --profile 60
         ;;
     train_16384)
         step train_16384 150 train \
             "$PY" bench/bench_train.py --device cuda --seq-lens 16384 --batch-tokens 32768 --compile 0 --steps 6 --warmup 2 \
-            --profile 15
+            --profile 60
         ;;
     train_4096_untuned)
         # the reference kernel variants, untuned (rows carry "nsa_env"; the tuned rows above carry "tuned")
