@@ -44,7 +44,7 @@ import sys
 import time
 import traceback
 
-from common import device_name, run_isolated, sync
+from common import device_name, profile_top, run_isolated, sync
 
 import torch  # noqa: E402
 
@@ -81,7 +81,11 @@ def filled_cache(impl: str, cfg: ModelConfig, context: int, device, dtype, batch
     return cache
 
 
-def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int = 1, mode: str = "eager") -> dict:
+PROFILE_STEPS = 10  # steps run under the profiler (--profile), after the timed ones
+
+
+def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int = 1, mode: str = "eager",
+            profile: int = 0) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({"attention": impl})
     layer = build_attention(cfg).to(device=device, dtype=dtype).eval()
@@ -94,7 +98,9 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
         if mode == "graph_torch":
             os.environ["NSA_DECODE"] = "torch"  # read when the static cache is made
         try:
-            cache = filled_cache(impl, cfg, context, device, dtype, batch, static=(layer, context + warm + steps))
+            extra = PROFILE_STEPS if profile else 0
+            cache = filled_cache(impl, cfg, context, device, dtype, batch,
+                                 static=(layer, context + warm + steps + extra))
         finally:
             os.environ.pop("NSA_DECODE", None)
         rope.reserve(cache.capacity, device, dtype)  # as model.new_static_caches does
@@ -116,6 +122,14 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
     n = cfg.nsa
     S = cache.length
     reads = cache.tokens_read["total"] if impl == "nsa" else cache.tokens_read
+    # where a step's time goes: the kernels of PROFILE_STEPS more steps (graph replays included), per step
+    prof = {}
+    if profile:
+        top = profile_top(lambda: [step(x) for _ in range(PROFILE_STEPS)], device, profile)
+        prof = {"profile": {"busy_ms_per_step": round(top["busy_ms"] / PROFILE_STEPS, 4),
+                            "launches_per_step": top["launches"] / PROFILE_STEPS,
+                            "top": [{**t, "us_per_step": round(t["ms"] * 1e3 / PROFILE_STEPS, 2)}
+                                    for t in top["top"]]}}
     return {
         "impl": impl, "mode": mode, "context": context, "batch": batch,
         "ms_per_step": round(statistics.median(times), 3),
@@ -124,7 +138,7 @@ def measure(impl: str, context: int, device: str, dtype, steps: int, batch: int 
         "tokens_read": reads,
         "paper_tokens": (S - n.cmp_block) // n.cmp_stride + n.n_selected * n.slc_block + n.window,
         "device": device_name(device),
-        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, **prof,
     }
 
 
@@ -136,12 +150,12 @@ def one_row(impl: str, context: int, batch: int, mode: str, args, dtype) -> dict
     if mode == "compiled" and args.device == "cuda":
         try:
             return run_isolated(__file__, ["--device", args.device, "--steps", str(args.steps),
-                                           "--_one", f"{impl}:{context}:{batch}:{mode}"])
+                                           "--profile", str(args.profile), "--_one", f"{impl}:{context}:{batch}:{mode}"])
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return {**failed, "error": str(e).strip().splitlines()[-1][:300]}
     try:
-        return measure(impl, context, args.device, dtype, args.steps, batch, mode)
+        return measure(impl, context, args.device, dtype, args.steps, batch, mode, args.profile)
     except Exception as e:  # noqa: BLE001 - see the docstring
         traceback.print_exc()
         if args.device == "cuda":
@@ -158,6 +172,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,graph", help="comma-separated: eager (growing caches), graph "
                     "(static caches, the step replayed as a CUDA graph), graph_torch (graph with NSA's attention "
                     "in PyTorch ops, not the fused kernel), compiled (graph after torch.compile)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="add each row's N costliest kernels per step (torch.profiler over 10 more steps)")
     ap.add_argument("--json-only", action="store_true")
     ap.add_argument("--_one", help=argparse.SUPPRESS)  # impl:context:batch:mode, one row (a fresh process)
     args = ap.parse_args()
@@ -165,7 +181,7 @@ def main() -> None:
     if args._one:
         impl, context, batch, mode = args._one.split(":")
         # uncaught: a failure exits non-zero with its traceback, which the parent shows
-        print(json.dumps(measure(impl, int(context), args.device, dtype, args.steps, int(batch), mode)))
+        print(json.dumps(measure(impl, int(context), args.device, dtype, args.steps, int(batch), mode, args.profile)))
         return
     rows = []
     for mode in args.modes.split(","):

@@ -12,7 +12,8 @@
 #                            tests/test_model.py on the real GPU (not the interpreter; test_model.py for
 #                            the CUDA-graph decode)
 #   decode              120  bench_decode: 8k..64k, batch 1 (launch-bound) and 32 (read-bound), eager
-#                            and replayed as CUDA graphs over static caches (NSA: the fused decode kernel)
+#                            and replayed as CUDA graphs over static caches (NSA: the fused decode kernel),
+#                            each row with its 12 costliest kernels per step (--profile)
 #   decode_compiled     240  bench_decode at 64k, batch 1 and 32: the static step with NSA's attention in
 #                            PyTorch ops (graph_torch, what the fused kernel replaced), and the static
 #                            step through torch.compile, then replayed as a CUDA graph
@@ -254,7 +255,8 @@ run_step() {
         ;;
     decode)
         step decode 120 decode \
-            "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20
+            "$PY" bench/bench_decode.py --device cuda --contexts 8192,16384,32768,65536 --batches 1,32 --steps 20 \
+            --profile 12
         ;;
     decode_compiled)
         step decode_compiled 240 decode \

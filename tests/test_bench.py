@@ -167,13 +167,17 @@ def test_bench_decode_eager_and_static_modes():
 
 def test_bench_decode_one_row_in_a_fresh_process(bench_attention):  # the fixture puts bench/ on sys.path
     """The protocol behind a CUDA "compiled" row (each in a fresh process, as a failed graph capture
-    spoils the process's CUDA RNG state): `--_one impl:context:batch:mode` prints one row; a failure
-    exits non-zero and its traceback reaches the parent's error."""
+    spoils the process's CUDA RNG state): `--_one impl:context:batch:mode` prints one row (here with
+    --profile); a failure exits non-zero and its traceback reaches the parent's error."""
     from common import run_isolated
 
     script = os.path.join(BENCH, "bench_decode.py")
-    row = run_isolated(script, ["--device", "cpu", "--steps", "2", "--_one", "nsa:1024:1:graph"])
+    row = run_isolated(script, ["--device", "cpu", "--steps", "2", "--profile", "3", "--_one", "nsa:1024:1:graph"])
     assert (row["impl"], row["mode"], row["context"], row["tokens_read"]) == ("nsa", "graph", 1024, row["paper_tokens"] + 1)
+    # --profile: the costliest operators (CPU: self time) of 10 more steps, per step; the read count is the timed steps'
+    prof = row["profile"]
+    assert len(prof["top"]) == 3 and prof["busy_ms_per_step"] > 0 and prof["launches_per_step"] > 0
+    assert all(t["us_per_step"] == pytest.approx(t["ms"] * 100, rel=1e-2, abs=0.02) for t in prof["top"])
     with pytest.raises(RuntimeError, match=r"(?s)Traceback.*attention"):
         run_isolated(script, ["--device", "cpu", "--steps", "2", "--_one", "dense:256:1:graph"])
 
