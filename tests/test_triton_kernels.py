@@ -607,6 +607,14 @@ def test_gate_combine_matches_torch(dtype):
     for name, a, b in zip(("d logits", "d o_cmp", "d o_slc", "d o_win"), got, want):
         assert a.dtype == dtype
         check(name, a, b, dtype)
+    # each d o_c carries the branch backward's delta rowsum(d o_c * o_c) (fp32 [B, H, S]), from the rounded d o_c
+    from nsa.attention.triton._common import branch_delta, rowsum_do_o
+    for grad, o in zip(got[1:], outs):
+        delta, src = grad.nsa_delta
+        assert delta.dtype == torch.float32 and delta.shape == (B, H, S) and torch.equal(src, o.detach())
+        torch.testing.assert_close(delta, rowsum_do_o(grad, src), rtol=1e-5, atol=1e-5)
+    assert branch_delta(got[1], outs[0].detach().contiguous()) is got[1].nsa_delta[0]  # the output it came from
+    assert branch_delta(got[1], outs[2].detach()) is not got[1].nsa_delta[0]  # another output: computed
     with pytest.raises(ValueError, match="logits must be"):
         gate_combine(logits[:, :, :3], *outs)
 
@@ -876,8 +884,10 @@ if DEVICE == "cuda":  # scripts/demo_64k.py's geometry at its GPU training lengt
 
 
 @pytest.mark.parametrize("B,S,lp,n", LAYER_CASES)
-def test_layer_triton_path_matches_torch_path(B, S, lp, n):
-    """The whole NSA layer with model.nsa.impl=triton equals impl=torch: forward and every gradient."""
+def test_layer_triton_path_matches_torch_path(monkeypatch, B, S, lp, n):
+    """The whole NSA layer with model.nsa.impl=triton equals impl=torch: forward and every gradient. The
+    branches' backwards take their delta from the fused gated sum's backward (none computes its own)."""
+    from nsa.attention.triton import _common
     from nsa.attention.layer import NSAttention
     from nsa.attention.rope import RotaryEmbedding
     from nsa.config import ModelConfig
@@ -897,6 +907,10 @@ def test_layer_triton_path_matches_torch_path(B, S, lp, n):
     check("layer out", out_t, out_r, F32)
     go = randn(*out_r.shape, dtype=F32, seed=6, grad=False)
     params_t, params_r = [x, *tri.parameters()], [x, *ref.parameters()]
-    for (name, _), a, b in zip([("x", x), *tri.named_parameters()], torch.autograd.grad(out_t, params_t, go),
-                               torch.autograd.grad(out_r, params_r, go)):
+    computed = []
+    real = _common.rowsum_do_o
+    monkeypatch.setattr(_common, "rowsum_do_o", lambda *a: computed.append(a) or real(*a))
+    grads_t = torch.autograd.grad(out_t, params_t, go)
+    assert not computed
+    for (name, _), a, b in zip([("x", x), *tri.named_parameters()], grads_t, torch.autograd.grad(out_r, params_r, go)):
         check(f"grad {name}", a, b, F32)

@@ -156,6 +156,25 @@ def rowsum_do_o(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return res
 
 
+def attach_delta(grad_out: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
+    """Leave rowsum(grad_out * out) (fp32 [B, H, Sq], computed by whoever made grad_out: the fused gated sum's
+    backward) on grad_out for the backward of the branch whose output is `out` (branch_delta)."""
+    grad_out.nsa_delta = (delta, out)
+
+
+def branch_delta(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) [B, H, Sq] fp32 for an attention backward: the one attached to dO (attach_delta) when it was
+    computed from this very output, else rowsum_do_o. Autograd hands the gated sum's d o_c to the branch as the
+    same tensor, attributes included; a slice (tuning) or a copy carries none and is computed here."""
+    attached = getattr(grad_out, "nsa_delta", None)
+    if attached is not None:
+        delta, src = attached
+        if (src.data_ptr() == out.data_ptr() and src.shape == out.shape and src.stride() == out.stride()
+                and delta.shape == out.shape[:3]):
+            return delta
+    return rowsum_do_o(grad_out, out)
+
+
 def device_function(fn):
     """@triton.jit for a helper that kernels call (not launched itself). On the GPU the compiler inlines
     it. Under the interpreter the helper becomes the plain Python function the interpreter would run,

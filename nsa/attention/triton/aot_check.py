@@ -188,7 +188,8 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                        dict(HALF=D // 2, HALF_PAD=pad_pow2(D // 2, 1), BP=rope.BP, SIGN=sign)) for sign in (1, -1)),
                     (combine._combine_fwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, Y=t),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
-                    (combine._combine_bwd_kernel, dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t),
+                    (combine._combine_bwd_kernel,
+                     dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t, DELTA=f),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
                     (combine._gate_mlp_combine_kernel, dict(HID=t, W2=t, B2=t, O0=t, O1=t, O2=t, Y=t),
                      dict(D=D, D_PAD=pad_pow2(D), HID_PAD=256, HAS_BIAS=True), combine.gate_warps(192)),  # M7C's gate

@@ -9,6 +9,8 @@ three products, two sums, the transpose copy) and ~15 backward, each a pass over
 it is one read of the three outputs and one write (forward), and one read of dy and the outputs and
 one write of the three output gradients plus the logits' gradient (backward):
     d o_c = g_c * dy,    d logits_c = g_c (1 - g_c) * sum_d (dy * o_c).
+The backward also leaves each branch the flash-attention delta rowsum(d o_c * o_c) its own backward needs
+(attached to d o_c, _common.attach_delta / branch_delta): three passes over [B, H, S, D] fewer.
 Gates and sums are fp32; the results are rounded once to the output dtype (the PyTorch path rounds
 the gates and every partial product to bf16, so the two agree to bf16 precision, not bitwise).
 
@@ -27,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton._common import cdiv, check_inputs, device_function, needs_grad, pad_pow2
+from nsa.attention.triton._common import attach_delta, cdiv, check_inputs, device_function, needs_grad, pad_pow2
 
 BT = 64  # tokens per program
 
@@ -68,31 +70,37 @@ def _combine_fwd_kernel(
     tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@device_function
+def _branch_grads(O, o_off, DO, do_off, dlg, DELTA, row, dy, g, mask, tmask):
+    # one branch: d o_c = g_c dy (stored rounded), d logits_c, and the branch backward's delta = rowsum(d o_c * o_c)
+    # from the rounded d o_c, as rowsum_do_o would compute it
+    o = tl.load(O + o_off, mask=mask, other=0.0).to(tl.float32)
+    do = (g[:, None] * dy).to(DO.dtype.element_ty)
+    tl.store(DO + do_off, do, mask=mask)
+    tl.store(dlg, (g * (1.0 - g) * tl.sum(dy * o, 1)).to(dlg.dtype.element_ty), mask=tmask)
+    tl.store(DELTA + row, tl.sum(do.to(tl.float32) * o, 1), mask=tmask)
+
+
 @triton.jit
 def _combine_bwd_kernel(
-    LG, O0, O1, O2, DY, DLG, DO0, DO1, DO2,
+    LG, O0, O1, O2, DY, DLG, DO0, DO1, DO2, DELTA,
     s_lb, s_lt, s_lc,
     s_ob, s_oh, s_ot, s_od,
     s_yb, s_yt, s_yc,
-    H, S,
+    H, S, BHS,
     D: tl.constexpr, D_PAD: tl.constexpr, BT: tl.constexpr,
 ):
-    """DLG has LG's strides; DO0..2 are contiguous [B, H, S, D]."""
+    """DLG has LG's strides; DO0..2 are contiguous [B, H, S, D]; DELTA contiguous fp32 [3, B, H, S]."""
     b, h, offs_t, offs_d, tmask, mask, g0, g1, g2 = _program_tile(LG, s_lb, s_lt, s_lc, H, S, D, D_PAD, BT)
     dy = tl.load(DY + b * s_yb + offs_t[:, None] * s_yt + (h * D + offs_d[None, :]) * s_yc,
                  mask=mask, other=0.0).to(tl.float32)
     o_off = b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_d[None, :] * s_od
-    do_off = ((b * H + h) * S + offs_t[:, None]) * D + offs_d[None, :]
+    row = (b * H + h) * S + offs_t
+    do_off = row[:, None] * D + offs_d[None, :]
     dlg = DLG + b * s_lb + offs_t * s_lt + (3 * h) * s_lc
-    o = tl.load(O0 + o_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DO0 + do_off, (g0[:, None] * dy).to(DO0.dtype.element_ty), mask=mask)
-    tl.store(dlg, (g0 * (1.0 - g0) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
-    o = tl.load(O1 + o_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DO1 + do_off, (g1[:, None] * dy).to(DO1.dtype.element_ty), mask=mask)
-    tl.store(dlg + s_lc, (g1 * (1.0 - g1) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
-    o = tl.load(O2 + o_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DO2 + do_off, (g2[:, None] * dy).to(DO2.dtype.element_ty), mask=mask)
-    tl.store(dlg + 2 * s_lc, (g2 * (1.0 - g2) * tl.sum(dy * o, 1)).to(DLG.dtype.element_ty), mask=tmask)
+    _branch_grads(O0, o_off, DO0, do_off, dlg, DELTA, row, dy, g0, mask, tmask)
+    _branch_grads(O1, o_off, DO1, do_off, dlg + s_lc, DELTA + BHS, row, dy, g1, mask, tmask)
+    _branch_grads(O2, o_off, DO2, do_off, dlg + 2 * s_lc, DELTA + 2 * BHS, row, dy, g2, mask, tmask)
 
 
 @triton.jit
@@ -163,9 +171,12 @@ class GateCombine(torch.autograd.Function):
         dlg = torch.empty_like(logits)
         do = [torch.empty(B, H, S, D, dtype=o0.dtype, device=o0.device) for _ in range(3)]
         if dy.numel():
+            delta = torch.empty(3, B, H, S, dtype=torch.float32, device=o0.device)
             _combine_bwd_kernel[_grid(B, H, S)](
-                logits, o0, o1, o2, dy, dlg, *do, *logits.stride(), *o0.stride(), *dy.stride(), H, S,
-                D=D, D_PAD=pad_pow2(D), BT=BT, num_warps=4)
+                logits, o0, o1, o2, dy, dlg, *do, delta, *logits.stride(), *o0.stride(), *dy.stride(), H, S,
+                B * H * S, D=D, D_PAD=pad_pow2(D), BT=BT, num_warps=4)
+            for grad, o, d in zip(do, (o0, o1, o2), delta):
+                attach_delta(grad, d, o)
         return dlg, *do
 
 

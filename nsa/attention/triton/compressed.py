@@ -44,8 +44,8 @@ import triton.language as tl
 
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LOG2E, DkvTile, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2,
-    rowsum_do_o, score_grads, softmax_output,
+    LOG2E, DkvTile, branch_delta, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax,
+    pad_pow2, score_grads, softmax_output,
 )
 
 BM_MAX, BN = 64, 32
@@ -306,7 +306,7 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     dk = torch.zeros(k_cmp.shape, dtype=k_cmp.dtype, device=q.device) if "dkv" not in run else None
     dv = torch.zeros(v_cmp.shape, dtype=v_cmp.dtype, device=q.device) if "dkv" not in run else None
     do = grad_out
-    delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
+    delta = branch_delta(do, out)  # [B,H,Sq] fp32, from the gated sum's backward where it left one
     lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
     consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], **dot_config(q.dtype))

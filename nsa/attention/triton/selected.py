@@ -72,8 +72,8 @@ import triton.language as tl
 
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LOG2E, TUNING, cdiv, check_inputs, device_function, dot_config, env_choice, env_int, launch_warps, lse_delta,
-    needs_grad, num_warps, online_softmax, pad_pow2, rowsum_do_o, score_grads, softmax_output,
+    LOG2E, TUNING, branch_delta, cdiv, check_inputs, device_function, dot_config, env_choice, env_int, launch_warps,
+    lse_delta, needs_grad, num_warps, online_softmax, pad_pow2, score_grads, softmax_output,
 )
 
 DKV_MODES = ("block", "atomic", "block_dq", "block_dqsum")
@@ -683,7 +683,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
     mode = mode or dkv_mode()
     key_rows = DKV_KEY_ROWS if key_rows is None else bool(key_rows)
     do = grad_out
-    delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
+    delta = branch_delta(do, out)  # [B,H,Sq] fp32, from the gated sum's backward where it left one
     lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     dk = torch.zeros(m["B"], m["G"], m["N"], m["D"], dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)

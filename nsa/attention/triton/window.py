@@ -48,8 +48,8 @@ import triton.language as tl
 from nsa.attention import flash_window
 from nsa.attention.triton import tune
 from nsa.attention.triton._common import (
-    LOG2E, DkvTile, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax, pad_pow2,
-    rowsum_do_o, score_grads, softmax_output,
+    LOG2E, DkvTile, branch_delta, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax,
+    pad_pow2, score_grads, softmax_output,
 )
 from nsa.errors import UserError
 
@@ -311,7 +311,7 @@ def window_backward(q, k, v, out, lse, grad_out, window: int, q_start: int = 0, 
     dk = (torch.empty if "dkv" in run else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
     dv = (torch.empty if "dkv" in run else torch.zeros)(v.shape, dtype=v.dtype, device=q.device)
     do = grad_out
-    delta = rowsum_do_o(do, out)  # [B,H,Sq] fp32
+    delta = branch_delta(do, out)  # [B,H,Sq] fp32, from the gated sum's backward where it left one
     lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     geom, consts = _geom(m, window, q_start, k_start), _consts(m, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
