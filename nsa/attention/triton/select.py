@@ -329,12 +329,13 @@ def _launch(q, k_cmp, lse, out, cmp_block, cmp_stride, slc_block, c0, c1, q_star
     kpb = aligned_keys_per_block(cmp_block, cmp_stride, slc_block, nj, WIDE_MAX_KEYS if wide else ALIGNED_MAX_KEYS)
     prec_w = "ieee" if dots["PREC"] == "ieee" else "tf32"
     bm, warps = TILE_SHAPES.get(tile, (BM, 0)) if mode == "topn" else (BM, 0)
-    _select_scores_kernel[(cdiv(C, BM), B * G)](
+    bm = min(bm, pad_pow2(C))
+    _select_scores_kernel[(cdiv(C, bm), B * G)](
         q, kc, lse, out,
         *q.stride(), *kc.stride(), *lse.stride(), *out.stride()[:3],
         G, n_cmp, ns, n_sel, C, c0, int(q_start), 1.0 / math.sqrt(D),
         int(cmp_block), int(cmp_stride), int(slc_block),
-        R=H // G, D=D, D_PAD=pad_pow2(D), BM=min(bm, pad_pow2(C)), BN=BN,
+        R=H // G, D=D, D_PAD=pad_pow2(D), BM=bm, BN=BN,
         NJ=nj, LOG_NJ=nj.bit_length() - 1, MODE=mode, KPB=kpb, BNA=pad_pow2(nj * kpb),
         PREC_W=prec_w, **dots, num_warps=warps or launch_warps("select", D),
     )
