@@ -784,9 +784,10 @@ def test_select_tile_variants_cuda(G, r, D):
 
 
 @pytest.mark.parametrize("tile", sorted(select.TILE_SHAPES))
-def test_select_tile_shapes(tile):
+def test_select_tile_shapes(monkeypatch, tile):
     """The selection tiles of other shapes (select.TILE_SHAPES: 128 queries per program, other num_warps) choose
-    ops' blocks in fp32: aligned tiles with the carry, ragged query tiles, two launches (chunk)."""
+    ops' blocks in fp32: aligned tiles with the carry, ragged query tiles, two launches (chunk); each launch's
+    grid has one program per tile of the queries (not per default tile: surplus programs score for nothing)."""
     B, G, r, Sq, q_start, l, d, lp, n = 1, 2, 3, 150, 300, 8, 4, 8, 5
     q = randn(B, G * r, Sq, 16, dtype=F32, seed=65, grad=False)
     kc = randn(B, G, num_cmp_blocks(q_start + Sq, l, d), 16, dtype=F32, seed=66, grad=False)
@@ -794,9 +795,19 @@ def test_select_tile_shapes(tile):
     ns = -(-(q_start + Sq) // lp)
     want = ops.select_blocks(q, kc, l, d, lp, n, q_start)
     out = torch.empty(B, G, Sq, n, dtype=torch.int64, device=DEVICE)
+    grids, kernel = [], select._select_scores_kernel
+
+    class GridSpy:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return kernel[grid]
+
+    monkeypatch.setattr(select, "_select_scores_kernel", GridSpy())
     for c0, c1 in ((0, 40), (40, Sq)):
         select._launch(q, kc, lse, out[:, :, c0:], l, d, lp, c0, c1, q_start, ns, "topn", n, tile)
     assert torch.equal(out, want)
+    bm = select.TILE_SHAPES[tile][0]
+    assert grids == [(1, B * G), (-(-110 // min(bm, 128)), B * G)]  # 40 queries: one tile of 64; 110: of bm
     with pytest.raises(ValueError, match="unknown tile"):
         select._launch(q, kc, lse, out, l, d, lp, 0, Sq, q_start, ns, "topn", n, "rows")
 
