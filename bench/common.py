@@ -83,10 +83,27 @@ def run_isolated(script: str, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def idle_gaps(kernels, top: int = 5) -> dict:
+    """Where a GPU waited between kernels: kernels = [(start_us, end_us, name)] in any order -> idle_ms (the
+    time inside the span no kernel ran) and the `top` longest gaps, each with the kernels before and after it
+    (a gap before a kernel is the host issuing it late: launch-bound code)."""
+    gaps, idle, end, prev = [], 0.0, None, None
+    for start, stop, name in sorted(kernels):
+        if end is not None and start > end:
+            idle += start - end
+            gaps.append((start - end, prev, name))
+        if end is None or stop > end:
+            end, prev = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"idle_ms": round(idle / 1e3, 3),
+            "gaps": [{"us": round(us, 1), "after": a[:60], "before": b[:60]} for us, a, b in gaps[:top]]}
+
+
 def profile_top(fn, device: str, top: int) -> dict:
     """Run `fn` once under torch.profiler; return where the time went: the `top` kernels (CUDA) or
     operators (CPU, self time) by total time, their launch counts, and the totals. On CUDA,
-    busy_ms < the wall time of the pass means the pass is launch/host bound, not kernel bound."""
+    busy_ms < the wall time of the pass means the pass is launch/host bound, not kernel bound, and
+    idle_ms / gaps (idle_gaps) say where the GPU waited (the profiler's own overhead included)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -111,8 +128,16 @@ def profile_top(fn, device: str, top: int) -> dict:
         t[0] += us / 1e3
         t[1] += e.count
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    gaps = {}
+    if device == "cuda":
+        try:
+            gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                              if e.device_type == torch.autograd.DeviceType.CUDA])
+        except Exception as e:  # noqa: BLE001 - an extra; the ranking above stands without it
+            gaps = {"gaps_error": f"{type(e).__name__}: {e}"[:200]}
     return {
         "busy_ms": round(sum(v[0] for v in by_name.values()), 3),
         "launches": sum(v[1] for v in by_name.values()),
         "top": [{"name": k, "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked[:top]],
+        **gaps,
     }

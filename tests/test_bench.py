@@ -328,6 +328,19 @@ def test_gpu_suite_compiles_fla_during_the_kernel_tests(tmp_path):
     assert "fla warm-up" not in suite("kernel_tests,decode")
 
 
+def test_idle_gaps_names_where_the_gpu_waited(bench_attention):
+    """idle_gaps: the time inside the span no kernel ran (overlapping kernels merged, any input order) and
+    the longest gaps with their neighbours."""
+    from common import idle_gaps  # bench/ is on sys.path while the module fixture is active
+
+    kernels = [(100.0, 400.0, "b"), (0.0, 100.0, "a"), (150.0, 200.0, "inside_b"), (1400.0, 1500.0, "d"),
+               (450.0, 500.0, "c")]
+    got = idle_gaps(kernels, top=2)
+    assert got["idle_ms"] == 0.95  # 400 -> 450 and 500 -> 1400
+    assert got["gaps"] == [{"us": 900.0, "after": "c", "before": "d"}, {"us": 50.0, "after": "b", "before": "c"}]
+    assert idle_gaps([]) == {"idle_ms": 0.0, "gaps": []}
+
+
 def test_profile_top_ranks_operators(bench_attention):
     """--profile: one run under torch.profiler, the costliest operators (CPU) first, with counts."""
     from common import profile_top  # bench/ is on sys.path while the module fixture is active
