@@ -26,7 +26,7 @@
 #   attention_m7c        90  bench_attention: M7C layout, whole layer, 4k..64k, fwd and fwd+bwd, nsa vs full,
 #                            each with a profile of its 12 costliest kernels (--profile) and a CUDA-graph time
 #   train_4096          150  bench_train: seq 4096 x batch 8 (32k tokens/step), eager, nsa vs full (the first
-#                            NSA step tunes ~28 kernel variants, a Triton compile each)
+#                            NSA step tunes ~40 kernel variants at M7C, a Triton compile each)
 #                            (tokens/s, MFU, peak memory, profile of one step's 60 costliest kernels: run K's 15
 #                            left 61 of NSA's 178 ms unnamed)
 #   train_16384         150  bench_train: seq 16384 x batch 2 (32k tokens/step), eager
