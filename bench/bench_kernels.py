@@ -8,7 +8,9 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   cmp_fwd / cmp_dq /    compressed attention (forward returns the LSE) / its dQ kernel / its dK/dV
   cmp_dkv               kernel, one row per tile variant the layer tunes over (compressed.FWD_TILES,
                         DQ_TILES, DKV_TILES, e.g. "bm128_bn64": 128 queries x 64 keys; reference first;
-                        "kr_": scores computed as k q^T, "split": dV then dK in two launches)
+                        "kr_": scores computed as k q^T, "split": dV then dK in two launches);
+                        "..._masked": that tile with every step masked (_common.INTERIOR_TILES off, as
+                        before the interior steps ran unmasked), for bm128_bn64 / bm128_bn64 / kr_bm32_bn64
   select                block scoring + top-n from that LSE: "fused" (NSA_SELECT=fused, the default:
                         top-n inside the scoring kernel, on aligned key tiles where the geometry
                         allows; first checked bit-identical to "topk"), "topk" (int64 score-key buffer
@@ -47,7 +49,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
   win_dq                the window dQ kernel alone, per tile variant (window.DQ_TILES; the first is the
                         reference; tuned above head dim 64)
   win_dkv               the window dK/dV kernel alone, per tile variant (window.DKV_TILES; the first is
-                        the reference, "kr_": scores computed as k q^T)
+                        the reference, "kr_": scores computed as k q^T); for both, and for win_fwd /
+                        win_bwd "triton", "..._masked": every step masked (as for cmp_*)
   combine_fwd / _bwd    gate-and-combine of three branch outputs: "triton" (the fused kernel,
                         triton/combine.py) vs "torch" (the gated sum and transpose, NSA_COMBINE=torch)
   rope_fwd / rope_bwd    RoPE of the queries: "triton" (triton/rope.py) vs "torch" (NSA_ROPE=torch)
@@ -158,6 +161,17 @@ def rows_for(layout: str, S: int, device: str):
             yield f"cmp_{kernel}", name, lambda kernel=kernel, name=name: bench(
                 lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE, parts=kernel,
                                                        **{f"{kernel}_tile": name}))
+
+    def masked(run):  # every tile takes the mask (_common.INTERIOR_TILES off): the interior tiles' gain
+        return patched(_common, "INTERIOR_TILES", False, run)
+
+    # the tiles run K's 64k tuning picked (dK/dV) or that were fastest in bench_kernels (forward, dQ), every tile masked
+    yield "cmp_fwd", "bm128_bn64_masked", lambda: masked(lambda: bench(
+        lambda: compressed.compressed_forward(q, kc, vc, L, D_STRIDE, tile="bm128_bn64")))
+    for kernel, name in (("dq", "bm128_bn64"), ("dkv", "kr_bm32_bn64")):
+        yield f"cmp_{kernel}", f"{name}_masked", lambda kernel=kernel, name=name: masked(lambda: bench(
+            lambda: compressed.compressed_backward(q, kc, vc, o_cmp, lse, go, L, D_STRIDE, parts=kernel,
+                                                   **{f"{kernel}_tile": name})))
     def with_env(name: str, value: str, fn):
         saved = os.environ.get(name)
         os.environ[name] = value
@@ -281,6 +295,10 @@ def rows_for(layout: str, S: int, device: str):
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         yield "win_fwd", name, lambda fn=fn: bench(lambda: fn(q, k, v))
         yield "win_bwd", name, lambda fn=fn, qg=qg, kg=kg, vg=vg: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go)
+        if name == "triton":  # the same with every tile masked
+            yield "win_fwd", "triton_masked", lambda fn=fn: masked(lambda: bench(lambda: fn(q, k, v)))
+            yield "win_bwd", "triton_masked", lambda fn=fn, qg=qg, kg=kg, vg=vg: masked(
+                lambda: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go))
     if "triton" in win_impls:  # tile caps (query BM, key BN) of all three window kernels
         from nsa.attention.triton import window
 
@@ -298,11 +316,13 @@ def rows_for(layout: str, S: int, device: str):
                     lambda: _bwd_time(fn(qg, kg, vg), (qg, kg, vg), go))
         o_win, lse_win = window.window_forward(q, k, v, WINDOW)
         for name in window.DQ_TILES:  # the dQ kernel alone, each tile variant tuning may pick (head dim > 64)
-            yield "win_dq", name, lambda name=name: bench(lambda: window.window_backward(
-                q, k, v, o_win, lse_win, go, WINDOW, dq_tile=name, parts="dq"))
+            for suffix, run in (("", lambda f: f()), ("_masked", masked)):
+                yield "win_dq", name + suffix, lambda name=name, run=run: run(lambda: bench(
+                    lambda: window.window_backward(q, k, v, o_win, lse_win, go, WINDOW, dq_tile=name, parts="dq")))
         for name in window.DKV_TILES:  # the dK/dV kernel alone, each tile variant tuning may pick
-            yield "win_dkv", name, lambda name=name: bench(lambda: window.window_backward(
-                q, k, v, o_win, lse_win, go, WINDOW, dkv_tile=name, parts="dkv"))
+            for suffix, run in (("", lambda f: f()), ("_masked", masked)):
+                yield "win_dkv", name + suffix, lambda name=name, run=run: run(lambda: bench(
+                    lambda: window.window_backward(q, k, v, o_win, lse_win, go, WINDOW, dkv_tile=name, parts="dkv")))
 
     # gate-and-combine: the fused kernel vs the PyTorch gated sum + transpose (NSA_COMBINE=torch)
     from nsa.attention.triton.combine import gate_combine

@@ -49,7 +49,8 @@
 #                            (F.linear_cross_entropy, torch >= 2.13; a skipped row on older torch) vs the
 #                            logits then F.cross_entropy: tokens/s and peak memory (M7C.loss, NSA_LOSS)
 #   variant_tests       240  the parity tests of every kernel tile variant tuning may pick, at the paper layout
-#                            (head dim 128) on the GPU, and of the fused decode kernel: the part of kernel_tests
+#                            (head dim 128) on the GPU, of the unmasked interior steps, and of the fused decode
+#                            kernel: the part of kernel_tests
 #                            a session that changed kernels needs first (Triton once miscompiled one for sm_90
 #                            that the interpreter ran right); not run when kernel_tests is. In parallel workers
 #                            like kernel_tests: run K's single process was cut at 180 s, 32 of 41 tests passed
@@ -251,7 +252,7 @@ run_step() {
         step variant_tests 240 - \
             "$PY" -m pytest -v -rfEs --tb=short --log-level=WARNING -p no:cacheprovider -p no:benchmark \
             ${XDIST[@]+"${XDIST[@]}"} tests/test_triton_kernels.py tests/test_triton_window.py tests/test_triton_decode.py \
-            -k "tile_variants or key_rows or head_tile or tile_shapes or fused_decode_matches or fused_decode_small or decodes_through"
+            -k "tile_variants or key_rows or head_tile or tile_shapes or interior or fused_decode_matches or fused_decode_small or decodes_through"
         ;;
     decode)
         step decode 120 decode \

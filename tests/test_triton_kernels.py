@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter on before triton loads)
-    AVAILABLE, BF16, DEVICE, F32, TOL, check, check_grads, interpreter, needs_kernels, nsa_triton, randn, rel_err,
+    AVAILABLE, BF16, DEVICE, F32, TOL, check, check_grads, has_interior_and_edges, interpreter, needs_kernels,
+    nsa_triton, randn, rel_err, spy_band_split,
 )
 
 if AVAILABLE:
@@ -350,10 +351,11 @@ def test_compressed_tile_variants(dtype):
     """Every tile variant tuning may pick (compressed.FWD_TILES, DQ_TILES: 128-query and 64-key tiles;
     DKV_TILES: 64-row, 32- to 128-key tiles, the key-rows form, one launch or split into dV then dK) gives
     the PyTorch path's output, LSE and gradients; S = 200: ragged 128-query tiles, several key tiles per
-    query tile. On CUDA the paper layout (16 heads per group, head dim 128, l=32, d=16, S = 1000), where
-    Triton once miscompiled a 128-key dK/dV tile (BENCHMARKS.md, run E); head dim 64 in fp32, which
-    tuning never runs with other tiles (aot_check compiles only the reference for it)."""
-    B, G, r, S, D, l, d = (1, 1, 16, 1000, 128 if dtype == BF16 else 64, 32, 16) if DEVICE == "cuda" else \
+    query tile. On CUDA the paper layout (16 heads per group, head dim 128, l=32, d=16, S = 2000: 124
+    compressed keys, so 64-key tiles have interior steps too), where Triton once miscompiled a 128-key dK/dV
+    tile (BENCHMARKS.md, run E); head dim 64 in fp32, which tuning never runs with other tiles (aot_check
+    compiles only the reference for it)."""
+    B, G, r, S, D, l, d = (1, 1, 16, 2000, 128 if dtype == BF16 else 64, 32, 16) if DEVICE == "cuda" else \
         (1, 1, 2, 200, 16, 8, 4)
     n_cmp = num_cmp_blocks(S, l, d)
     q = randn(B, G * r, S, D, dtype=dtype, seed=61, strided=True)
@@ -375,6 +377,46 @@ def test_compressed_tile_variants(dtype):
         _, dk, dv = compressed.compressed_backward(q, kc, vc, out0, lse0, go, l, d, dkv_tile=dkv_tile, parts="dkv")
         check(f"dk {dkv_tile}", dk, want[1], dtype)
         check(f"dv {dkv_tile}", dv, want[2], dtype)
+
+
+@pytest.mark.parametrize("dtype,qseg", [(F32, 4096), (BF16, 64)])
+def test_compressed_interior_tiles_unmasked(monkeypatch, dtype, qseg):
+    """Key tiles every query of a program sees whole (forward, dQ) and query tiles that see every key of the
+    program's tile (dK/dV) run without a mask (band_split): with 16-row tiles at S = 200 every kernel has such
+    interior tiles and masked edge tiles (recorded through the interpreter), and gives ops' results in every
+    dK/dV form (reference, key rows, split), in one query segment or in segments of 64 (atomic sums)."""
+    monkeypatch.setattr(compressed, "QSEG", qseg)
+    monkeypatch.setattr(compressed, "FWD_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
+    monkeypatch.setattr(compressed, "DQ_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
+    monkeypatch.setattr(compressed, "DKV_TILES", {
+        "bm16_bn16": compressed.DkvTile(16, 16, 4), "kr_bm16_bn16": compressed.DkvTile(16, 16, 4, key_rows=True),
+        "kr_split_bm16_bn16": compressed.DkvTile(16, 16, 4, split=True, key_rows=True)})
+    splits = spy_band_split(monkeypatch, compressed)
+
+    def check_split_since(n, what):  # the kernel launched since the record held n splits had both kinds of tile
+        assert splits is None or has_interior_and_edges(splits[n:]), f"{what}: {splits[n:]}"
+        return 0 if splits is None else len(splits)
+
+    B, G, r, S, D, l, d = 1, 1, 2, 200, 16, 8, 4
+    n_cmp = num_cmp_blocks(S, l, d)
+    q = randn(B, G * r, S, D, dtype=dtype, seed=71, strided=True)
+    kc, vc = randn(B, G, n_cmp, D, dtype=dtype, seed=72), randn(B, G, n_cmp, D, dtype=dtype, seed=73)
+    ref = ops.compressed_attention(q, kc, vc, l, d)
+    go = randn(*ref.shape, dtype=dtype, seed=74, grad=False)
+    want = dict(zip(("dq", "dk", "dv"), torch.autograd.grad(ref, (q, kc, vc), go)))
+    n = 0
+    for name in compressed.FWD_TILES:
+        out, lse = compressed.compressed_forward(q, kc, vc, l, d, tile=name)
+        n = check_split_since(n, f"forward {name}")
+        check(f"out {name}", out, ref, dtype)
+        dq = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, dq_tile=name, parts="dq")[0]
+        n = check_split_since(n, f"dq {name}")
+        check(f"dq {name}", dq, want["dq"], dtype)
+    for name in compressed.DKV_TILES:
+        _, dk, dv = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, dkv_tile=name, parts="dkv")
+        n = check_split_since(n, f"dkv {name}")
+        check(f"dk {name}", dk, want["dk"], dtype)
+        check(f"dv {name}", dv, want["dv"], dtype)
 
 
 def test_compressed_dkdv_segments_fill_the_gpu():

@@ -7,7 +7,8 @@ tests/triton_setup.py before triton is imported); shapes are tiny. Covered: floa
 16 and 24, window < S and >= S, a strided q, batch 2, decode over a bounded cache (q_start > 0,
 k_start > 0), a query chunk with q_start > 0, queries with no key at all (zero output and grads);
 three of these again with 16/32-row tiles (several tiles per head: the band bounds matter);
-on CUDA, realistic shapes (S = 1024 / 2048, window 512).
+windows over two tiles long, whose interior tiles run unmasked (their splits recorded through the
+interpreter), and the switch that masks every tile; on CUDA, realistic shapes (S = 1024 / 2048, window 512).
 
 Run: .venv/bin/python -m pytest tests/test_triton_window.py -q
 """
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from tests.triton_setup import (  # noqa: F401  (first: switches the interpreter on before triton loads)
-    AVAILABLE, BF16, DEVICE, F32, TOL, interpreter, needs_kernels, nsa_triton, randn, rel_err,
+    AVAILABLE, BF16, DEVICE, F32, TOL, has_interior_and_edges, interpreter, needs_kernels, nsa_triton, randn, rel_err,
+    spy_band_split,
 )
 
 if AVAILABLE:
@@ -73,6 +75,62 @@ def test_window_attention_small_tiles(monkeypatch, bm, bn, dtype, B, G, r, Sq, q
     monkeypatch.setattr(win_mod, "BM_MAX", bm)
     monkeypatch.setattr(win_mod, "BN_MAX", bn)
     run_parity(dtype, B, G, r, Sq, q_start, k_start, N, D, window, strided)
+
+
+# (dtype, Sq, q_start, k_start, N, window): windows longer than two tiles, so that the kernels have interior tiles
+INTERIOR_CASES = [(F32, 100, 0, 0, 100, 40), (BF16, 70, 30, 10, 90, 37), (F32, 90, 0, 0, 90, 200)]
+
+
+@pytest.mark.parametrize("dtype,Sq,q_start,k_start,N,window", INTERIOR_CASES)
+def test_window_interior_tiles_unmasked(monkeypatch, dtype, Sq, q_start, k_start, N, window):
+    """Tiles inside the band run without a mask (band_split): with 16-row tiles and a window of 37-40 keys
+    every kernel has interior and edge tiles (shown through the interpreter by recording the splits), and the
+    results are ops' for the forward, dQ and every dK/dV form (the reference and key rows); window 200 >= S is
+    plain causal attention, whose interior is everything left of the diagonal tiles."""
+    monkeypatch.setattr(win_mod, "BM_MAX", 16)
+    monkeypatch.setattr(win_mod, "BN_MAX", 16)
+    monkeypatch.setattr(win_mod, "DQ_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
+    monkeypatch.setattr(win_mod, "DKV_TILES", {"bm16_bn16": win_mod.DkvTile(16, 16, 4),
+                                               "kr_bm16_bn16": win_mod.DkvTile(16, 16, 4, key_rows=True)})
+    splits = spy_band_split(monkeypatch, win_mod)
+
+    def check_split_since(n, what):  # the kernel launched since the record held n splits had both kinds of tile
+        assert splits is None or has_interior_and_edges(splits[n:]), f"{what}: {splits[n:]}"
+        return 0 if splits is None else len(splits)
+
+    q = randn(1, 2, Sq, 16, dtype=dtype, seed=21, strided=True)
+    k, v = randn(1, 1, N, 16, dtype=dtype, seed=22), randn(1, 1, N, 16, dtype=dtype, seed=23)
+    ref = ops.window_attention(q, k, v, window, q_start, k_start)
+    go = randn(*ref.shape, dtype=dtype, seed=24, grad=False)
+    want = torch.autograd.grad(ref, (q, k, v), go)
+    out, lse = win_mod.window_forward(q, k, v, window, q_start, k_start)
+    n = check_split_since(0, "forward")
+    got = {"out": out}
+    for name in win_mod.DQ_TILES:
+        got[f"dq {name}"] = win_mod.window_backward(q, k, v, out, lse, go, window, q_start, k_start, dq_tile=name,
+                                                    parts="dq")[0]
+        n = check_split_since(n, f"dq {name}")
+    for name in win_mod.DKV_TILES:
+        _, got[f"dk {name}"], got[f"dv {name}"] = win_mod.window_backward(q, k, v, out, lse, go, window, q_start,
+                                                                          k_start, dkv_tile=name, parts="dkv")
+        n = check_split_since(n, f"dkv {name}")
+    for what, value in got.items():
+        exp = {"out": ref, "dq": want[0], "dk": want[1], "dv": want[2]}[what.split()[0]]
+        err = rel_err(value, exp)
+        assert err <= TOL[dtype], f"{what}: relative max error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def test_window_every_tile_masked_switch(monkeypatch):
+    """_common.INTERIOR_TILES = False (what bench_kernels times the kernels against): every tile takes the mask,
+    and the results are still ops'."""
+    from nsa.attention.triton import _common
+
+    monkeypatch.setattr(_common, "INTERIOR_TILES", False)
+    monkeypatch.setattr(win_mod, "BM_MAX", 16)
+    monkeypatch.setattr(win_mod, "BN_MAX", 16)
+    splits = spy_band_split(monkeypatch, win_mod)
+    run_parity(F32, 1, 1, 2, 100, 0, 0, 100, 16, 40)
+    assert splits is None or (splits and all(fs == fe for _, fs, fe in splits))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -68,3 +68,26 @@ def check_grads(out_t, out_ref, inputs, dtype, seed=123):
     for name, a, b in zip(("dq", "dk", "dv"), g_t, g_r):
         assert a.shape == b.shape and a.dtype == b.dtype
         check(name, a, b, dtype)
+
+
+def spy_band_split(monkeypatch, module):
+    """Record the (tiles, first interior, end of interior) splits module's kernels make (_common.band_split),
+    so a test can show that both its unmasked interior tiles and its masked edge tiles ran. Interpreter only:
+    on the GPU the kernels are compiled, and the record stays empty (None is returned)."""
+    if DEVICE != "cpu":
+        return None
+    splits = []
+    real = module.band_split
+
+    def spy(*args):
+        res = real(*args)
+        splits.append(tuple(int(x.item() if hasattr(x, "item") else x) for x in res))
+        return res
+
+    monkeypatch.setattr(module, "band_split", spy)
+    return splits
+
+
+def has_interior_and_edges(splits) -> bool:
+    """Some program ran interior (unmasked) tiles and masked edge tiles both."""
+    return any(fe > fs and tiles > fe - fs for tiles, fs, fe in splits)

@@ -193,13 +193,14 @@ def device_function(fn):
 # (inlined by the compiler: the kernels' GPU code is the same as with the lines written out, which
 # `aot_check --ptx-dir` shows by diffing two dumps). Scores are in log2 units (module docstring).
 @device_function
-def online_softmax(s, v, m_i, l_i, acc, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of an online softmax: scores s [rows, keys] (-inf where masked), values v [keys, D];
-    returns the new running (max, sum, unnormalised output). A row with no key so far keeps max -inf
-    (m_safe keeps exp2 finite)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def online_softmax(s, qk_scale, v, m_i, l_i, acc, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of an online softmax: scores s [rows, keys] (-inf where masked) times qk_scale > 0 (the
+    log2-unit scale; 1.0 for scores already scaled), values v [keys, D]; returns the new running (max, sum,
+    unnormalised output). The scale goes into the exponent's argument, s * qk_scale - m: one FMA per score
+    instead of a multiply and a subtract. A row with no key so far keeps max -inf (m_safe keeps exp2 finite)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(IN_T).to(DOT_T), v, input_precision=PREC)
@@ -213,6 +214,26 @@ def softmax_output(acc, m_i, l_i):
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     return out, lse
+
+
+# False: the compressed and window kernels mask every tile, as before band_split (bench/bench_kernels.py times both)
+INTERIOR_TILES = True
+
+
+@device_function
+def band_split(lo, hi, full_lo, full_hi, BT: tl.constexpr, INTERIOR: tl.constexpr):
+    """(tiles, first interior, end of interior) of the tiles lo + j*BT, j < tiles, that cover [lo, hi):
+    the interior tiles lie inside [full_lo, full_hi), where no element is masked (every query of the
+    program sees every key), and run without a mask; the others (the band's edges) with one. In the window
+    kernels the mask was ~40% of the instructions of a key step (SASS, sm_90). The interior's loads keep
+    a mask of the tile's full shape (all true): with a broadcast [1, D] mask Triton 3.7 loads the tiles
+    through registers (LDG + STS) instead of asynchronous copies (LDGSTS)."""
+    tiles = (tl.maximum(hi - lo, 0) + BT - 1) // BT
+    j_fs = tl.minimum((tl.maximum(full_lo - lo, 0) + BT - 1) // BT, tiles)
+    j_fe = tl.minimum(tl.maximum(tl.maximum(full_hi - lo, 0) // BT, j_fs), tiles)
+    if not INTERIOR:  # every tile masked (INTERIOR_TILES)
+        j_fs = j_fe
+    return tiles, j_fs, j_fe
 
 
 @device_function

@@ -79,6 +79,11 @@ def ptxas_info(ptx: str, arch: int) -> str:
     return parse_ptxas(res.stderr) if res.returncode == 0 else f"ptxas failed: {res.stderr.strip()[:200]}"
 
 
+def constexpr_defaults(kernel) -> dict:
+    """The defaults of a kernel's constexpr parameters: a launch applies them, a compile from ASTSource does not."""
+    return {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+
+
 def runtime_specialisation(kernel, ptrs: dict, consts: dict) -> tuple[dict, dict]:
     """(constexprs, attrs) as a launch on contiguous tensors specialises them: head-dim strides (s_*d) are 1,
     pointers and the other strides divisible by 16 (the head dims here are multiples of 16)."""
@@ -264,6 +269,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     if fixed_warps:  # a tile variant's own
                         warps = fixed_warps[0]
                     attrs = None
+                    consts = {**constexpr_defaults(kernel), **consts}
                     if ptxas:
                         consts, attrs = runtime_specialisation(kernel, ptrs, consts)
                     sig = {name: "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "scale" else "i32")

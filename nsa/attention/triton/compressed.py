@@ -18,6 +18,12 @@ Kernels (flash-attention style, fp32 softmax statistics):
   had 16 programs for M7C at 4k), and no segment longer than QSEG queries (long sequences: one
   program per key tile walked up to 6 x 1024 query tiles at 64k). With one segment dK/dV are
   stored once (deterministic); with several, the segments add fp32 partial sums with atomics.
+  Every kernel walks its tiles in two loops (_common.band_split): without a mask where every query of
+  the step sees every key of it (all but the last key tiles of a forward / dQ program, all but the
+  first query tiles of a dK/dV program, and its last one where Sq is ragged), then the rest with the
+  mask. Unmasked, a step skips the visibility (an integer division by d per query row) and the select:
+  on sm_90 at head dim 128 a forward step is 359 SASS instructions instead of 466, a dQ step 296
+  instead of 404, a dK/dV step (key rows, 4 warps) 327 instead of 526.
   Tuned forms (DKV_TILES): "key rows" computes the scores transposed, s^T = k q^T [BN, BM], so that
   all four dots have the keys as their M dimension (a Hopper wgmma's M is 64 per warp group) and p, dS
   feed the dV, dK dots without a transpose; "split" runs the kernel twice, dV then dK, each holding one
@@ -42,10 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.attention.triton import tune
+from nsa.attention.triton import _common, tune
 from nsa.attention.triton._common import (
-    LOG2E, DkvTile, branch_delta, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax,
-    pad_pow2, score_grads, softmax_output,
+    LOG2E, DkvTile, band_split, branch_delta, cdiv, check_inputs, device_function, dot_config, lse_delta, needs_grad,
+    num_warps, online_softmax, pad_pow2, score_grads, softmax_output,
 )
 
 BM_MAX, BN = 64, 32
@@ -53,6 +59,30 @@ BM_DKV = 32  # dK/dV pass: queries per step
 BN_DKV = 64  # dK/dV pass: compressed keys per program (see the module docstring)
 QSEG = 4096  # most queries per dK/dV segment (a multiple of BM_DKV)
 MIN_SEG = 512  # fewest queries per dK/dV segment when splitting to fill the GPU
+
+
+@device_function
+def _visible(t, CB, CS, NCMP):
+    """Compressed blocks complete by absolute position t (>= 0): min(NCMP, max(0, (t - l + 1) // d + 1))."""
+    return tl.minimum(tl.maximum(t - CB + 1 + CS, 0) // CS, NCMP)
+
+
+@device_function
+def _cmp_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, j_lo, j_hi, n_hi, vis, qk_scale, offs_n, dmask,
+                   BN: tl.constexpr, MASKED: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr,
+                   PREC: tl.constexpr):
+    """The forward's key tiles j*BN for j in [j_lo, j_hi); MASKED: the tiles past the first query's visible
+    blocks (each query sees its own prefix), else tiles every query of the program sees whole, no mask."""
+    for j in range(j_lo, j_hi):
+        n0 = j * BN
+        kv_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]  # full shape even where all true (band_split)
+        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # log2 units times qk_scale
+        if MASKED:
+            s = tl.where((n0 + offs_n)[None, :] < vis[:, None], s, float("-inf"))
+        m_i, l_i, acc = online_softmax(s, qk_scale, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -64,7 +94,7 @@ def _cmp_fwd_kernel(
     s_ob, s_oh, s_ot, s_od,
     H, Sq, NCMP, q_start, scale, CB, CS,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -76,9 +106,9 @@ def _cmp_fwd_kernel(
     offs_d = tl.arange(0, D_PAD)
     mmask = offs_m < Sq
     dmask = offs_d < D
-    vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)  # [BM]
-    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
-    n_hi = tl.minimum(tl.maximum(t_last - CB + 1 + CS, 0) // CS, NCMP)
+    vis = _visible(q_start + offs_m, CB, CS, NCMP)  # [BM]
+    n_hi = _visible(q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1, CB, CS, NCMP)
+    tiles, _, j_fe = band_split(0, n_hi, 0, _visible(q_start + pid_m * BM, CB, CS, NCMP), BN, INTERIOR)
 
     md_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -89,18 +119,35 @@ def _cmp_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
-    for n0 in range(0, n_hi, BN):
-        nd_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-        s = tl.where((n0 + offs_n)[None, :] < vis[:, None], s, float("-inf"))
-        m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    qk_scale = scale * LOG2E
+    m_i, l_i, acc = _cmp_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, 0, j_fe, n_hi, vis, qk_scale, offs_n,
+                                   dmask, BN, False, IN_T, DOT_T, PREC)
+    m_i, l_i, acc = _cmp_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, j_fe, tiles, n_hi, vis, qk_scale,
+                                   offs_n, dmask, BN, True, IN_T, DOT_T, PREC)
 
     out, lse = softmax_output(acc, m_i, l_i)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
+
+
+@device_function
+def _cmp_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, j_lo, j_hi, n_hi, vis, mmask, qk_scale, offs_n,
+                  dmask, BN: tl.constexpr, MASKED: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr,
+                  PREC: tl.constexpr):
+    """The dQ kernel's key tiles, as _cmp_fwd_steps."""
+    for j in range(j_lo, j_hi):
+        n0 = j * BN
+        kv_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]  # full shape even where all true (band_split)
+        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(((n0 + offs_n)[None, :] < vis[:, None]) & mmask[:, None], p, 0.0)
+        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+        dq += tl.dot(ds, k, input_precision=PREC)
+    return dq
 
 
 @triton.jit
@@ -112,7 +159,7 @@ def _cmp_bwd_dq_kernel(
     s_db, s_dh, s_dt, s_dd,
     H, Sq, NCMP, q_start, scale, CB, CS,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -124,9 +171,9 @@ def _cmp_bwd_dq_kernel(
     offs_d = tl.arange(0, D_PAD)
     mmask = offs_m < Sq
     dmask = offs_d < D
-    vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)
-    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
-    n_hi = tl.minimum(tl.maximum(t_last - CB + 1 + CS, 0) // CS, NCMP)
+    vis = _visible(q_start + offs_m, CB, CS, NCMP)
+    n_hi = _visible(q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1, CB, CS, NCMP)
+    tiles, _, j_fe = band_split(0, n_hi, 0, _visible(q_start + pid_m * BM, CB, CS, NCMP), BN, INTERIOR)
 
     md_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -139,16 +186,54 @@ def _cmp_bwd_dq_kernel(
     v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
 
     dq = tl.zeros([BM, D_PAD], tl.float32)
-    for n0 in range(0, n_hi, BN):
-        nd_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-        valid = ((n0 + offs_n)[None, :] < vis[:, None]) & mmask[:, None]
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-        dq += tl.dot(ds, k, input_precision=PREC)
+    qk_scale = scale * LOG2E
+    dq = _cmp_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, 0, j_fe, n_hi, vis, mmask, qk_scale, offs_n,
+                       dmask, BN, False, IN_T, DOT_T, PREC)
+    dq = _cmp_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, j_fe, tiles, n_hi, vis, mmask, qk_scale,
+                       offs_n, dmask, BN, True, IN_T, DOT_T, PREC)
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@device_function
+def _cmp_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, m_lo, i_lo, i_hi, skip_at, skip, Sq,
+                    q_start, CB, CS, NCMP, offs_n, offs_m0, dmask, qk_scale, BM: tl.constexpr, MASKED: tl.constexpr,
+                    PARTS: tl.constexpr, KEY_ROWS: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr,
+                    PREC: tl.constexpr):
+    """One head's query tiles m_lo + j*BM of the dK/dV kernel, j = i (plus `skip` from i = skip_at on) for i in
+    [i_lo, i_hi); MASKED: tiles with a query that does not see every key of the program's tile (the first
+    ones) or past Sq (the last), else no mask."""
+    for i in range(i_lo, i_hi):
+        m0 = m_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BM
+        offs_m = m0 + offs_m0
+        mmask = offs_m < Sq  # true in the interior: the loads keep a full-shape mask (see band_split)
+        md_mask = mmask[:, None] & dmask[None, :]
+        lse, delta = lse_delta(LSE, DELTA, row0 + offs_m, mmask)
+        if MASKED:
+            vis = _visible(q_start + offs_m, CB, CS, NCMP)
+        q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
+        do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
+        if KEY_ROWS:  # transposed scores [BN, BM]: no transposed operand in any dot
+            s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # [BN, BM]
+            if MASKED:
+                p_t = tl.where((offs_n[:, None] < vis[None, :]) & mmask[None, :], p_t, 0.0)
+            if PARTS != 2:
+                dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
+            if PARTS != 1:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T)
+                dk += tl.dot(ds_t, q, input_precision=PREC)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])  # [BM, BN]
+            if MASKED:
+                p = tl.where((offs_n[None, :] < vis[:, None]) & mmask[:, None], p, 0.0)
+            if PARTS != 2:
+                dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+            if PARTS != 1:
+                ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+                dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -161,7 +246,7 @@ def _cmp_bwd_dkdv_kernel(
     G, Sq, NCMP, q_start, scale, CB, CS, QSEG,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, PARTS: tl.constexpr = 0,
-    KEY_ROWS: tl.constexpr = False,
+    KEY_ROWS: tl.constexpr = False, INTERIOR: tl.constexpr = True,
 ):
     # PARTS: 0 = dK and dV; 1 = dV only; 2 = dK only (the split variants: two launches, one fp32
     # accumulator each, so a program can hold twice the keys and read q/dO half as often per key).
@@ -183,46 +268,29 @@ def _cmp_bwd_dkdv_kernel(
                 mask=nd_mask, other=0.0).to(DOT_T)
     v = tl.load(V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
                 mask=nd_mask, other=0.0).to(DOT_T)
-    # first query (index into Sq) that sees compressed block n0: t >= n0*d + l - 1
+    # first query (index into Sq) that sees compressed block n0: t >= n0*d + l - 1; from the first that sees
+    # the tile's last block on, no mask (the keys past NCMP are never stored)
     m_first = tl.maximum(n0 * CS + CB - 1 - q_start, 0)
     m_lo = tl.maximum((m_first // BM) * BM, pid_s * QSEG)  # both multiples of BM
     m_end = tl.minimum(Sq, (pid_s + 1) * QSEG)
+    m_full = (tl.minimum(n0 + BN, NCMP) - 1) * CS + CB - 1 - q_start
+    tiles, i_fs, i_fe = band_split(m_lo, m_end, m_full, m_end, BM, INTERIOR)
 
     dk = tl.zeros([BN, D_PAD], tl.float32)
     dv = tl.zeros([BN, D_PAD], tl.float32)
     H = G * R
+    qk_scale = scale * LOG2E
     for hh in range(0, R):
         h = g * R + hh
         q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
         do_base = DO + b * s_db + h * s_dh + offs_d[None, :] * s_dd
-        for m0 in range(m_lo, m_end, BM):
-            offs_m = m0 + offs_m0
-            mmask = offs_m < Sq
-            md_mask = mmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
-            do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
-            row = (b * H + h) * Sq + offs_m
-            lse, delta = lse_delta(LSE, DELTA, row, mmask)
-            vis = tl.minimum(tl.maximum(q_start + offs_m - CB + 1 + CS, 0) // CS, NCMP)
-            if KEY_ROWS:  # transposed scores [BN, BM]: no transposed operand in any dot
-                valid_t = (offs_n[:, None] < vis[None, :]) & mmask[None, :]
-                s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * (scale * LOG2E)  # log2 units
-                p_t = tl.where(valid_t, tl.math.exp2(s_t - lse[None, :]), 0.0)  # [BN, BM]
-                if PARTS != 2:
-                    dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
-                if PARTS != 1:
-                    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-                    ds_t = (p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T)
-                    dk += tl.dot(ds_t, q, input_precision=PREC)
-            else:
-                valid = (offs_n[None, :] < vis[:, None]) & mmask[:, None]
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-                p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
-                if PARTS != 2:
-                    dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-                if PARTS != 1:
-                    ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-                    dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        row0 = (b * H + h) * Sq
+        dk, dv = _cmp_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, m_lo, i_fs, i_fe, i_fe, 0,
+                                 Sq, q_start, CB, CS, NCMP, offs_n, offs_m0, dmask, qk_scale, BM, False, PARTS,
+                                 KEY_ROWS, IN_T, DOT_T, PREC)
+        dk, dv = _cmp_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, m_lo, 0,
+                                 tiles - (i_fe - i_fs), i_fs, i_fe - i_fs, Sq, q_start, CB, CS, NCMP, offs_n, offs_m0,
+                                 dmask, qk_scale, BM, True, PARTS, KEY_ROWS, IN_T, DOT_T, PREC)
     out = ((b * G + g) * NCMP + offs_n)[:, None] * D + offs_d[None, :]  # DK/DV: contiguous [B, G, NCMP, D]
     if ATOMIC:  # several segments: fp32 partial sums
         if m_lo < m_end:
@@ -287,7 +355,8 @@ def compressed_forward(q, k_cmp, v_cmp, block: int, stride: int, q_start: int = 
         q, k_cmp, v_cmp, out, lse,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(),
         m["H"], m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride),
-        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=bm, BN=bn, **dot_config(q.dtype), num_warps=warps,
+        R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=bm, BN=bn, **dot_config(q.dtype), INTERIOR=_common.INTERIOR_TILES,
+        num_warps=warps,
     )
     return out, lse
 
@@ -309,7 +378,7 @@ def compressed_backward(q, k_cmp, v_cmp, out, lse, grad_out, block: int, stride:
     delta = branch_delta(do, out)  # [B,H,Sq] fp32, from the gated sum's backward where it left one
     lse = lse.contiguous()  # the kernels index it as [B,H,Sq]; a tuning slice of it is a strided view
     common = (m["Sq"], m["NCMP"], int(q_start), 1.0 / math.sqrt(m["D"]), int(block), int(stride))
-    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], **dot_config(q.dtype))
+    consts = dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], **dot_config(q.dtype), INTERIOR=_common.INTERIOR_TILES)
     strides = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride())
     if "dq" in run:
         bm, bn, warps = _tile(DQ_TILES, dq_tile, q)

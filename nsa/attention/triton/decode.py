@@ -128,7 +128,7 @@ def _attend_rows(q, K, V, row_off, ok, offs_d, dmask, m_i, l_i, acc, qk_scale, I
     mask = ok[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=mask, other=0.0).to(DOT_T)
     v = tl.load(V + off, mask=mask, other=0.0).to(DOT_T)
-    return online_softmax(_scores(q, k, ok, qk_scale, PREC), v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    return online_softmax(_scores(q, k, ok, qk_scale, PREC), 1.0, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
 
 
 @device_function
@@ -162,7 +162,7 @@ def _cmp_scan(q, CK, CV, SCR, pid, c_lo, c_hi, NC, qk_scale, rows, rmask, offs_d
         if USE_SLC:  # kept for the probabilities once the LSE is known
             tl.store(SCR + (pid * R + rows[:, None]) * NC + c0 + offs_c[None, :], s,
                      mask=rmask[:, None] & cin[None, :])
-        m_i, l_i, acc = online_softmax(s, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        m_i, l_i, acc = online_softmax(s, 1.0, vc, m_i, l_i, acc, IN_T, DOT_T, PREC)
     return m_i, l_i, acc
 
 

@@ -166,12 +166,12 @@ def _slc_fwd_kernel(
         kv_mask = kmask[:, None] & dmask[None, :]
         k = tl.load(k_ptrs + start * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
         v = tl.load(v_ptrs + start * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # [ROWS_PAD, BLK_PAD] fp32, log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # [ROWS_PAD, BLK_PAD] fp32; log2 units times qk_scale
         ok = kmask[None, :] & (tok[None, :] < lim[:, None])
         if QT > 1:
             ok = ok & (tl.sum((own == blk.to(tl.int32)).to(tl.int32), 1) > 0)[:, None]
         s = tl.where(ok, s, float("-inf"))
-        m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+        m_i, l_i, acc = online_softmax(s, scale * LOG2E, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
 
     out, lse = softmax_output(acc, m_i, l_i)
     o_ptrs = O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od

@@ -16,6 +16,11 @@ Kernels (flash-attention style, fp32 softmax statistics, same conventions as com
   [p_first, p_last + window - 1]); accumulates in fp32 registers, no atomics (deterministic).
   Its tile is tuned per shape (DKV_TILES, backward_dkv_tile): 64 or 128 keys per program, and the
   "key rows" form of compressed.py (scores computed as k q^T, no transposed dot operand).
+* every kernel walks its band in two loops (_common.band_split): the interior tiles, where every query
+  of the program sees every key of the step, without a mask, then the edge tiles (the causal diagonal,
+  the window's far end, the ends of the sequence) with one. With the paper's window of 512 and 128-query
+  tiles, 6 of a forward program's 10 key steps are interior; there a key step is 358 instead of 591
+  SASS instructions (sm_90, head dim 128), the mask being ~40% of them.
 
 Tiles (`tile_sizes`): BM = BN = 64, each capped at the next power of two >= 16 of Sq / N so
 that tiny and decode calls do not pad to 64. A program touches about (BM + window) / BN key tiles,
@@ -46,10 +51,10 @@ import triton
 import triton.language as tl
 
 from nsa.attention import flash_window
-from nsa.attention.triton import tune
+from nsa.attention.triton import _common, tune
 from nsa.attention.triton._common import (
-    LOG2E, DkvTile, branch_delta, cdiv, check_inputs, dot_config, lse_delta, needs_grad, num_warps, online_softmax,
-    pad_pow2, score_grads, softmax_output,
+    LOG2E, DkvTile, band_split, branch_delta, cdiv, check_inputs, device_function, dot_config, lse_delta, needs_grad,
+    num_warps, online_softmax, pad_pow2, score_grads, softmax_output,
 )
 from nsa.errors import UserError
 
@@ -77,6 +82,28 @@ def tile_sizes(elem_bytes: int, head_dim: int, forward: bool = False, wide: bool
     return BM_MAX, BN_MAX
 
 
+@device_function
+def _win_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, i_lo, i_hi, skip_at, skip, n_lo, n_hi, t, k_start,
+                   window, qk_scale, offs_n, dmask, BN: tl.constexpr, MASKED: tl.constexpr,
+                   IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """The forward's key tiles n_lo + j*BN, j = i (plus `skip` from i = skip_at on) for i in [i_lo, i_hi);
+    MASKED: edge tiles (clipped at the window's far end, the causal diagonal and the last key), else interior
+    tiles, read and scored without a mask."""
+    for i in range(i_lo, i_hi):
+        n0 = n_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BN
+        nin = (n0 + offs_n) < n_hi  # true in the interior: the loads keep a full-shape mask (see band_split)
+        kv_mask = nin[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # log2 units times qk_scale
+        if MASKED:
+            kpos = k_start + n0 + offs_n
+            valid = nin[None, :] & (kpos[None, :] <= t[:, None]) & (kpos[None, :] > t[:, None] - window)
+            s = tl.where(valid, s, float("-inf"))
+        m_i, l_i, acc = online_softmax(s, qk_scale, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    return m_i, l_i, acc
+
+
 @triton.jit
 def _win_fwd_kernel(
     Q, K, V, O, LSE,
@@ -86,7 +113,7 @@ def _win_fwd_kernel(
     s_ob, s_oh, s_ot, s_od,
     H, Sq, N, q_start, k_start, window, scale,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -99,9 +126,13 @@ def _win_fwd_kernel(
     mmask = offs_m < Sq
     dmask = offs_d < D
     t = q_start + offs_m  # [BM] absolute query positions
-    # the tile's band in key-index space [n_lo, n_hi)
-    n_lo = tl.maximum(q_start + pid_m * BM - window + 1 - k_start, 0)
-    n_hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Sq) - k_start, N)
+    t_first = q_start + pid_m * BM
+    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
+    # the tile's band in key-index space [n_lo, n_hi); its keys [full_lo, full_hi) every query sees
+    n_lo = tl.maximum(t_first - window + 1 - k_start, 0)
+    n_hi = tl.minimum(t_last + 1 - k_start, N)
+    tiles, j_fs, j_fe = band_split(n_lo, n_hi, t_last - window + 1 - k_start, tl.minimum(t_first + 1 - k_start, N), BN,
+                                   INTERIOR)
 
     md_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -112,21 +143,40 @@ def _win_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
-    for n0 in range(n_lo, n_hi, BN):
-        nin = (n0 + offs_n) < n_hi
-        nd_mask = nin[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-        kpos = k_start + n0 + offs_n
-        valid = nin[None, :] & (kpos[None, :] <= t[:, None]) & (kpos[None, :] > t[:, None] - window)
-        s = tl.where(valid, s, float("-inf"))
-        m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, IN_T, DOT_T, PREC)
+    qk_scale = scale * LOG2E
+    m_i, l_i, acc = _win_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, j_fs, j_fe, j_fe, 0, n_lo, n_hi, t,
+                                   k_start, window, qk_scale, offs_n, dmask, BN, False, IN_T, DOT_T, PREC)
+    m_i, l_i, acc = _win_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, 0, tiles - (j_fe - j_fs), j_fs,
+                                   j_fe - j_fs, n_lo, n_hi, t, k_start, window, qk_scale, offs_n, dmask, BN, True,
+                                   IN_T, DOT_T, PREC)
 
     out, lse = softmax_output(acc, m_i, l_i)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=md_mask)
     tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=mmask)  # LSE: contiguous [B, H, Sq]
+
+
+@device_function
+def _win_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, i_lo, i_hi, skip_at, skip, n_lo, n_hi, t, mmask,
+                  k_start, window, qk_scale, offs_n, dmask, BN: tl.constexpr, MASKED: tl.constexpr,
+                  IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """The dQ kernel's key tiles, as _win_fwd_steps."""
+    for i in range(i_lo, i_hi):
+        n0 = n_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BN
+        nin = (n0 + offs_n) < n_hi  # true in the interior: the loads keep a full-shape mask (see band_split)
+        kv_mask = nin[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            kpos = k_start + n0 + offs_n
+            valid = (nin[None, :] & mmask[:, None] & (kpos[None, :] <= t[:, None])
+                     & (kpos[None, :] > t[:, None] - window))
+            p = tl.where(valid, p, 0.0)
+        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+        dq += tl.dot(ds, k, input_precision=PREC)
+    return dq
 
 
 @triton.jit
@@ -138,7 +188,7 @@ def _win_bwd_dq_kernel(
     s_db, s_dh, s_dt, s_dd,
     H, Sq, N, q_start, k_start, window, scale,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -151,8 +201,12 @@ def _win_bwd_dq_kernel(
     mmask = offs_m < Sq
     dmask = offs_d < D
     t = q_start + offs_m
-    n_lo = tl.maximum(q_start + pid_m * BM - window + 1 - k_start, 0)
-    n_hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Sq) - k_start, N)
+    t_first = q_start + pid_m * BM
+    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
+    n_lo = tl.maximum(t_first - window + 1 - k_start, 0)
+    n_hi = tl.minimum(t_last + 1 - k_start, N)
+    tiles, j_fs, j_fe = band_split(n_lo, n_hi, t_last - window + 1 - k_start, tl.minimum(t_first + 1 - k_start, N), BN,
+                                   INTERIOR)
 
     md_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -165,19 +219,52 @@ def _win_bwd_dq_kernel(
     v_ptrs = V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
 
     dq = tl.zeros([BM, D_PAD], tl.float32)
-    for n0 in range(n_lo, n_hi, BN):
-        nin = (n0 + offs_n) < n_hi
-        nd_mask = nin[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + n0 * s_kn, mask=nd_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=nd_mask, other=0.0).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-        kpos = k_start + n0 + offs_n
-        valid = (nin[None, :] & mmask[:, None] & (kpos[None, :] <= t[:, None])
-                 & (kpos[None, :] > t[:, None] - window))
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-        dq += tl.dot(ds, k, input_precision=PREC)
+    qk_scale = scale * LOG2E
+    dq = _win_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, j_fs, j_fe, j_fe, 0, n_lo, n_hi, t, mmask,
+                       k_start, window, qk_scale, offs_n, dmask, BN, False, IN_T, DOT_T, PREC)
+    dq = _win_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, 0, tiles - (j_fe - j_fs), j_fs, j_fe - j_fs,
+                       n_lo, n_hi, t, mmask, k_start, window, qk_scale, offs_n, dmask, BN, True, IN_T, DOT_T, PREC)
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@device_function
+def _win_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, i_lo, i_hi, skip_at, skip, m_lo, m_hi,
+                    offs_m0, kpos, nmask, q_start, window, qk_scale, dmask, BM: tl.constexpr, MASKED: tl.constexpr,
+                    KEY_ROWS: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One head's query tiles m_lo + j*BM of the dK/dV kernel, j as in _win_fwd_steps; MASKED: edge tiles
+    (the causal diagonal, the window's far end, the last queries), else tiles whose every query sees every key
+    of the program's tile, without a mask."""
+    for i in range(i_lo, i_hi):
+        m0 = m_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BM
+        offs_m = m0 + offs_m0
+        mmask = offs_m < m_hi  # true in the interior: the loads keep a full-shape mask (see band_split)
+        md_mask = mmask[:, None] & dmask[None, :]
+        lse, delta = lse_delta(LSE, DELTA, row0 + offs_m, mmask)
+        q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
+        do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
+        if KEY_ROWS:  # transposed scores [BN, BM]
+            s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+            if MASKED:
+                t = q_start + offs_m
+                valid_t = (nmask[:, None] & mmask[None, :] & (kpos[:, None] <= t[None, :])
+                           & (kpos[:, None] > t[None, :] - window))
+                p_t = tl.where(valid_t, p_t, 0.0)
+            dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dk += tl.dot((p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T), q, input_precision=PREC)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])  # [BM, BN]
+            if MASKED:
+                t = q_start + offs_m
+                valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
+                         & (kpos[None, :] > t[:, None] - window))
+                p = tl.where(valid, p, 0.0)
+            dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
+            ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -190,6 +277,7 @@ def _win_bwd_dkdv_kernel(
     G, Sq, N, q_start, k_start, window, scale,
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, KEY_ROWS: tl.constexpr = False,
+    INTERIOR: tl.constexpr = True,
 ):
     # KEY_ROWS: scores as k q^T, as compressed._cmp_bwd_dkdv_kernel (every dot has the keys as M)
     pid_n = tl.program_id(0)
@@ -208,42 +296,30 @@ def _win_bwd_dkdv_kernel(
     v = tl.load(V + b * s_vb + g * s_vg + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
                 mask=nd_mask, other=0.0).to(DOT_T)
     kpos = k_start + offs_n
-    # query indices that see a key of the tile: positions [p_first, p_last + window - 1]
-    m_lo = tl.maximum(k_start + n0 - q_start, 0)
-    m_hi = tl.minimum(k_start + tl.minimum(n0 + BN, N) - 1 + window - q_start, Sq)
+    # query indices that see a key of the tile: positions [p_first, p_last + window - 1]; those that see all of
+    # the tile's keys (p_last <= t < p_first + window) need no mask
+    p_first = k_start + n0
+    p_last = k_start + tl.minimum(n0 + BN, N) - 1
+    m_lo = tl.maximum(p_first - q_start, 0)
+    m_hi = tl.minimum(p_last + window - q_start, Sq)
+    tiles, i_fs, i_fe = band_split(m_lo, m_hi, p_last - q_start, tl.minimum(p_first + window - q_start, m_hi), BM,
+                                   INTERIOR)
 
     dk = tl.zeros([BN, D_PAD], tl.float32)
     dv = tl.zeros([BN, D_PAD], tl.float32)
     H = G * R
+    qk_scale = scale * LOG2E
     for hh in range(0, R):
         h = g * R + hh
         q_base = Q + b * s_qb + h * s_qh + offs_d[None, :] * s_qd
         do_base = DO + b * s_db + h * s_dh + offs_d[None, :] * s_dd
-        for m0 in range(m_lo, m_hi, BM):
-            offs_m = m0 + offs_m0
-            mmask = offs_m < m_hi
-            md_mask = mmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
-            do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
-            row = (b * H + h) * Sq + offs_m
-            lse, delta = lse_delta(LSE, DELTA, row, mmask)
-            t = q_start + offs_m
-            if KEY_ROWS:  # transposed scores [BN, BM]
-                valid_t = (nmask[:, None] & mmask[None, :] & (kpos[:, None] <= t[None, :])
-                           & (kpos[:, None] > t[None, :] - window))
-                s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * (scale * LOG2E)  # log2 units
-                p_t = tl.where(valid_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
-                dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-                dk += tl.dot((p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T), q, input_precision=PREC)
-            else:
-                valid = (mmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
-                         & (kpos[None, :] > t[:, None] - window))
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-                p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
-                dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
-                ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
-                dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        row0 = (b * H + h) * Sq
+        dk, dv = _win_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, i_fs, i_fe, i_fe, 0,
+                                 m_lo, m_hi, offs_m0, kpos, nmask, q_start, window, qk_scale, dmask, BM, False,
+                                 KEY_ROWS, IN_T, DOT_T, PREC)
+        dk, dv = _win_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, 0, tiles - (i_fe - i_fs),
+                                 i_fs, i_fe - i_fs, m_lo, m_hi, offs_m0, kpos, nmask, q_start, window, qk_scale, dmask,
+                                 BM, True, KEY_ROWS, IN_T, DOT_T, PREC)
     out_rows = (b * G + g) * N + offs_n  # DK/DV: contiguous [B, G, N, D]
     tl.store(DK + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + out_rows[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
@@ -279,7 +355,7 @@ def _geom(m, window, q_start, k_start):
 
 def _consts(m, dtype):
     return dict(R=m["R"], D=m["D"], D_PAD=m["D_PAD"], BM=m["BM"], BN=m["BN"], **dot_config(dtype),
-                num_warps=num_warps(m["D"]))
+                INTERIOR=_common.INTERIOR_TILES, num_warps=num_warps(m["D"]))
 
 
 def window_forward(q, k, v, window: int, q_start: int = 0, k_start: int = 0, wide: bool | None = None):
