@@ -773,16 +773,17 @@ def paper_blocks_case(B, G, r, D, seed):
 @pytest.mark.parametrize("G,r,D", [(1, 16, 128), (2, 6, 64)])
 @pytest.mark.parametrize("rows", [0, 64])
 def test_selected_key_rows_variants_cuda(G, r, D, rows):
-    """The selected dK/dV kernel's key-rows form (tuned for "block", at selected.KEY_ROWS_WARPS warps) at
-    the paper and M7C head layouts, bf16, paper block sizes: the gradients of the default form and of ops."""
+    """The selected dK/dV kernel's key-rows form (tuned for "block", at selected.KEY_ROWS_WARPS warps) and its
+    default form at 8 warps (tuned above head dim 64) at the paper and M7C head layouts, bf16, paper block sizes:
+    the gradients of the default form and of ops."""
     lp = 64
     q, k, v, idx, ref, go, want = paper_blocks_case(1, G, r, D, seed=71)
     out, lse = selected.selected_forward(q.detach(), k.detach(), v.detach(), idx, lp)
-    for key_rows in (False, True):
+    for key_rows, warps in ((False, 0), (True, 0), (False, 8)):
         got = selected.selected_backward(q.detach(), k.detach(), v.detach(), idx, out, lse, go, lp, mode="block",
-                                         rows=rows, key_rows=key_rows)
+                                         rows=rows, key_rows=key_rows, dkv_warps=warps)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            check(f"{name} key_rows={key_rows}", a, b, BF16)
+            check(f"{name} key_rows={key_rows} warps={warps}", a, b, BF16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="too slow for the interpreter")

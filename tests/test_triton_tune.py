@@ -196,6 +196,40 @@ def test_selected_attention_tuned(monkeypatch, dtype, pins, fastest, want):
 
 
 @needs_kernels
+def test_dkv_variant_names_round_trip():
+    for mode, rows, key_rows, warps in selected.DKV_CANDIDATES:
+        name = selected.dkv_variant_name(mode, rows, key_rows, warps)
+        assert selected.parse_dkv_variant(name) == (mode, rows, key_rows, warps)
+    assert selected.dkv_variant_name("block", 64, False, 8) == "block/rows64/w8"
+    assert selected.parse_dkv_variant("block/rows64/kr") == ("block", 64, True, 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("wide_above,offered", [(64, False), (8, True)])
+def test_selected_dkv_warps_variant_above_head_dim(monkeypatch, wide_above, offered):
+    """The dK/dV kernel at its own num_warps ("block/rows64/w8") is offered above selected.WIDE_HEAD_WARPS only
+    (head dim 16 here: offered once the bound is lowered to 8); chosen, the backward runs it and equals ops'."""
+    monkeypatch.setenv("NSA_TUNE", "on")
+    monkeypatch.setenv("NSA_SLC_QTILE", "1")
+    monkeypatch.setattr(tune, "MIN_QUERIES", 16)
+    monkeypatch.setattr(tune, "REPS", 1)
+    monkeypatch.setattr(selected, "WIDE_HEAD_WARPS", wide_above)
+    ms = {"qt1": 1.0, "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 3.0, "block_dq/rows64": 3.0,
+          "block_dqsum/rows0": 3.0, "block_dqsum/rows64": 3.0, "block/rows0/kr": 3.5, "block/rows64/kr": 2.8,
+          "block/rows64/w8": 0.5}
+    timed = fake_clock(monkeypatch, ms)
+    B, G, r, S, D, blk, n = 1, 1, 2, 24, 16, 8, 3
+    q = randn(B, G * r, S, D, dtype=F32, seed=1)
+    k, v = randn(B, G, S, D, dtype=F32, seed=2), randn(B, G, S, D, dtype=F32, seed=3)
+    idx = ops.select_blocks(q.detach(), randn(B, G, 5, D, dtype=F32, seed=4, grad=False), 8, 4, blk, n)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk)
+    check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), F32)
+    got = {key.split("|")[0]: choice for key, choice in tune.choices().items()}
+    assert ("block/rows64/w8" in timed) == offered
+    assert got["selected_bwd_qt1"] == ("block/rows64/w8" if offered else "block/rows64/kr")
+
+
+@needs_kernels
 def test_partial_buffers_bound_the_block_centric_variants(monkeypatch):
     """The block-centric forward and block_dqsum keep a row per (query, slot, head) in HBM; above
     selected.PARTIALS_MAX_BYTES for the call they are not offered (the paper layout at 64k would need

@@ -247,6 +247,29 @@ def lse_delta(LSE, DELTA, row, mask):
 
 
 @device_function
+def key_tile(k_ptrs, v_ptrs, s_kn, s_vn, n0, offs_n, n_hi, dmask, DOT_T: tl.constexpr):
+    """A forward / dQ step's key tile n0 + offs_n (those < n_hi; all of them in an interior step, where the mask
+    stays for its full shape: see band_split): (key mask, k, v [keys, D] as DOT_T)."""
+    nin = (n0 + offs_n) < n_hi
+    kv_mask = nin[:, None] & dmask[None, :]
+    k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
+    v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+    return nin, k, v
+
+
+@device_function
+def query_rows(q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, offs_m, m_end, dmask, DOT_T: tl.constexpr):
+    """A dK/dV step's query rows offs_m (those < m_end; all of them in an interior step, where the mask stays
+    for its full shape: see band_split): (row mask, q, dO [rows, D] as DOT_T, LSE in log2 units, delta)."""
+    mmask = offs_m < m_end
+    md_mask = mmask[:, None] & dmask[None, :]
+    lse, delta = lse_delta(LSE, DELTA, row0 + offs_m, mmask)
+    q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
+    do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
+    return mmask, q, do, lse, delta
+
+
+@device_function
 def score_grads(p, do, v, delta, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """dS = P * (dO V^T - delta), rounded to the input dtype for the dK and dQ dots."""
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)

@@ -51,7 +51,7 @@ import triton.language as tl
 from nsa.attention.triton import _common, tune
 from nsa.attention.triton._common import (
     LOG2E, DkvTile, band_split, branch_delta, cdiv, check_inputs, device_function, dot_config, lse_delta, needs_grad,
-    num_warps, online_softmax, pad_pow2, score_grads, softmax_output,
+    key_tile, num_warps, online_softmax, pad_pow2, query_rows, score_grads, softmax_output,
 )
 
 BM_MAX, BN = 64, 32
@@ -75,9 +75,7 @@ def _cmp_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, j_lo, j_hi, n_h
     blocks (each query sees its own prefix), else tiles every query of the program sees whole, no mask."""
     for j in range(j_lo, j_hi):
         n0 = j * BN
-        kv_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]  # full shape even where all true (band_split)
-        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        _, k, v = key_tile(k_ptrs, v_ptrs, s_kn, s_vn, n0, offs_n, n_hi, dmask, DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)  # log2 units times qk_scale
         if MASKED:
             s = tl.where((n0 + offs_n)[None, :] < vis[:, None], s, float("-inf"))
@@ -138,9 +136,7 @@ def _cmp_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, j_lo, j_hi,
     """The dQ kernel's key tiles, as _cmp_fwd_steps."""
     for j in range(j_lo, j_hi):
         n0 = j * BN
-        kv_mask = ((n0 + offs_n) < n_hi)[:, None] & dmask[None, :]  # full shape even where all true (band_split)
-        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        _, k, v = key_tile(k_ptrs, v_ptrs, s_kn, s_vn, n0, offs_n, n_hi, dmask, DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
@@ -205,13 +201,9 @@ def _cmp_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0,
     for i in range(i_lo, i_hi):
         m0 = m_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BM
         offs_m = m0 + offs_m0
-        mmask = offs_m < Sq  # true in the interior: the loads keep a full-shape mask (see band_split)
-        md_mask = mmask[:, None] & dmask[None, :]
-        lse, delta = lse_delta(LSE, DELTA, row0 + offs_m, mmask)
+        mmask, q, do, lse, delta = query_rows(q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, offs_m, Sq, dmask, DOT_T)
         if MASKED:
             vis = _visible(q_start + offs_m, CB, CS, NCMP)
-        q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
-        do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
         if KEY_ROWS:  # transposed scores [BN, BM]: no transposed operand in any dot
             s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
             p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # [BN, BM]

@@ -23,7 +23,8 @@ queries as one tile of up to 64 (query, head) rows instead of 32 queries head by
 
 Tuning (tune.py, on CUDA): the first call for a shape times qt = 1/2/4/8 (and qt = 1 at K/V
 pipeline depths 1/2/4 besides Triton's default 3) for the forward and the dK/dV forms (block /
-block_dq / block_dqsum x head rows 0 / 64, and "block" with the scores computed as k q^T, DKV_KEY_ROWS)
+block_dq / block_dqsum x head rows 0 / 64, "block" with the scores computed as k q^T, DKV_KEY_ROWS, and
+"block" with 64-row tiles at 8 warps above head dim 64)
 for the backward on a slice of the real inputs, drops any variant whose
 result differs from the reference (qt 1, default depth, "block", rows 0: the defaults without
 tuning) and keeps the fastest; NSA_TUNE=off keeps the reference.
@@ -674,11 +675,12 @@ def _merge(parts, idx, out, m: dict, part_lse=None, lse=None) -> None:
 
 def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int = 0, mode: str | None = None,
                       qt: int = 1, lists=None, rows: int | None = None, stages: int | None = None, segments=None,
-                      key_rows: bool | None = None, head_tiles: bool = False):
+                      key_rows: bool | None = None, head_tiles: bool = False, dkv_warps: int = 0):
     """(dq, dk, dv); mode "block", "atomic", "block_dq" or "block_dqsum" (default: NSA_SLC_DKV, else "block");
     qt / lists / stages / head_tiles as in selected_forward (for the dQ kernel); rows: the dK/dV kernel's
-    row tile (see dkdv_queries_per_step); key_rows: its score form (default DKV_KEY_ROWS); segments:
-    block_segments(idx, ...) when the forward built them."""
+    row tile (see dkdv_queries_per_step); key_rows: its score form (default DKV_KEY_ROWS); dkv_warps: its
+    num_warps (0: KEY_ROWS_WARPS for key rows, else launch_warps); segments: block_segments(idx, ...) when the
+    forward built them."""
     m = _meta(q, k, idx, slc_block, qt, head_tiles)
     mode = mode or dkv_mode()
     key_rows = DKV_KEY_ROWS if key_rows is None else bool(key_rows)
@@ -722,7 +724,8 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                     seg_owner, seg_start, seg_end, *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
                     BM=BM_DKV, DQ_MODE=dq_mode, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]), KEY_ROWS=key_rows,
-                    **consts, num_warps=KEY_ROWS_WARPS if key_rows else launch_warps("selected_bwd_dkdv", m["D"]),
+                    **consts, num_warps=dkv_warps or (KEY_ROWS_WARPS if key_rows else launch_warps("selected_bwd_dkdv",
+                                                                                                 m["D"])),
                 )
             if dq_mode == 2:
                 _merge(dq_parts, idx, dq, m)
@@ -758,22 +761,28 @@ def partials_fit(q, idx, elem_bytes: int) -> bool:
     B, H, Sq, D = q.shape
     return B * idx.shape[1] * Sq * idx.shape[-1] * (H // idx.shape[1]) * D * elem_bytes <= PARTIALS_MAX_BYTES
 STAGE_CANDIDATES = (1, 2, 4)
-# (mode, rows, key rows): the first is the reference
-DKV_CANDIDATES = (("block", DKV_HEAD_ROWS, False), ("block", 64, False), ("block_dq", DKV_HEAD_ROWS, False),
-                  ("block_dq", 64, False), ("block_dqsum", DKV_HEAD_ROWS, False), ("block_dqsum", 64, False),
-                  ("block", DKV_HEAD_ROWS, True), ("block", 64, True))
+# (mode, rows, key rows, num_warps of the dK/dV kernel, 0: its default): the first is the reference. The 8-warp
+# "block" form with 64-row tiles is offered above head dim 64 only (WIDE_HEAD_WARPS): at head dim 128 its 4-warp
+# default spills 176 bytes for sm_90, 8 warps none (`aot_check --ptxas-info --group 16 --only _slc_bwd_dkdv`,
+# with _common.TUNING["selected_bwd_dkdv"] = 8); at head dim 64 neither spills.
+DKV_CANDIDATES = (("block", DKV_HEAD_ROWS, False, 0), ("block", 64, False, 0), ("block_dq", DKV_HEAD_ROWS, False, 0),
+                  ("block_dq", 64, False, 0), ("block_dqsum", DKV_HEAD_ROWS, False, 0), ("block_dqsum", 64, False, 0),
+                  ("block", DKV_HEAD_ROWS, True, 0), ("block", 64, True, 0), ("block", 64, False, 8))
+WIDE_HEAD_WARPS = 64  # candidates with their own num_warps are offered above this head dim
 
 
-def dkv_variant_name(mode: str, rows: int, key_rows: bool) -> str:
-    """A backward variant's tuning name, e.g. "block/rows64" or, in the key-rows form, "block/rows64/kr"."""
-    return f"{mode}/rows{rows}" + ("/kr" if key_rows else "")
+def dkv_variant_name(mode: str, rows: int, key_rows: bool, warps: int = 0) -> str:
+    """A backward variant's tuning name, e.g. "block/rows64", in the key-rows form "block/rows64/kr", at 8 warps
+    "block/rows64/w8"."""
+    return f"{mode}/rows{rows}" + ("/kr" if key_rows else "") + (f"/w{warps}" if warps else "")
 
 
-def parse_dkv_variant(name: str) -> tuple[str, int, bool]:
-    """(mode, rows, key_rows) of a dkv_variant_name."""
+def parse_dkv_variant(name: str) -> tuple[str, int, bool, int]:
+    """(mode, rows, key_rows, warps) of a dkv_variant_name."""
     mode, rest = name.split("/rows")
     rows, *flags = rest.split("/")
-    return mode, int(rows), flags == ["kr"]
+    warps = [int(f[1:]) for f in flags if f.startswith("w")]
+    return mode, int(rows), "kr" in flags, warps[0] if warps else 0
 
 
 def _tune_inputs(k, v, q_start, *per_query):
@@ -842,26 +851,27 @@ def _tile_opts(name: str) -> tuple:
 
 
 def backward_plan(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start: int,
-                  tile: str) -> tuple[str, int | None, bool]:
-    """(dK/dV mode, rows, key rows) for this backward: NSA_SLC_DKV / NSA_SLC_DKV_ROWS pin theirs; the rest
-    is tuned over DKV_CANDIDATES when tuning, else the defaults."""
+                  tile: str) -> tuple[str, int | None, bool, int]:
+    """(dK/dV mode, rows, key rows, num_warps or 0) for this backward: NSA_SLC_DKV / NSA_SLC_DKV_ROWS pin
+    theirs; the rest is tuned over DKV_CANDIDATES when tuning, else the defaults."""
     pinned_mode = os.environ.get("NSA_SLC_DKV") and dkv_mode()
     pinned_rows = dkv_rows() if "NSA_SLC_DKV_ROWS" in os.environ else None
     if not tune.wanted(q) or pinned_mode == "atomic":
-        return pinned_mode or dkv_mode(), pinned_rows, DKV_KEY_ROWS
-    options = list(dict.fromkeys((m, rows, kr) for m, rows, kr in DKV_CANDIDATES
+        return pinned_mode or dkv_mode(), pinned_rows, DKV_KEY_ROWS, 0
+    options = list(dict.fromkeys((m, rows, kr, w) for m, rows, kr, w in DKV_CANDIDATES
                                  if pinned_mode in (None, m) and pinned_rows in (None, rows)
-                                 and (m != "block_dqsum" or pinned_mode == m or partials_fit(q, idx, 4))))
+                                 and (m != "block_dqsum" or pinned_mode == m or partials_fit(q, idx, 4))
+                                 and (w == 0 or q.shape[-1] > WIDE_HEAD_WARPS)))
     if not options:  # both pinned, to a pair not in the list
-        return pinned_mode, pinned_rows, DKV_KEY_ROWS
+        return pinned_mode, pinned_rows, DKV_KEY_ROWS, 0
     if len(options) == 1:
         return options[0]
     t0, ks, vs, (qs, ids, outs, lses, gos) = _tune_inputs(k, v, q_start, q, idx, out, lse, grad_out)
     qt, stages, heads = parse_tile(tile)
     lists = tile_lists(ids, qt) if qt > 1 else None
-    variants = {dkv_variant_name(m, rows, kr): (lambda m=m, rows=rows, kr=kr: selected_backward(
+    variants = {dkv_variant_name(m, rows, kr, w): (lambda m=m, rows=rows, kr=kr, w=w: selected_backward(
         qs, ks, vs, ids, outs, lses, gos, slc_block, t0, mode=m, qt=qt, lists=lists, rows=rows, stages=stages,
-        key_rows=kr, head_tiles=heads)) for m, rows, kr in options}
+        key_rows=kr, head_tiles=heads, dkv_warps=w)) for m, rows, kr, w in options}
     key = _key(f"selected_bwd_{tile}", q, k, idx, slc_block)
     return parse_dkv_variant(tune.pick(key, variants, tune.differs, q.device))
 
@@ -893,11 +903,12 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, idx, out, lse, lst, cnt = ctx.saved_tensors
-        mode, rows, key_rows = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start, ctx.tile)
+        mode, rows, key_rows, warps = backward_plan(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
+                                                    ctx.tile)
         qt, stages, heads = parse_tile(ctx.tile)
         dq, dk, dv = selected_backward(q, k, v, idx, out, lse, grad_out, ctx.slc_block, ctx.q_start,
                                        mode=mode, qt=qt, lists=(lst, cnt), rows=rows, stages=stages,
-                                       segments=ctx.segments, key_rows=key_rows, head_tiles=heads)
+                                       segments=ctx.segments, key_rows=key_rows, head_tiles=heads, dkv_warps=warps)
         return dq, dk, dv, None, None, None
 
 

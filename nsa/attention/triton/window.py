@@ -54,7 +54,7 @@ from nsa.attention import flash_window
 from nsa.attention.triton import _common, tune
 from nsa.attention.triton._common import (
     LOG2E, DkvTile, band_split, branch_delta, cdiv, check_inputs, device_function, dot_config, lse_delta, needs_grad,
-    num_warps, online_softmax, pad_pow2, score_grads, softmax_output,
+    key_tile, num_warps, online_softmax, pad_pow2, query_rows, score_grads, softmax_output,
 )
 from nsa.errors import UserError
 
@@ -83,6 +83,20 @@ def tile_sizes(elem_bytes: int, head_dim: int, forward: bool = False, wide: bool
 
 
 @device_function
+def _query_band(pid_m, q_start, k_start, Sq, N, window, BM: tl.constexpr, BN: tl.constexpr, INTERIOR: tl.constexpr):
+    """The band of query tile pid_m in key-index space, [n_lo, n_hi), as band_split's tiles of BN: (n_lo, n_hi,
+    tiles, first interior, end of interior); the interior keys [t_last - window + 1, t_first] (positions) are
+    those every query of the tile sees."""
+    t_first = q_start + pid_m * BM
+    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
+    n_lo = tl.maximum(t_first - window + 1 - k_start, 0)
+    n_hi = tl.minimum(t_last + 1 - k_start, N)
+    tiles, j_fs, j_fe = band_split(n_lo, n_hi, t_last - window + 1 - k_start, tl.minimum(t_first + 1 - k_start, N), BN,
+                                   INTERIOR)
+    return n_lo, n_hi, tiles, j_fs, j_fe
+
+
+@device_function
 def _win_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, i_lo, i_hi, skip_at, skip, n_lo, n_hi, t, k_start,
                    window, qk_scale, offs_n, dmask, BN: tl.constexpr, MASKED: tl.constexpr,
                    IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
@@ -91,10 +105,7 @@ def _win_fwd_steps(q, k_ptrs, v_ptrs, s_kn, s_vn, m_i, l_i, acc, i_lo, i_hi, ski
     tiles, read and scored without a mask."""
     for i in range(i_lo, i_hi):
         n0 = n_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BN
-        nin = (n0 + offs_n) < n_hi  # true in the interior: the loads keep a full-shape mask (see band_split)
-        kv_mask = nin[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        nin, k, v = key_tile(k_ptrs, v_ptrs, s_kn, s_vn, n0, offs_n, n_hi, dmask, DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)  # log2 units times qk_scale
         if MASKED:
             kpos = k_start + n0 + offs_n
@@ -126,13 +137,7 @@ def _win_fwd_kernel(
     mmask = offs_m < Sq
     dmask = offs_d < D
     t = q_start + offs_m  # [BM] absolute query positions
-    t_first = q_start + pid_m * BM
-    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
-    # the tile's band in key-index space [n_lo, n_hi); its keys [full_lo, full_hi) every query sees
-    n_lo = tl.maximum(t_first - window + 1 - k_start, 0)
-    n_hi = tl.minimum(t_last + 1 - k_start, N)
-    tiles, j_fs, j_fe = band_split(n_lo, n_hi, t_last - window + 1 - k_start, tl.minimum(t_first + 1 - k_start, N), BN,
-                                   INTERIOR)
+    n_lo, n_hi, tiles, j_fs, j_fe = _query_band(pid_m, q_start, k_start, Sq, N, window, BM, BN, INTERIOR)
 
     md_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -163,10 +168,7 @@ def _win_dq_steps(q, do, lse, delta, dq, k_ptrs, v_ptrs, s_kn, s_vn, i_lo, i_hi,
     """The dQ kernel's key tiles, as _win_fwd_steps."""
     for i in range(i_lo, i_hi):
         n0 = n_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BN
-        nin = (n0 + offs_n) < n_hi  # true in the interior: the loads keep a full-shape mask (see band_split)
-        kv_mask = nin[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs + n0 * s_kn, mask=kv_mask, other=0.0).to(DOT_T)
-        v = tl.load(v_ptrs + n0 * s_vn, mask=kv_mask, other=0.0).to(DOT_T)
+        nin, k, v = key_tile(k_ptrs, v_ptrs, s_kn, s_vn, n0, offs_n, n_hi, dmask, DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
@@ -201,12 +203,7 @@ def _win_bwd_dq_kernel(
     mmask = offs_m < Sq
     dmask = offs_d < D
     t = q_start + offs_m
-    t_first = q_start + pid_m * BM
-    t_last = q_start + tl.minimum((pid_m + 1) * BM, Sq) - 1
-    n_lo = tl.maximum(t_first - window + 1 - k_start, 0)
-    n_hi = tl.minimum(t_last + 1 - k_start, N)
-    tiles, j_fs, j_fe = band_split(n_lo, n_hi, t_last - window + 1 - k_start, tl.minimum(t_first + 1 - k_start, N), BN,
-                                   INTERIOR)
+    n_lo, n_hi, tiles, j_fs, j_fe = _query_band(pid_m, q_start, k_start, Sq, N, window, BM, BN, INTERIOR)
 
     md_mask = mmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :] * s_qd,
@@ -237,11 +234,7 @@ def _win_dkdv_steps(k, v, dk, dv, q_base, do_base, s_qt, s_dt, LSE, DELTA, row0,
     for i in range(i_lo, i_hi):
         m0 = m_lo + (i + (i >= skip_at).to(tl.int32) * skip) * BM
         offs_m = m0 + offs_m0
-        mmask = offs_m < m_hi  # true in the interior: the loads keep a full-shape mask (see band_split)
-        md_mask = mmask[:, None] & dmask[None, :]
-        lse, delta = lse_delta(LSE, DELTA, row0 + offs_m, mmask)
-        q = tl.load(q_base + offs_m[:, None] * s_qt, mask=md_mask, other=0.0).to(DOT_T)
-        do = tl.load(do_base + offs_m[:, None] * s_dt, mask=md_mask, other=0.0).to(DOT_T)
+        mmask, q, do, lse, delta = query_rows(q_base, do_base, s_qt, s_dt, LSE, DELTA, row0, offs_m, m_hi, dmask, DOT_T)
         if KEY_ROWS:  # transposed scores [BN, BM]
             s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
             p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
