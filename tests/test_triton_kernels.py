@@ -379,12 +379,13 @@ def test_compressed_tile_variants(dtype):
         check(f"dv {dkv_tile}", dv, want[2], dtype)
 
 
-@pytest.mark.parametrize("dtype,qseg", [(F32, 4096), (BF16, 64)])
-def test_compressed_interior_tiles_unmasked(monkeypatch, dtype, qseg):
+@pytest.mark.parametrize("dtype,qseg,q_start", [(F32, 4096, 0), (BF16, 64, 0), (F32, 64, 37)])
+def test_compressed_interior_tiles_unmasked(monkeypatch, dtype, qseg, q_start):
     """Key tiles every query of a program sees whole (forward, dQ) and query tiles that see every key of the
     program's tile (dK/dV) run without a mask (band_split): with 16-row tiles at S = 200 every kernel has such
     interior tiles and masked edge tiles (recorded through the interpreter), and gives ops' results in every
-    dK/dV form (reference, key rows, split), in one query segment or in segments of 64 (atomic sums)."""
+    dK/dV form (reference, key rows, split), in one query segment or in segments of 64 (atomic sums), also for
+    the last S - q_start queries alone (a tuning slice, a chunk)."""
     monkeypatch.setattr(compressed, "QSEG", qseg)
     monkeypatch.setattr(compressed, "FWD_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
     monkeypatch.setattr(compressed, "DQ_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
@@ -399,21 +400,22 @@ def test_compressed_interior_tiles_unmasked(monkeypatch, dtype, qseg):
 
     B, G, r, S, D, l, d = 1, 1, 2, 200, 16, 8, 4
     n_cmp = num_cmp_blocks(S, l, d)
-    q = randn(B, G * r, S, D, dtype=dtype, seed=71, strided=True)
+    q = randn(B, G * r, S - q_start, D, dtype=dtype, seed=71, strided=True)
     kc, vc = randn(B, G, n_cmp, D, dtype=dtype, seed=72), randn(B, G, n_cmp, D, dtype=dtype, seed=73)
-    ref = ops.compressed_attention(q, kc, vc, l, d)
+    ref = ops.compressed_attention(q, kc, vc, l, d, q_start)
     go = randn(*ref.shape, dtype=dtype, seed=74, grad=False)
     want = dict(zip(("dq", "dk", "dv"), torch.autograd.grad(ref, (q, kc, vc), go)))
     n = 0
     for name in compressed.FWD_TILES:
-        out, lse = compressed.compressed_forward(q, kc, vc, l, d, tile=name)
+        out, lse = compressed.compressed_forward(q, kc, vc, l, d, q_start, tile=name)
         n = check_split_since(n, f"forward {name}")
         check(f"out {name}", out, ref, dtype)
-        dq = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, dq_tile=name, parts="dq")[0]
+        dq = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, q_start, dq_tile=name, parts="dq")[0]
         n = check_split_since(n, f"dq {name}")
         check(f"dq {name}", dq, want["dq"], dtype)
     for name in compressed.DKV_TILES:
-        _, dk, dv = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, dkv_tile=name, parts="dkv")
+        _, dk, dv = compressed.compressed_backward(q, kc, vc, out, lse, go, l, d, q_start, dkv_tile=name,
+                                                   parts="dkv")
         n = check_split_since(n, f"dkv {name}")
         check(f"dk {name}", dk, want["dk"], dtype)
         check(f"dv {name}", dv, want["dv"], dtype)
