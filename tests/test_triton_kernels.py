@@ -383,14 +383,14 @@ def test_compressed_tile_variants(dtype):
 def test_compressed_interior_tiles_unmasked(monkeypatch, dtype, qseg, q_start):
     """Key tiles every query of a program sees whole (forward, dQ) and query tiles that see every key of the
     program's tile (dK/dV) run without a mask (band_split): with 16-row tiles at S = 200 every kernel has such
-    interior tiles and masked edge tiles (recorded through the interpreter), and gives ops' results in every
-    dK/dV form (reference, key rows, split), in one query segment or in segments of 64 (atomic sums), also for
-    the last S - q_start queries alone (a tuning slice, a chunk)."""
+    interior tiles and masked edge tiles (recorded through the interpreter), and gives ops' results in both dK/dV
+    score forms (the reference; key rows, split into dV then dK), in one query segment or in segments of 64
+    (atomic sums), also for the last S - q_start queries alone (a tuning slice, a chunk)."""
     monkeypatch.setattr(compressed, "QSEG", qseg)
     monkeypatch.setattr(compressed, "FWD_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
     monkeypatch.setattr(compressed, "DQ_TILES", {"bm16_bn16": (16, 16, 4), "bm32_bn16": (32, 16, 4)})
-    monkeypatch.setattr(compressed, "DKV_TILES", {
-        "bm16_bn16": compressed.DkvTile(16, 16, 4), "kr_bm16_bn16": compressed.DkvTile(16, 16, 4, key_rows=True),
+    monkeypatch.setattr(compressed, "DKV_TILES", {  # the split runs both parts: dV, then dK, in the key-rows form
+        "bm16_bn16": compressed.DkvTile(16, 16, 4),
         "kr_split_bm16_bn16": compressed.DkvTile(16, 16, 4, split=True, key_rows=True)})
     splits = spy_band_split(monkeypatch, compressed)
 

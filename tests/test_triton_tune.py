@@ -211,11 +211,11 @@ def test_selected_dkv_warps_variant_above_head_dim(monkeypatch, wide_above, offe
     (head dim 16 here: offered once the bound is lowered to 8); chosen, the backward runs it and equals ops'."""
     monkeypatch.setenv("NSA_TUNE", "on")
     monkeypatch.setenv("NSA_SLC_QTILE", "1")
+    monkeypatch.setenv("NSA_SLC_DKV", "block")  # fewer variants to run: block_dq and block_dqsum are not in question
     monkeypatch.setattr(tune, "MIN_QUERIES", 16)
     monkeypatch.setattr(tune, "REPS", 1)
     monkeypatch.setattr(selected, "WIDE_HEAD_WARPS", wide_above)
-    ms = {"qt1": 1.0, "block/rows0": 4.0, "block/rows64": 3.0, "block_dq/rows0": 3.0, "block_dq/rows64": 3.0,
-          "block_dqsum/rows0": 3.0, "block_dqsum/rows64": 3.0, "block/rows0/kr": 3.5, "block/rows64/kr": 2.8,
+    ms = {"qt1": 1.0, "block/rows0": 4.0, "block/rows64": 3.0, "block/rows0/kr": 3.5, "block/rows64/kr": 2.8,
           "block/rows64/w8": 0.5}
     timed = fake_clock(monkeypatch, ms)
     B, G, r, S, D, blk, n = 1, 1, 2, 24, 16, 8, 3

@@ -719,13 +719,13 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                 consts = {k_: v_ for k_, v_ in m["consts"].items()
                           if k_ not in ("QT", "ROWS_PAD", "NSEL_PAD", "HEAD_TILES")}
                 qpr = dkdv_queries_per_step(m["r"], q.dtype, rows)
+                warps = dkv_warps or (KEY_ROWS_WARPS if key_rows else launch_warps("selected_bwd_dkdv", m["D"]))
                 _slc_bwd_dkdv_kernel[(seg_owner.numel(),)](
                     q, k, v, do, lse, delta, dk, dv, dq_parts if dq_mode == 2 else dq, qidx, pair,
                     seg_owner, seg_start, seg_end, *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
                     BM=BM_DKV, DQ_MODE=dq_mode, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]), KEY_ROWS=key_rows,
-                    **consts, num_warps=dkv_warps or (KEY_ROWS_WARPS if key_rows else launch_warps("selected_bwd_dkdv",
-                                                                                                 m["D"])),
+                    **consts, num_warps=warps,
                 )
             if dq_mode == 2:
                 _merge(dq_parts, idx, dq, m)
