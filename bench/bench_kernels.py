@@ -252,7 +252,7 @@ def rows_for(layout: str, S: int, device: str):
         yield "slc_fwd", f"qt{qt}h", lambda qt=qt: bench(lambda: selected.selected_forward(
             q, k, v, idx, LP, qt=qt, lists=lists[f"{qt}h"], head_tiles=True))
     # the block-centric forward (tuned variant "bc"): with its index built, and given (the backward reuses it)
-    segments = selected.block_segments(idx, math.ceil(S / LP))
+    segments = selected.block_segments(idx, math.ceil(S / LP), selected.SEG)
     yield "slc_fwd", "bc", lambda: bench(lambda: selected.selected_forward_blocks(q, k, v, idx, LP))
     yield "slc_fwd", "bc_index_given", lambda: bench(
         lambda: selected.selected_forward_blocks(q, k, v, idx, LP, segments=segments))
@@ -285,7 +285,7 @@ def rows_for(layout: str, S: int, device: str):
         yield "slc_bwd", f"block_qt{qt}h", lambda qt=qt: bench(lambda: selected.selected_backward(
             q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", qt=qt, lists=lists[f"{qt}h"], head_tiles=True))
     yield "slc_bwd", "block_index_only", lambda: bench(
-        lambda: selected.block_segments(idx, math.ceil(S / LP)))
+        lambda: selected.block_segments(idx, math.ceil(S / LP), selected.SEG))
 
     win_impls = {"sdpa": lambda *a: ops.window_attention(*a, WINDOW)}
     if hasattr(tk, "window_attention"):

@@ -28,7 +28,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from nsa.attention.triton import compressed, select, selected
+    from nsa.attention.triton import compressed, segments, select, selected
     from nsa.attention.triton.select import _merge_top, block_scores
 
 from nsa.attention import ops  # noqa: E402
@@ -246,30 +246,45 @@ def test_query_tile_caps(monkeypatch):
     assert selected.dkdv_queries_per_step(32, F32) == 0  # 16 fp32 rows cannot hold one query's 32 heads
 
 
-def test_block_segments_invert_idx():
-    """block_segments lists, for every (batch, group, block), exactly the queries that selected it,
-    ascending, in segments of at most `seg`, each with its (query, slot) pair index; unused (-1)
-    slots are dropped."""
-    g = torch.Generator().manual_seed(9)
-    B, G, Sq, n, NB, seg = 2, 2, 23, 3, 5, 4
-    idx = torch.randint(-1, NB, (B, G, Sq, n), generator=g)
-    qidx, owner, start, end, pair = selected.block_segments(idx.to(DEVICE), NB, seg)
-    got = {}
+@pytest.mark.parametrize("B,G,Sq,n,NB,seg,unused", [
+    (2, 2, 23, 3, 5, 4, -1),  # several segments per block, unused slots
+    (1, 1, 40, 2, 3, 1, 0),  # one query per segment, every slot used
+    (1, 3, 17, 4, 9, 64, -1),  # every list in one segment
+    (1, 1, 6, 2, 4, 4, -2),  # no slot used
+    (1, 2, 0, 3, 4, 4, -1),  # no query
+    (2, 1, 9, 2, 0, 4, -1),  # no key block (the slots all -1)
+])
+def test_block_segments_invert_idx(B, G, Sq, n, NB, seg, unused):
+    """block_segments (segments.py) lists, for every (batch, group, block), exactly the queries that selected it,
+    ascending, in ceil(count / seg) consecutive segments of at most `seg` (the last the rest), each entry with its
+    (query, slot) pair index; unused (-1) slots go last, the segment arrays have their static length and the
+    surplus segments are empty, owner 0."""
+    g = torch.Generator().manual_seed(9 + Sq)
+    idx = torch.randint(unused, NB, (B, G, Sq, n), generator=g).clamp_min(-1) if NB else torch.full((B, G, Sq, n), -1)
+    qidx, owner, start, end, pair = segments.block_segments(idx.to(DEVICE), NB, seg)
+    total, n_owners = idx.numel(), B * G * NB
+    assert all(x.dtype == torch.int32 for x in (qidx, owner, start, end, pair))
+    assert qidx.shape == pair.shape == (total,)
+    assert owner.shape == start.shape == end.shape == ((n_owners + total // seg,) if n_owners else (0,))
     flat = idx.reshape(-1)
-    for o, a, e in zip(owner.tolist(), start.tolist(), end.tolist()):
-        assert 0 <= e - a <= seg
-        if e > a:  # the surplus segments (a static upper bound, no host sync) are empty
-            got.setdefault(o, []).extend(qidx[a:e].tolist())
-            for p_ in pair[a:e].tolist():  # each entry's (query, slot) pair holds this block
-                assert flat[p_] == o % NB and (p_ // n) % Sq == qidx[a + pair[a:e].tolist().index(p_)]
-    want = {}
-    for b in range(B):
-        for gg in range(G):
-            for t in range(Sq):
-                for j in idx[b, gg, t].tolist():
-                    if j >= 0:
-                        want.setdefault((b * G + gg) * NB + j, []).append(t)
-    assert got == want
+    assert sorted(pair.tolist()) == list(range(total))  # every (query, slot) pair once
+    want, got, next_start = {}, {}, {}
+    for p_ in range(total):
+        if flat[p_] >= 0:
+            want.setdefault((p_ // (Sq * n)) * NB + flat[p_].item(), []).append(p_ // n % Sq)
+    n_used = sum(len(v) for v in want.values())
+    assert (flat[pair[n_used:].long()] < 0).all()  # the unused slots last
+    for i, (o, a, e) in enumerate(zip(owner.tolist(), start.tolist(), end.tolist())):
+        if i >= sum(-(-len(v) // seg) for v in want.values()):
+            assert (o, a, e) == (0, 0, 0), f"surplus segment {i}"
+            continue
+        assert 0 < e - a <= seg and a == next_start.get(o, a)  # an owner's segments are consecutive
+        assert e - a == seg or e == a + len(want[o]) - len(got.get(o, [])), "only an owner's last segment is short"
+        next_start[o] = e
+        for p_, t in zip(pair[a:e].tolist(), qidx[a:e].tolist()):  # each entry's pair holds this block and query
+            assert (p_ // (Sq * n)) * NB + flat[p_].item() == o and p_ // n % Sq == t
+        got.setdefault(o, []).extend(qidx[a:e].tolist())
+    assert got == want  # the queries of each block, ascending (stable), none missing
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -19,7 +19,7 @@ if _SET_HERE:
 try:
     pytest.importorskip("triton")
     from nsa.attention import triton as nsa_triton
-    from nsa.attention.triton import combine, compressed, decode, rope, select, selected, window  # noqa: F401  (decorate now)
+    from nsa.attention.triton import combine, compressed, decode, rope, segments, select, selected, window  # noqa: F401  (decorate now)
 
     DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     AVAILABLE = nsa_triton.available()

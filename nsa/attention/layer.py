@@ -56,7 +56,9 @@ class BlockCompressor(nn.Module):
         blocks = x.unfold(2, self.block, stride).transpose(-1, -2)  # [B, G, n_cmp, l, Dh]
         if self.kind == "mean":
             return blocks.mean(dim=-2)
-        h = (blocks + self.pos).flatten(-2)
+        # pos in the blocks' dtype: under autocast an fp32 pos would promote the [.., l, Dh] blocks to fp32, a
+        # copy twice the raw keys' size that fc1 then casts back
+        h = (blocks + self.pos.to(blocks.dtype)).flatten(-2)
         return self.fc2(F.gelu(self.fc1(h)))
 
 
@@ -108,7 +110,7 @@ class NSAttention(nn.Module):
         l, d = self.nsa.cmp_block, self.nsa.cmp_stride
         k_c, v_c = self.compress_k(k_raw, d), self.compress_v(v_raw, d)
         n = k_c.shape[2]
-        ends = (torch.arange(first_block, first_block + n, device=k_raw.device)) * d + l - 1
+        ends = torch.arange(first_block * d + l - 1, (first_block + n) * d + l - 1, d, device=k_raw.device)
         return rope(k_c, ends, (first_block + n) * d + l), v_c
 
     def kernels(self, q: torch.Tensor):

@@ -106,7 +106,7 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
     import torch
     import triton.language as tl
 
-    from nsa.attention.triton import combine, compressed, decode, rope, select, selected, window
+    from nsa.attention.triton import combine, compressed, decode, rope, segments, select, selected, window
     from nsa.attention.triton import _common
     from nsa.attention.triton._common import launch_warps, num_warps, pad_pow2
     from nsa.attention.triton.select import BM as SEL_BM, BN as SEL_BN, NJ as SEL_NJ
@@ -196,6 +196,14 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                     (combine._combine_bwd_kernel,
                      dict(LG=t, O0=t, O1=t, O2=t, DY=t, DLG=t, DO0=t, DO1=t, DO2=t, DELTA=f),
                      dict(D=D, D_PAD=pad_pow2(D), BT=combine.BT)),
+                    # the block-centric kernels' query lists (segments.block_segments): no dtype or head dim
+                    *((kernel, ptrs, dict(BLOCK=segments.BLOCK)) for kernel, ptrs in (
+                        (segments._owner_keys_kernel, dict(IDX="*i64", OWNER="*i32")),
+                        (segments._owner_ranges_kernel, dict(SORTED="*i32", FIRST="*i32", COUNT="*i32", NSEG="*i32")),
+                        (segments._segments_kernel, dict(ORDER="*i64", QIDX="*i32", PAIR="*i32", CUM="*i32",
+                                                         NSEG="*i32", FIRST="*i32", COUNT="*i32", SEG_OWNER="*i32",
+                                                         SEG_START="*i32", SEG_END="*i32")))
+                      if dtn == dtypes[0] and D == head_dims[0]),
                     (combine._gate_mlp_combine_kernel, dict(HID=t, W2=t, B2=t, O0=t, O1=t, O2=t, Y=t),
                      dict(D=D, D_PAD=pad_pow2(D), HID_PAD=256, HAS_BIAS=True), combine.gate_warps(192)),  # M7C's gate
                 ]

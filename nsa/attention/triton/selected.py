@@ -72,6 +72,7 @@ import triton
 import triton.language as tl
 
 from nsa.attention.triton import tune
+from nsa.attention.triton.segments import block_segments
 from nsa.attention.triton._common import (
     LOG2E, TUNING, branch_delta, cdiv, check_inputs, device_function, dot_config, env_choice, env_int, launch_warps,
     lse_delta, needs_grad, num_warps, online_softmax, pad_pow2, score_grads, softmax_output,
@@ -473,51 +474,6 @@ def _slc_merge_kernel(
              acc.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
-def block_segments(idx: torch.Tensor, n_blocks: int, seg: int | None = None):
-    """Invert idx [B,G,Sq,n] (-1 = unused) into per-block query lists, cut into segments.
-
-    Returns (qidx int32 [B*G*Sq*n]: query indices grouped by owner = (b*G + g)*n_blocks + block,
-    ascending within an owner, the unused slots last; seg_owner, seg_start, seg_end int32
-    [n_segments]: each segment's owner and its [start, end) range in qidx, at most `seg` queries;
-    pair int32 [B*G*Sq*n]: for each qidx entry, its (query, slot) pair's flat index into idx,
-    ((b*G + g)*Sq + t)*n + slot, where the block-centric forward writes that pair's partial result).
-
-    No host synchronisation (no .item(), bincount or repeat_interleave, which all wait for the GPU
-    to size their output): the segment arrays have a static upper-bound length, and the surplus
-    segments are empty (start == end, owner 0); the dK/dV kernel skips them."""
-    seg = seg or SEG
-    B, G, Sq, n = idx.shape
-    dev = idx.device
-    blk = idx.reshape(B * G, Sq * n).long()
-    owner = torch.arange(B * G, device=dev)[:, None] * n_blocks + blk.clamp_min(0)
-    sentinel = B * G * n_blocks  # unused slots sort last and are never referenced
-    owner = torch.where(blk >= 0, owner, sentinel).reshape(-1)
-    sorted_owner, order = torch.sort(owner, stable=True)  # stable: queries stay ascending per block
-    qidx = ((order % (Sq * n)) // n).to(torch.int32)
-    pair = order.to(torch.int32)
-    if sentinel == 0:  # no key block at all
-        none = torch.zeros(0, dtype=torch.int32, device=dev)
-        return qidx, none, none, none, pair
-    owners = torch.arange(sentinel, device=dev)
-    first = torch.searchsorted(sorted_owner, owners)
-    counts = torch.searchsorted(sorted_owner, owners, right=True) - first
-    n_seg = (counts + seg - 1) // seg
-    seg_end_cum = torch.cumsum(n_seg, 0)
-    # sum(ceil(c / seg)) <= sum(c) // seg + (number of owners)
-    max_segs = sentinel + owner.numel() // seg
-    s = torch.arange(max_segs, device=dev)
-    seg_owner = torch.searchsorted(seg_end_cum, s, right=True)  # owner o holds segments [cum[o-1], cum[o])
-    real = seg_owner < sentinel
-    o = seg_owner.clamp_max(sentinel - 1)
-    within = s - (seg_end_cum[o] - n_seg[o])
-    seg_start = first[o] + within * seg
-    seg_end = torch.minimum(seg_start + seg, first[o] + counts[o])
-    zero = torch.zeros_like(seg_start)
-    seg_start, seg_end = torch.where(real, seg_start, zero), torch.where(real, seg_end, zero)
-    return (qidx, torch.where(real, o, zero).to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32),
-            pair)
-
-
 def row_cap(rows: int, dtype: torch.dtype) -> int:
     """(query, head) rows a tile may hold: `rows` for bf16/fp16, a quarter in fp32 (A100 shared memory)."""
     return rows // 4 if dtype == torch.float32 else rows
@@ -643,7 +599,7 @@ def selected_forward_blocks(q, k, v, idx, slc_block: int, q_start: int = 0, segm
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     n_blocks = cdiv(N, int(slc_block))
     if segments is None:
-        segments = block_segments(idx, n_blocks)
+        segments = block_segments(idx, n_blocks, SEG)
     if Sq == 0:
         return out, lse, segments
     qidx, seg_owner, seg_start, seg_end, pair = segments
@@ -713,7 +669,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
             )
         if not atomic:
             n_blocks = cdiv(m["N"], int(slc_block))
-            qidx, seg_owner, seg_start, seg_end, pair = segments or block_segments(idx, n_blocks)
+            qidx, seg_owner, seg_start, seg_end, pair = segments or block_segments(idx, n_blocks, SEG)
             dq_mode = {"block_dq": 1, "block_dqsum": 2}.get(mode, 0)
             if seg_owner.numel():
                 consts = {k_: v_ for k_, v_ in m["consts"].items()
