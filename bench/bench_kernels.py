@@ -42,7 +42,8 @@ so blocks are spread as at initialisation), timed with triton.testing.do_bench (
                         "block_rows64" / "block_dq_rows64" / "block_dqsum_rows64" (the dK/dV kernel on
                         64-row (query, head) tiles, rows=64), "block_rows64_w8" (that at 8 warps), "block_kr" /
                         "block_rows64_kr" (its key-rows form: scores computed as k q^T, no transposed dot operand
-                        for dK and dV)
+                        for dK and dV), "block_rows64_masked" / "block_rows64_w8_masked" (every step masked,
+                        _common.INTERIOR_TILES off)
   win_fwd / win_bwd     sliding window (w=512): "sdpa" (ops.window_attention, chunked SDPA) vs
                         "triton" (nsa.attention.triton.window_attention) when that kernel exists, and
                         "triton_bm{BM}_bn{BN}": the Triton kernels with other tile caps (see window.py);
@@ -274,6 +275,10 @@ def rows_for(layout: str, S: int, device: str):
             lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode=mode, rows=64))
     yield "slc_bwd", "block_rows64_w8", lambda: bench(  # tuned above head dim 64 (selected.DKV_CANDIDATES)
         lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", rows=64, dkv_warps=8))
+    # the row tiles with every step masked (_common.INTERIOR_TILES off): the interior steps' gain
+    for name, w in (("block_rows64", 0), ("block_rows64_w8", 8)):
+        yield "slc_bwd", f"{name}_masked", lambda w=w: masked(lambda: bench(lambda: selected.selected_backward(
+            q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", rows=64, dkv_warps=w)))
     for rows in (0, 64):  # the dK/dV kernel's key-rows form (scores as k q^T, selected.KEY_ROWS_WARPS warps)
         yield "slc_bwd", "block_kr" if rows == 0 else "block_rows64_kr", lambda rows=rows: bench(
             lambda: selected.selected_backward(q, k, v, idx, o_slc, lse_slc, go, LP, mode="block", rows=rows,

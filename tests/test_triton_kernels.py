@@ -153,6 +153,44 @@ def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows, key_r
     check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), dtype)
 
 
+@pytest.mark.parametrize("rows,key_rows,dtype,Sq,q_start,interior", [
+    (16, False, F32, 45, 0, True), (21, False, BF16, 45, 0, True), (16, True, F32, 30, 19, True),
+    (16, True, BF16, 45, 0, False)])
+def test_selected_dkv_interior_steps(monkeypatch, rows, key_rows, dtype, Sq, q_start, interior):
+    """The block-centric dK/dV kernel's row tiles leave out the score mask on interior steps (every query at or
+    after the last key of a full block; ragged last steps too, their missing rows padding): dq/dk/dv as ops with
+    both kinds of step run (a ragged last block at 45 tokens, whose steps are all masked; 7-query steps, one of
+    which starts at block 1's last-but-one query; queries after a prefix, q_start > 0), and every step masked
+    with _common.INTERIOR_TILES off. Not above head dim 64 at 4 warps (it spilled). Interpreter only (the steps
+    are recorded there)."""
+    from nsa.attention.triton import _common
+
+    assert selected.interior_dkv(64, 4) and selected.interior_dkv(128, 8) and not selected.interior_dkv(128, 4)
+    if DEVICE != "cpu":
+        pytest.skip("records the kernel's steps through the interpreter")
+    monkeypatch.setattr(selected, "DKV_HEAD_ROWS", rows)
+    monkeypatch.setattr(selected, "DKV_KEY_ROWS", key_rows)
+    monkeypatch.setattr(_common, "INTERIOR_TILES", interior)
+    assert selected.interior_dkv(16, 4) == interior
+    monkeypatch.setenv("NSA_SLC_DKV", "block")
+    steps, real = [], selected._dkdv_rows
+
+    def spy(*args):
+        steps.append(bool(args[-1]))  # MASKED
+        return real(*args)
+
+    monkeypatch.setattr(selected, "_dkdv_rows", spy)
+    B, G, r, D, blk, n = 1, 1, 3, 16, 16, 3  # blk = its padded tile (16): only then are steps interior
+    N = q_start + Sq
+    q = randn(B, G * r, Sq, D, dtype=dtype, seed=41, strided=True)
+    k, v = randn(B, G, N, D, dtype=dtype, seed=42), randn(B, G, N, D, dtype=dtype, seed=43)
+    k_cmp = randn(B, G, num_cmp_blocks(N, 8, 4), D, dtype=dtype, seed=44, grad=False)
+    idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n, q_start)
+    out = nsa_triton.selected_attention(q, k, v, idx, blk, q_start)
+    check_grads(out, ops.selected_attention(q, k, v, idx, blk, q_start), (q, k, v), dtype)
+    assert True in steps and (False in steps) == interior, steps
+
+
 @pytest.mark.parametrize("qt,mode,dtype,r,Sq,q_start", [(2, "block", F32, 3, 26, 0), (4, "block", BF16, 3, 26, 0),
                                                         (3, "atomic", F32, 3, 26, 0), (8, "block", F32, 1, 21, 0),
                                                         (4, "block", BF16, 6, 5, 40)])

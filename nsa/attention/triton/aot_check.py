@@ -171,7 +171,9 @@ def compile_all(archs=(90,), dtypes=("bf16",), head_dims=(64,), group=3, slc_blo
                        dict(qkv, DO=t, LSE=f, DELTA=f, DK=f, DV=f, DQ=f, QIDX="*i32", PAIR="*i32", SEG_OWNER="*i32",
                             SEG_START="*i32", SEG_END="*i32"),
                        dict(slc, BM=selected.BM_DKV, DQ_MODE=dq, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * group),
-                            KEY_ROWS=kr), *((selected.KEY_ROWS_WARPS,) if kr else ()))
+                            KEY_ROWS=kr, INTERIOR=selected.interior_dkv(D, selected.KEY_ROWS_WARPS if kr else launch_warps(
+                                "selected_bwd_dkdv", D))),
+                       *((selected.KEY_ROWS_WARPS,) if kr else ()))
                       for dq in (0, 1, 2) for qpr in (0, max_rows // group) for kr in (False, True)
                       if not kr or (dq == 0 and esize == 2)),  # the key-rows form: tuned for "block" only
                     # compressed: every tile variant tuning may time (fp32 at head dim > 64: the reference only)

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nsa.attention.triton import tune
+from nsa.attention.triton import _common, tune
 from nsa.attention.triton.segments import block_segments
 from nsa.attention.triton._common import (
     LOG2E, TUNING, branch_delta, cdiv, check_inputs, device_function, dot_config, env_choice, env_int, launch_warps,
@@ -260,11 +260,13 @@ def _slc_bwd_kernel(
 def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start,
                scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
                D: tl.constexpr, IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr,
-               KEY_ROWS: tl.constexpr):
+               KEY_ROWS: tl.constexpr, MASKED: tl.constexpr):
     """One step of the block-centric dK/dV: rows (query tq, head h) against this block's k, v; prow:
     the rows' (query, slot) pair rows of the partial dQ buffer (DQ_MODE 2). KEY_ROWS: the scores
     computed transposed, k q^T [BLK_PAD, rows], so the dK and dV dots need no transposed operand (as
-    compressed._cmp_bwd_dkdv_kernel; the dQ share then takes one)."""
+    compressed._cmp_bwd_dkdv_kernel; the dQ share then takes one). MASKED=False (an interior step: every row's
+    query sees every key of a full block) leaves out the score mask; a padding row (rmask off) loads q = dO = 0
+    and LSE = delta = 0, so its p is 1 and it adds nothing to dK, dV or dQ."""
     md_mask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + tq[:, None] * s_qt + offs_d[None, :] * s_qd,
                 mask=md_mask, other=0.0).to(DOT_T)
@@ -273,9 +275,10 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nma
     row = (b * H + h) * Sq + tq
     lse, delta = lse_delta(LSE, DELTA, row, rmask)
     if KEY_ROWS:
-        valid_t = nmask[:, None] & rmask[None, :] & (tok[:, None] <= q_start + tq[None, :])
-        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * (scale * LOG2E)  # log2 units
-        p_t = tl.where(valid_t, tl.math.exp2(s_t - lse[None, :]), 0.0)  # [BLK_PAD, rows]
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+        p_t = tl.math.exp2(s_t * (scale * LOG2E) - lse[None, :])  # [BLK_PAD, rows], log2 units
+        if MASKED:
+            p_t = tl.where(nmask[:, None] & rmask[None, :] & (tok[:, None] <= q_start + tq[None, :]), p_t, 0.0)
         dv += tl.dot(p_t.to(IN_T).to(DOT_T), do, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = (p_t * (dp_t - delta[None, :])).to(IN_T).to(DOT_T)
@@ -283,9 +286,10 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nma
         if DQ_MODE != 0:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC) * scale
     else:
-        valid = rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None])
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (scale * LOG2E)  # log2 units
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # [rows, BLK_PAD]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.math.exp2(s * (scale * LOG2E) - lse[:, None])  # [rows, BLK_PAD], log2 units
+        if MASKED:
+            p = tl.where(rmask[:, None] & nmask[None, :] & (tok[None, :] <= q_start + tq[:, None]), p, 0.0)
         dv += tl.dot(tl.trans(p.to(IN_T).to(DOT_T)), do, input_precision=PREC)
         ds = score_grads(p, do, v, delta, IN_T, DOT_T, PREC)
         dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
@@ -296,6 +300,24 @@ def _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, h, prow, rmask, tok, nma
     if DQ_MODE == 2:  # this block's share, stored at its (query, slot) pair; _slc_merge_kernel adds them
         tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     return dk, dv
+
+
+@device_function
+def _interior_start(QIDX, q_lo, q_hi, start, N, q_start, STEP: tl.constexpr, BLK: tl.constexpr,
+                    BLK_PAD: tl.constexpr, INTERIOR: tl.constexpr):
+    """Where a block-centric program's interior steps begin: q_lo plus the steps (of STEP entries from q_lo) that
+    hold a query before the last key of the block [start, start + BLK). The segment's entries ascend, and fewer
+    than BLK of them come before that key (the block's own queries: a query before the block cannot select it),
+    so they are counted among its first BLK_PAD. q_hi (all masked) for a partial or padded block (a padding key,
+    loaded as 0, would get p = exp2(-lse) unmasked) or with INTERIOR off."""
+    if INTERIOR and BLK == BLK_PAD:
+        offs = q_lo + tl.arange(0, BLK_PAD)
+        early = tl.load(QIDX + offs, mask=offs < q_hi, other=0) < start + BLK - 1 - q_start
+        n_edge = tl.sum((early & (offs < q_hi)).to(tl.int32), 0)
+        m_int = tl.minimum(q_lo + (n_edge + STEP - 1) // STEP * STEP, q_hi)
+        return tl.where(start + BLK <= N, m_int, q_hi)
+    else:
+        return q_hi
 
 
 @triton.jit
@@ -309,7 +331,7 @@ def _slc_bwd_dkdv_kernel(
     R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLK: tl.constexpr, BLK_PAD: tl.constexpr, BM: tl.constexpr,
     IN_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, DQ_MODE: tl.constexpr,
-    QPR: tl.constexpr, ROWS_PAD: tl.constexpr, KEY_ROWS: tl.constexpr = False,
+    QPR: tl.constexpr, ROWS_PAD: tl.constexpr, KEY_ROWS: tl.constexpr = False, INTERIOR: tl.constexpr = True,
 ):
     """One program per segment of the queries that selected one block (block-centric dK/dV).
     QIDX holds query indices (into Sq) grouped by owner = (b*G + g)*NB + block, PAIR their (query,
@@ -318,7 +340,11 @@ def _slc_bwd_dkdv_kernel(
     partial buffer DQ [pairs, R, D] at the pair's row (summed afterwards by _slc_merge_kernel, no atomics).
     QPR = 0: BM queries per step, one head at a time (R dots of BM rows each). QPR > 0: QPR queries
     per step with all R heads at once, as QPR*R (query, head) rows padded to ROWS_PAD (one dot of
-    up to 64 rows: the size Hopper's wgmma needs), the candidate DKV_HEAD_ROWS."""
+    up to 64 rows: the size Hopper's wgmma needs), the candidate DKV_HEAD_ROWS.
+    Interior steps (QPR > 0 and INTERIOR, see interior_dkv): a step whose first query (a segment's queries
+    ascend) comes at or after the last key of a full block sees every key, and runs without the score mask,
+    ~a third of a step's instructions (SASS, sm_90); its rows past the segment's end are padding rows (see
+    _dkdv_rows). Only the block's own queries, the first entries of its list, take the mask."""
     pid = tl.program_id(0)
     owner = tl.load(SEG_OWNER + pid).to(tl.int64)
     q_lo = tl.load(SEG_START + pid).to(tl.int64)
@@ -346,14 +372,22 @@ def _slc_bwd_dkdv_kernel(
     H = G * R
     if QPR > 0:
         offs_r = tl.arange(0, ROWS_PAD)
-        for m0 in range(q_lo, q_hi, QPR):
+        m_int = _interior_start(QIDX, q_lo, q_hi, start, N, q_start, QPR, BLK, BLK_PAD, INTERIOR)
+        for m0 in range(q_lo, m_int, QPR):  # the steps with a query before the block's last key: masked
             rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
             tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)  # [ROWS_PAD]
             prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
             dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok, nmask,
                                 offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-                                D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS)
-    else:  # BM queries per step, head by head
+                                D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS, True)
+        for m0 in range(m_int, q_hi, QPR):  # interior steps
+            rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
+            tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)
+            prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
+            dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok, nmask,
+                                offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
+                                D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS, False)
+    else:  # BM queries per step, head by head (always masked: two head loops doubled its shared memory)
         for m0 in range(q_lo, q_hi, BM):
             mmask = m0 + offs_m < q_hi
             tq = tl.load(QIDX + m0 + offs_m, mask=mmask, other=0).to(tl.int64)  # [BM] query indices
@@ -361,7 +395,7 @@ def _slc_bwd_dkdv_kernel(
             for hh in range(0, R):
                 dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + hh + 0 * offs_m, pair + hh,
                                     mmask, tok, nmask, offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd,
-                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS)
+                                    s_db, s_dh, s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS, True)
     out = bg * N * D + tok[:, None] * D + offs_d[None, :]  # DK/DV: contiguous fp32 [B,G,N,D]
     used = kv_mask & (q_lo < q_hi)  # the surplus segments of block_segments are empty
     tl.atomic_add(DK + out, dk * scale, mask=used)
@@ -472,6 +506,14 @@ def _slc_merge_kernel(
         tl.store(LSE + (b * G * R + heads) * Sq + tq, lse, mask=rmask)
     tl.store(O + b * s_ob + heads[:, None] * s_oh + tq[:, None] * s_ot + offs_d[None, :] * s_od,
              acc.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def interior_dkv(head_dim: int, warps: int) -> bool:
+    """Does the dK/dV kernel's row-tile form (QPR > 0) run its interior steps unmasked (_common.INTERIOR_TILES)?
+    Not above head dim 64 at fewer than 8 warps: there the second loop made ptxas spill (sm_90: 176 -> 292
+    bytes; sm_80: 816 bytes -> 18 KB; `aot_check --ptxas-info --group 16 --only _slc_bwd_dkdv`), and tuning offers
+    8 warps beside it (DKV_CANDIDATES)."""
+    return _common.INTERIOR_TILES and (head_dim <= 64 or warps >= 8)
 
 
 def row_cap(rows: int, dtype: torch.dtype) -> int:
@@ -681,7 +723,7 @@ def selected_backward(q, k, v, idx, out, lse, grad_out, slc_block: int, q_start:
                     seg_owner, seg_start, seg_end, *strides, *do.stride(),
                     m["G"], m["N"], n_blocks, m["Sq"], int(q_start), 1.0 / math.sqrt(m["D"]),
                     BM=BM_DKV, DQ_MODE=dq_mode, QPR=qpr, ROWS_PAD=pad_pow2(max(qpr, 1) * m["r"]), KEY_ROWS=key_rows,
-                    **consts, num_warps=warps,
+                    INTERIOR=interior_dkv(m["D"], warps), **consts, num_warps=warps,
                 )
             if dq_mode == 2:
                 _merge(dq_parts, idx, dq, m)
