@@ -153,16 +153,17 @@ def test_selected_attention_dkv_modes(monkeypatch, mode, seg, dtype, rows, key_r
     check_grads(out, ops.selected_attention(q, k, v, idx, blk), (q, k, v), dtype)
 
 
-@pytest.mark.parametrize("rows,key_rows,dtype,Sq,q_start,interior", [
-    (16, False, F32, 45, 0, True), (21, False, BF16, 45, 0, True), (16, True, F32, 30, 19, True),
-    (16, True, BF16, 45, 0, False)])
-def test_selected_dkv_interior_steps(monkeypatch, rows, key_rows, dtype, Sq, q_start, interior):
+@pytest.mark.parametrize("rows,key_rows,dtype,Sq,q_start,interior,future", [
+    (16, False, F32, 45, 0, True, False), (21, False, BF16, 45, 0, True, False), (16, True, F32, 30, 19, True, False),
+    (16, True, BF16, 45, 0, False, False), (16, False, F32, 64, 0, True, True)])
+def test_selected_dkv_interior_steps(monkeypatch, rows, key_rows, dtype, Sq, q_start, interior, future):
     """The block-centric dK/dV kernel's row tiles leave out the score mask on interior steps (every query at or
     after the last key of a full block; ragged last steps too, their missing rows padding): dq/dk/dv as ops with
     both kinds of step run (a ragged last block at 45 tokens, whose steps are all masked; 7-query steps, one of
-    which starts at block 1's last-but-one query; queries after a prefix, q_start > 0), and every step masked
-    with _common.INTERIOR_TILES off. Not above head dim 64 at 4 warps (it spilled). Interpreter only (the steps
-    are recorded there)."""
+    which starts at block 1's last-but-one query; queries after a prefix, q_start > 0; an idx where every query
+    also picks the last block, future to most of them, so its list starts with more than a tile of masked
+    entries), and every step masked with _common.INTERIOR_TILES off. Not above head dim 64 at 4 warps (it
+    spilled). Interpreter only (the steps are recorded there)."""
     from nsa.attention.triton import _common
 
     assert selected.interior_dkv(64, 4) and selected.interior_dkv(128, 8) and not selected.interior_dkv(128, 4)
@@ -186,6 +187,9 @@ def test_selected_dkv_interior_steps(monkeypatch, rows, key_rows, dtype, Sq, q_s
     k, v = randn(B, G, N, D, dtype=dtype, seed=42), randn(B, G, N, D, dtype=dtype, seed=43)
     k_cmp = randn(B, G, num_cmp_blocks(N, 8, 4), D, dtype=dtype, seed=44, grad=False)
     idx = ops.select_blocks(q.detach(), k_cmp, 8, 4, blk, n, q_start)
+    if future:  # the last block in every query's last slot (if not chosen already)
+        last = (N - 1) // blk
+        idx[..., -1] = torch.where((idx[..., :-1] == last).any(-1), idx[..., -1], last)
     out = nsa_triton.selected_attention(q, k, v, idx, blk, q_start)
     check_grads(out, ops.selected_attention(q, k, v, idx, blk, q_start), (q, k, v), dtype)
     assert True in steps and (False in steps) == interior, steps

@@ -307,15 +307,16 @@ def _interior_start(QIDX, q_lo, q_hi, start, N, q_start, STEP: tl.constexpr, BLK
                     BLK_PAD: tl.constexpr, INTERIOR: tl.constexpr):
     """Where a block-centric program's interior steps begin: q_lo plus the steps (of STEP entries from q_lo) that
     hold a query before the last key of the block [start, start + BLK). The segment's entries ascend, and fewer
-    than BLK of them come before that key (the block's own queries: a query before the block cannot select it),
-    so they are counted among its first BLK_PAD. q_hi (all masked) for a partial or padded block (a padding key,
-    loaded as 0, would get p = exp2(-lse) unmasked) or with INTERIOR off."""
+    than BLK of them come before that key (the block's own queries: select_blocks excludes future blocks), so
+    they are counted among its first BLK_PAD; if all of those do (an idx with future blocks), all steps are
+    masked. So are those of a partial or padded block (a padding key, loaded as 0, would get p = exp2(-lse)
+    unmasked), and all with INTERIOR off (q_hi)."""
     if INTERIOR and BLK == BLK_PAD:
         offs = q_lo + tl.arange(0, BLK_PAD)
         early = tl.load(QIDX + offs, mask=offs < q_hi, other=0) < start + BLK - 1 - q_start
         n_edge = tl.sum((early & (offs < q_hi)).to(tl.int32), 0)
         m_int = tl.minimum(q_lo + (n_edge + STEP - 1) // STEP * STEP, q_hi)
-        return tl.where(start + BLK <= N, m_int, q_hi)
+        return tl.where((start + BLK <= N) & (n_edge < BLK_PAD), m_int, q_hi)
     else:
         return q_hi
 
