@@ -374,20 +374,18 @@ def _slc_bwd_dkdv_kernel(
     if QPR > 0:
         offs_r = tl.arange(0, ROWS_PAD)
         m_int = _interior_start(QIDX, q_lo, q_hi, start, N, q_start, QPR, BLK, BLK_PAD, INTERIOR)
-        for m0 in range(q_lo, m_int, QPR):  # the steps with a query before the block's last key: masked
-            rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
-            tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)  # [ROWS_PAD]
-            prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
-            dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok, nmask,
-                                offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-                                D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS, True)
-        for m0 in range(m_int, q_hi, QPR):  # interior steps
-            rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
-            tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)
-            prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
-            dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok, nmask,
-                                offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh, s_dt, s_dd,
-                                D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS, False)
+        for part in tl.static_range(2):  # unrolled: the masked steps, then the interior ones
+            if part == 0:
+                m_from, m_to = q_lo, m_int
+            else:
+                m_from, m_to = m_int, q_hi
+            for m0 in range(m_from, m_to, QPR):
+                rmask = (offs_r < QPR * R) & (m0 + offs_r // R < q_hi)
+                tq = tl.load(QIDX + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64)  # [ROWS_PAD]
+                prow = tl.load(PAIR + m0 + offs_r // R, mask=rmask, other=0).to(tl.int64) * R + offs_r % R
+                dk, dv = _dkdv_rows(Q, DO, LSE, DELTA, DQ, k, v, dk, dv, tq, g * R + offs_r % R, prow, rmask, tok,
+                                    nmask, offs_d, dmask, b, H, Sq, q_start, scale, s_qb, s_qh, s_qt, s_qd, s_db, s_dh,
+                                    s_dt, s_dd, D, IN_T, DOT_T, PREC, DQ_MODE, KEY_ROWS, part == 0)
     else:  # BM queries per step, head by head (always masked: two head loops doubled its shared memory)
         for m0 in range(q_lo, q_hi, BM):
             mmask = m0 + offs_m < q_hi
