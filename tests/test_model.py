@@ -6,7 +6,7 @@ import torch
 from nsa.attention.rope import RotaryEmbedding
 from nsa.config import ModelConfig
 from nsa.errors import UserError
-from nsa.model import M7C, build_model
+from nsa.model import M7C, RMSNorm, build_model
 
 TINY = dict(vocab_size=100, dim=32, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8, ffn_hidden=64,
             nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, n_selected=3, window=12))
@@ -29,6 +29,38 @@ def test_m7c_parameter_count_documented():
     assert round(nsa.num_params() / 1e6, 1) == 124.9
     assert round(full.num_params() / 1e6, 1) == 111.8
     assert nsa.cfg.padded_vocab_size == 50304
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rmsnorm_matches_its_formula_through_torch_rms_norm(dtype, tol):
+    """The norm and both gradients against x * rsqrt(mean(x^2) + eps) * w written out in fp64 (tolerance relative
+    to each tensor's largest entry), the output in x's dtype; and it goes through F.rms_norm, which CUDA runs as one
+    fused kernel each way, not through the written-out elementwise ops."""
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = (3 * torch.randn(2, 7, 48)).to(dtype).requires_grad_()
+    calls = []
+
+    class Calls(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Calls():
+        y = norm(x)
+    assert "rms_norm" in calls and "pow" not in calls and "rsqrt" not in calls, calls
+    grad = torch.randn(y.shape).to(dtype)
+    dx, dw = torch.autograd.grad(y, (x, norm.weight), grad)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    dx64, dw64 = torch.autograd.grad(ref, (x64, w64), grad.double())
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    for got, want in ((y, ref), (dx, dx64), (dw, dw64)):
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the fp32 residual stream stays fp32
+        assert RMSNorm(48, 1e-5)(torch.randn(3, 48)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("bad, key", [
